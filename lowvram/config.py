@@ -1,0 +1,530 @@
+"""One validated config for every option of a run: TOML native, SimpleTuner `config.json` accepted, CLI overrides.
+
+This is the only module that parses run configuration. It validates values; it does not decide memory settings
+(the planner does) and it never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lowvram.errors import ConfigError
+
+PRECISIONS = ("bf16", "fp32", "int8-quanto", "int8-torchao", "nf4-bnb", "fp8-torchao")
+# SimpleTuner spellings of the same precisions.
+PRECISION_ALIASES = {
+    "no_change": "bf16",
+    "int8-torchao": "int8-torchao",
+    "int8-quanto": "int8-quanto",
+    "nf4-bnb": "nf4-bnb",
+    "fp8-torchao": "fp8-torchao",
+    "fp8-quanto": "fp8-torchao",
+    "int4-quanto": "nf4-bnb",
+}
+
+
+def check_frames(frames: int) -> int:
+    """LTX-2's video VAE compresses time by 8 with a causal first frame: clips are 8k+1 frames long."""
+    if frames < 1 or (frames - 1) % 8 != 0:
+        lo = max(1, (frames - 1) // 8 * 8 + 1)
+        hi = lo + 8
+        raise ValueError(f"LTX-2 needs 8k+1 frames: use {lo} or {hi}")
+    return frames
+
+
+def parse_resolution(value: str | int) -> tuple[int, int]:
+    """`"832x480"` -> (width 832, height 480); an int N means N x N. Both sides must be multiples of 32."""
+    if isinstance(value, int):
+        w = h = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(value))
+        if not m:
+            if str(value).strip().isdigit():
+                w = h = int(str(value).strip())
+            else:
+                raise ValueError(f"resolution '{value}' must look like WIDTHxHEIGHT, e.g. 832x480")
+        else:
+            w, h = int(m.group(1)), int(m.group(2))
+    for side in (w, h):
+        if side <= 0 or side % 32:
+            lo, hi = max(32, side // 32 * 32), (side // 32 + 1) * 32
+            raise ValueError(
+                f"resolution {w}x{h}: each side must be a multiple of 32 (LTX-2's VAE compresses 32x): "
+                f"use {lo} or {hi} instead of {side}"
+            )
+    return w, h
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    family: Literal["ltx2", "tiny"] = Field("tiny", description="ltx2 = the real 19B model; tiny = CPU demo/test model")
+    flavour: Literal["dev", "dev-fp8", "dev-fp4"] = Field("dev", description="official checkpoint flavour")
+    checkpoint: str | None = Field(
+        None, description="official combined .safetensors file or a diffusers-format folder (ltx2 family)"
+    )
+    text_encoder_path: str | None = Field(None, description="local Gemma3 folder (weights + tokenizer)")
+    precision: str = Field("bf16", description=f"base transformer precision: {', '.join(PRECISIONS)}")
+    text_encoder_precision: str = Field("bf16", description="text encoder precision (same names)")
+    quantized_cache_dir: str | None = Field(None, description="where quantized weights are cached (default: output)")
+
+    @field_validator("precision", "text_encoder_precision", mode="before")
+    @classmethod
+    def _precision(cls, v: Any) -> str:
+        v = PRECISION_ALIASES.get(str(v), str(v))
+        if v not in PRECISIONS:
+            close = difflib.get_close_matches(v, PRECISIONS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown precision '{v}'{hint}; valid: {', '.join(PRECISIONS)}")
+        return v
+
+
+class DataSection(Section):
+    dataset_dir: str | None = Field(None, description="folder of clips with same-name .txt captions")
+    data_backend_config: str | None = Field(None, description="SimpleTuner multidatabackend.json (instead of dir)")
+    caption_strategy: Literal["textfile", "filename"] = Field("textfile", description="where captions come from")
+    resolution: str = Field("832x480", description="training bucket WIDTHxHEIGHT, multiples of 32")
+    frames: int = Field(17, description="frames per clip, 8k+1 (17, 33, 49, 57, 65, 81, ...)")
+    fps: float = Field(25.0, gt=0, description="frame rate clips are resampled to")
+    min_frames: int | None = Field(None, ge=1, description="skip clips shorter than this (default: frames)")
+    audio: bool = Field(True, description="train the audio branch too (clips without audio get the loss masked)")
+    bucket_strategy: Literal["aspect_ratio", "resolution_frames"] = Field("aspect_ratio", description="bucketing")
+    repeats: int = Field(1, ge=1, description="times each sample is seen per epoch")
+    cache_dir: str | None = Field(None, description="text/latent caches (default: OUTPUT/cache)")
+    max_text_tokens: int = Field(1024, ge=1, description="Gemma3 token length (left padded)")
+    strict: bool = Field(False, description="a bad dataset item is fatal instead of skipped")
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        return check_frames(v)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> str:
+        w, h = parse_resolution(v if isinstance(v, int) else str(v))
+        return f"{w}x{h}"
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        return parse_resolution(self.resolution)
+
+
+class MemorySection(Section):
+    """Memory settings. `None` means: let the planner choose for the profile."""
+
+    profile: str | None = Field(None, description="hardware profile name or .toml path (default: probe)")
+    vram_safety_margin: float = Field(0.10, ge=0, lt=1, description="share of usable VRAM the plan keeps free")
+    ramtorch: bool | float | str | None = Field(
+        None, description="stream frozen Linear weights from pinned RAM: true, a share 0-1, or a glob of modules"
+    )
+    ramtorch_text_encoder: bool | None = Field(None, description="stream the text encoder's Linear weights too")
+    blocks_to_swap: int | None = Field(None, ge=0, description="block swap: transformer blocks kept on the host")
+    block_swap_device: Literal["cpu"] = Field("cpu", description="where swapped blocks live")
+    group_offload: bool | None = Field(None, description="diffusers group offload of the transformer")
+    group_offload_type: Literal["block_level", "leaf_level"] = Field("block_level", description="group granularity")
+    group_offload_blocks_per_group: int = Field(1, ge=1, description="blocks per group (block_level)")
+    group_offload_use_stream: bool = Field(False, description="overlap group onload with compute on a side stream")
+    gradient_checkpointing: bool | None = Field(None, description="recompute block activations in backward")
+    activation_offload: bool | None = Field(None, description="keep checkpointed block inputs in pinned host RAM")
+    offload_during_startup: bool | None = Field(
+        None, description="phase startup: text encoder -> cache -> free; VAE -> cache -> free; then transformer"
+    )
+    vae_tiling: bool | None = Field(None, description="VAE spatial (and temporal) tiling while caching")
+    vae_slicing: bool | None = Field(None, description="encode one sample of a batch at a time")
+    vae_patch_conv: bool | None = Field(None, description="temporal chunking of the VAE's causal Conv3d (exact)")
+    vae_temporal_roll: bool | None = Field(None, description="roll a causal cache through the VAE frame-group-wise")
+    vae_batch_size: int = Field(1, ge=1, description="clips per VAE encode call")
+
+
+class LoraSection(Section):
+    rank: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="module names or globs to adapt (all attention modules incl. audio and a/v cross by default)",
+    )
+    format: Literal["comfy", "diffusers"] = Field("comfy", description="exported key naming")
+
+
+class OptimSection(Section):
+    optimizer: Literal["adamw", "adamw_bf16", "adamw8bit"] = Field("adamw", description="optimizer")
+    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 = off)")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="schedule after warmup")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+
+
+class TreadRoute(Section):
+    selection_ratio: float = Field(gt=0, lt=1, description="share of video tokens routed around the layers")
+    start_layer_idx: int = Field(description="first routed block (negative counts from the end)")
+    end_layer_idx: int = Field(description="last routed block (negative counts from the end)")
+
+
+class TrainSection(Section):
+    batch_size: int = Field(1, ge=1, description="clips per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_train_steps: int = Field(100, ge=0, description="optimizer steps (0 = use epochs)")
+    num_train_epochs: int = Field(0, ge=0, description="epochs when max_train_steps is 0")
+    seed: int = Field(42, description="random seed")
+    mode: Literal["av", "video", "audio"] = Field("av", description="train audio+video, video only or audio only")
+    sigma_sampling: Literal["shifted_logit_normal", "uniform", "fixed_shift"] = Field(
+        "shifted_logit_normal", description="flow-matching sigma distribution"
+    )
+    fixed_shift: float = Field(1.0, gt=0, description="shift for sigma_sampling=fixed_shift")
+    independent_audio_sigma: bool = Field(True, description="draw the audio sigma independently of the video's")
+    first_frame_conditioning_p: float = Field(0.5, ge=0, le=1, description="image-to-video conditioning probability")
+    audio_loss_weight: float = Field(1.0, ge=0, description="weight of the audio loss")
+    tread_routes: list[TreadRoute] = Field(default_factory=list, description="TREAD token routing")
+    mixed_precision: Literal["bf16", "fp32"] = Field("bf16", description="compute dtype of the transformer")
+
+
+class CheckpointSection(Section):
+    every_n_steps: int = Field(100, ge=0, description="save a resumable checkpoint every N steps (0 = only at end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept")
+    resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+
+
+class ValidationSection(Section):
+    enabled: bool = Field(False, description="render a validation clip with the LoRA")
+    prompt: str = Field("a red circle moving from left to right", description="validation prompt")
+    every_n_steps: int = Field(0, ge=0, description="validate every N steps (0 = only at the end)")
+    resolution: str = Field("256x256", description="validation WIDTHxHEIGHT")
+    num_frames: int = Field(17, description="validation frames, 8k+1")
+    num_inference_steps: int = Field(20, ge=1, description="denoising steps")
+    guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale")
+    seed: int = Field(42, description="validation seed")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        return check_frames(v)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> str:
+        w, h = parse_resolution(v if isinstance(v, int) else str(v))
+        return f"{w}x{h}"
+
+
+class OutputSection(Section):
+    output_dir: str = Field("output", description="run folder: LoRA, checkpoints, metrics.jsonl, memory.jsonl")
+
+
+class RunConfig(Section):
+    """Every option of a run. TOML sections mirror these fields: [model], [data], [memory], ..."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.model.family == "ltx2" and self.train.mode == "audio" and not self.data.audio:
+            raise ValueError("train.mode='audio' needs data.audio=true")
+        return self
+
+    def dotted(self) -> dict[str, Any]:
+        """Flat `{"section.key": value}` view (what `lowvram plan --json` reports as settings)."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SimpleTuner config.json -> our keys. Values are dotted paths, or a callable (value, out) -> None for reshaping.
+
+def _set(out: dict, dotted: str, value: Any) -> None:
+    section, key = dotted.split(".", 1)
+    out.setdefault(section, {})[key] = value
+
+
+def _st_resolution(value: Any, out: dict) -> None:
+    # SimpleTuner's integer resolution is the shorter edge; we train landscape buckets of that height by default.
+    if isinstance(value, (int, float)) or str(value).strip().isdigit():
+        h = int(float(value))
+        w = (h * 16 // 9) // 32 * 32
+        _set(out, "data.resolution", f"{w}x{h}")
+    else:
+        _set(out, "data.resolution", str(value))
+
+
+def _st_model_type(value: Any, out: dict) -> None:
+    if str(value) != "lora":
+        raise ValueError(f"model_type '{value}' is not supported: lowvram trains LoRA only (use \"lora\")")
+
+
+def _st_family(value: Any, out: dict) -> None:
+    families = {"ltxvideo2": "ltx2", "ltx2": "ltx2", "ltx-2": "ltx2", "tiny": "tiny"}
+    if str(value) not in families:
+        raise ValueError(f"model_family '{value}' is not supported: lowvram trains LTX-2 (use \"ltxvideo2\")")
+    _set(out, "model.family", families[str(value)])
+
+
+def _st_tread(value: Any, out: dict) -> None:
+    routes = (value or {}).get("routes", []) if isinstance(value, dict) else value
+    _set(out, "train.tread_routes", routes)
+
+
+def _st_epochs(value: Any, out: dict) -> None:
+    _set(out, "train.num_train_epochs", value)
+
+
+def _st_validation_disable(value: Any, out: dict) -> None:
+    _set(out, "validation.enabled", not bool(value))
+
+
+SIMPLETUNER_KEYS: dict[str, Any] = {
+    "model_family": _st_family,
+    "model_flavour": "model.flavour",
+    "model_type": _st_model_type,
+    "pretrained_model_name_or_path": "model.checkpoint",
+    "pretrained_vae_model_name_or_path": "model.checkpoint",
+    "text_encoder_path": "model.text_encoder_path",
+    "base_model_precision": "model.precision",
+    "text_encoder_1_precision": "model.text_encoder_precision",
+    "quantize_via": None,
+    "ramtorch": "memory.ramtorch",
+    "ramtorch_text_encoder": "memory.ramtorch_text_encoder",
+    "musubi_blocks_to_swap": "memory.blocks_to_swap",
+    "musubi_block_swap_device": "memory.block_swap_device",
+    "enable_group_offload": "memory.group_offload",
+    "group_offload_type": "memory.group_offload_type",
+    "group_offload_blocks_per_group": "memory.group_offload_blocks_per_group",
+    "group_offload_use_stream": "memory.group_offload_use_stream",
+    "offload_during_startup": "memory.offload_during_startup",
+    "gradient_checkpointing": "memory.gradient_checkpointing",
+    "vae_enable_patch_conv": "memory.vae_patch_conv",
+    "vae_enable_temporal_roll": "memory.vae_temporal_roll",
+    "vae_enable_tiling": "memory.vae_tiling",
+    "vae_enable_slicing": "memory.vae_slicing",
+    "vae_batch_size": "memory.vae_batch_size",
+    "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "learning_rate": "optim.learning_rate",
+    "optimizer": "optim.optimizer",
+    "lr_scheduler": "optim.lr_scheduler",
+    "lr_warmup_steps": "optim.lr_warmup_steps",
+    "max_train_steps": "train.max_train_steps",
+    "num_train_epochs": _st_epochs,
+    "max_grad_norm": "optim.max_grad_norm",
+    "checkpoint_step_interval": "checkpoint.every_n_steps",
+    "checkpointing_steps": "checkpoint.every_n_steps",
+    "checkpoints_total_limit": "checkpoint.keep_last",
+    "resume_from_checkpoint": "checkpoint.resume",
+    "output_dir": "output.output_dir",
+    "seed": "train.seed",
+    "resolution": _st_resolution,
+    "data_backend_config": "data.data_backend_config",
+    "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "mixed_precision": "train.mixed_precision",
+    "tread_config": _st_tread,
+    "validation_disable": _st_validation_disable,
+    "validation_prompt": "validation.prompt",
+    "validation_resolution": "validation.resolution",
+    "validation_num_video_frames": "validation.num_frames",
+    "validation_num_inference_steps": "validation.num_inference_steps",
+    "validation_guidance": "validation.guidance",
+    "validation_seed": "validation.seed",
+    "validation_steps": "validation.every_n_steps",
+    "framerate": "data.fps",
+    "frame_rate": "data.fps",
+}
+
+# Known SimpleTuner keys we deliberately do not act on, with the reason shown once to the user.
+SIMPLETUNER_IGNORED: dict[str, str] = {
+    "hub_model_id": "lowvram never uploads; push the LoRA yourself",
+    "push_to_hub": "lowvram never uploads; push the LoRA yourself",
+    "report_to": "metrics go to OUTPUT/metrics.jsonl and memory.jsonl",
+    "tracker_project_name": "no external trackers",
+    "tracker_run_name": "no external trackers",
+    "lycoris_config": "LyCORIS is not supported; plain LoRA is trained",
+    "disable_benchmark": "cudnn benchmark is chosen by lowvram",
+    "dynamo_mode": "torch.compile is not used",
+    "evaluation_type": "no evaluation models",
+    "minimum_image_size": "bucketing is defined by data.resolution",
+    "override_dataset_config": "caches are keyed by their settings and rebuilt when they change",
+    "skip_file_discovery": "discovery is cheap and always runs",
+    "scheduled_sampling_reflexflow": "scheduled sampling is not supported",
+    "validation_disable_unconditional": "validation renders one conditional clip",
+    "validation_using_datasets": "validation uses validation.prompt",
+    "validation_prompt_library": "validation uses validation.prompt",
+    "validation_adapter_path": "validation uses the LoRA being trained only",
+    "validation_adapter_config": "validation uses the LoRA being trained only",
+    "eval_dataset_id": "validation uses validation.prompt",
+    "quantize_via": "quantization runs where the memory plan puts it",
+    "crepa_enabled": "CREPA needs DINOv2 weights from a hub",
+}
+
+
+def _unknown_key_error(key: str, valid: list[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{source}: unknown key '{key}'{hint}")
+
+
+def from_simpletuner(raw: dict[str, Any], source: str = "config.json") -> tuple[dict[str, Any], list[str]]:
+    """Map a SimpleTuner config dict to our nested dict. Returns (nested dict, notes about ignored keys)."""
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    valid = sorted(set(SIMPLETUNER_KEYS) | set(SIMPLETUNER_IGNORED))
+    for key, value in raw.items():
+        key = key.lstrip("-")
+        if key in SIMPLETUNER_IGNORED:
+            notes.append(f"ignored '{key}': {SIMPLETUNER_IGNORED[key]}")
+            continue
+        if key not in SIMPLETUNER_KEYS:
+            raise _unknown_key_error(key, valid, source)
+        target = SIMPLETUNER_KEYS[key]
+        try:
+            if callable(target):
+                target(value, out)
+            elif target is not None:
+                _set(out, target, value)
+        except ValueError as e:
+            raise ConfigError(f"{source}: '{key}': {e}") from None
+    return out, notes
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], source: str, prefix: str = "") -> None:
+    """Unknown keys get a 'did you mean' from the flattened key space (typos across sections are caught too)."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key_error(dotted, all_dotted_keys(), source)
+        sub = fields[key].annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            _check_keys(value, sub, source, prefix=f"{dotted}.")
+
+
+def all_dotted_keys() -> list[str]:
+    keys = []
+    for section, field in RunConfig.model_fields.items():
+        for key in field.annotation.model_fields:
+            keys.append(f"{section}.{key}")
+    return keys + list(RunConfig.model_fields)
+
+
+def _validate(nested: dict[str, Any], source: str) -> RunConfig:
+    _check_keys(nested, RunConfig, source)
+    try:
+        return RunConfig.model_validate(nested)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_describe(e)}") from None
+
+
+def _describe(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"'{key}': {msg}{shown}" if key else f"{msg}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, list[str]]:
+    """Read a TOML (native) or SimpleTuner JSON config, apply `{"section.key": value}` overrides, validate.
+
+    Returns the config and notes for the user (ignored SimpleTuner keys). Bad input raises ConfigError (exit 2).
+    """
+    nested: dict[str, Any] = {}
+    notes: list[str] = []
+    source = "command line"
+    if path is not None:
+        path = Path(path).expanduser()
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read: {e}") from None
+        if path.suffix.lower() == ".json":
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: a SimpleTuner config must be a JSON object")
+            nested, notes = from_simpletuner(raw, source)
+        else:
+            try:
+                nested = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: malformed TOML: {e}") from None
+        _check_keys(nested, RunConfig, source)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if dotted not in all_dotted_keys():
+            raise _unknown_key_error(dotted, all_dotted_keys(), "command line")
+        _set(nested, dotted, value)
+    return _validate(nested, source), notes
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A validated copy of `cfg` with `{"section.key": value}` overrides (None values are skipped)."""
+    nested = cfg.model_dump(mode="json")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        if dotted not in all_dotted_keys():
+            raise _unknown_key_error(dotted, all_dotted_keys(), "command line")
+        _set(nested, dotted, value)
+    return _validate(nested, "command line")
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    """Serialize a config as TOML (settings that are None are left out: the planner decides them)."""
+    lines: list[str] = []
+    for section, values in cfg.model_dump(mode="json").items():
+        lines.append(f"[{section}]")
+        nested_tables = []
+        for key, value in values.items():
+            if value is None:
+                continue
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                nested_tables.append((key, value))
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+        for key, rows in nested_tables:
+            for row in rows:
+                lines.append(f"[[{section}.{key}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in row.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
