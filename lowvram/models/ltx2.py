@@ -1,0 +1,453 @@
+"""LTX-2 components for training: tiny and real configs, text encoding, latent normalize/pack, the training forward.
+
+It builds and calls the real diffusers / transformers classes; it does not sample sigmas, compute losses, or move
+modules between devices (train/objective.py and the offload strategies do).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowvram.errors import LowvramError
+
+# Special ids follow Gemma3's text config defaults (pad 0, eos 1, bos 2) so the tiny tokenizer and the tiny Gemma
+# agree without extra config.
+_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+
+# Words of the demo captions (coloured shapes moving, a tone per clip) plus common glue words. Anything else maps
+# to <unk>; digits are split one by one so any number is covered.
+_TINY_WORDS = """
+a an the and or with of in on at to from into over under across around through toward towards away along
+between while then as is are it its this that there one two three four five six seven eight nine ten
+0 1 2 3 4 5 6 7 8 9 , . ; : - ! ? ' "
+red green blue yellow orange purple pink white black gray grey cyan magenta brown light dark bright pale
+colored coloured colorful colourful
+circle circles square squares triangle triangles rectangle rectangles star stars disc ball balls box boxes
+dot dots ring rings cube sphere hexagon diamond ellipse oval line lines shape shapes object objects block blocks
+moves move moving slides slide sliding bounces bounce bouncing spins spin spinning rotates rotate rotating
+grows grow growing shrinks shrink shrinking falls fall falling rises rise rising drifts drift drifting
+zooms zoom zooming pulses pulse pulsing flies fly flying jumps jump jumping glides glide gliding
+stays still static
+left right up down upward downward horizontally vertically diagonally clockwise counterclockwise
+center centre middle top bottom corner edge side sides back forth
+slowly quickly fast slow smooth smoothly steady steadily small large big tiny
+background foreground screen frame frames scene video plain solid empty
+tone tones sound sounds beep beeps hum hums plays play playing low high pitch pitched note notes hz loud quiet
+soft sine wave audio silence silent
+""".split()
+
+
+@dataclass
+class LTX2Components:
+    """The seven pieces of an LTX-2 training setup. Modules are plain diffusers / transformers objects."""
+
+    transformer: Any  # diffusers LTX2VideoTransformer3DModel
+    video_vae: Any  # diffusers AutoencoderKLLTX2Video
+    audio_vae: Any  # diffusers AutoencoderKLLTX2Audio
+    vocoder: Any  # diffusers LTX2Vocoder
+    text_encoder: Any  # transformers Gemma3ForConditionalGeneration
+    tokenizer: Any  # transformers fast tokenizer, left padding
+    connectors: Any  # diffusers LTX2TextConnectors
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Connector outputs for a batch of captions: what the transformer reads (and what the text cache stores)."""
+
+    video: torch.Tensor  # [B, L, caption_channels]
+    audio: torch.Tensor  # [B, L, caption_channels]
+    mask: torch.Tensor  # [B, L] 1 = attend (registers replace padding, so usually all ones)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """Constructor kwargs of the real classes at a size that trains on CPU in well under a second per step.
+
+    Real compression factors are kept (32x spatial / 8x temporal video, 4x time / 4x mel audio). The `text_encoder`
+    entry holds the Gemma3 `text_config` / `vision_config` / `mm_tokens_per_image` kwargs.
+    """
+    return {
+        "transformer": dict(
+            in_channels=8,
+            out_channels=8,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            audio_in_channels=4,
+            audio_out_channels=4,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=4,
+            audio_cross_attention_dim=8,
+            num_layers=2,
+            caption_channels=16,
+            rope_type="split",
+            rope_double_precision=True,
+            cross_attn_timestep_scale_multiplier=1000,
+        ),
+        "video_vae": dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=8,
+            block_out_channels=(8, 8, 8, 8),
+            # Decoder widths must grow: equal widths crash on decode.
+            decoder_block_out_channels=(8, 16, 32),
+            layers_per_block=(1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, True, True),
+            decoder_spatio_temporal_scaling=(True, True, True),
+            decoder_inject_noise=(False, False, False, False),
+            downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+            upsample_residual=(True, True, True),
+            upsample_factor=(2, 2, 2),
+            patch_size=4,
+            patch_size_t=1,
+            encoder_causal=True,
+            decoder_causal=False,
+            # Must be given: the class derives 64/16 from this layout otherwise.
+            spatial_compression_ratio=32,
+            temporal_compression_ratio=8,
+        ),
+        "audio_vae": dict(
+            base_channels=4,  # == latent_channels * mel_bins / 4
+            output_channels=2,
+            ch_mult=(1, 1, 1),
+            num_res_blocks=1,
+            attn_resolutions=None,
+            in_channels=2,
+            resolution=32,
+            latent_channels=2,
+            norm_type="pixel",
+            causality_axis="height",
+            mid_block_add_attention=False,
+            sample_rate=16000,
+            mel_hop_length=160,
+            is_causal=True,
+            mel_bins=8,
+        ),
+        "vocoder": dict(
+            in_channels=16,  # audio output_channels * mel_bins
+            hidden_channels=32,
+            out_channels=2,
+            upsample_kernel_sizes=[4, 4],
+            upsample_factors=[2, 2],
+            resnet_kernel_sizes=[3],
+            resnet_dilations=[[1, 3, 5]],
+            output_sampling_rate=16000,
+        ),
+        "text_encoder": dict(
+            text_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                vocab_size=256,
+                sliding_window=16,
+                max_position_embeddings=64,
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+        ),
+        "connectors": dict(
+            caption_channels=16,  # Gemma hidden size
+            text_proj_in_factor=3,  # Gemma layers + 1
+            video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=8,
+            video_connector_num_layers=1,
+            video_connector_num_learnable_registers=4,
+            audio_connector_num_attention_heads=2,
+            audio_connector_attention_head_dim=8,
+            audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=4,
+            connector_rope_base_seq_len=32,
+            rope_type="split",
+        ),
+    }
+
+
+# Tiny text length: a multiple of the connectors' 4 registers, and within the tiny Gemma's 64 positions.
+TINY_MAX_TEXT_TOKENS = 32
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building
+
+
+def build_text_encoder(config: dict[str, Any]):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration(Gemma3Config(**config))
+
+
+def build_component(name: str, config: dict[str, Any]):
+    """Construct one component (random init) from its constructor kwargs; `name` is a field of LTX2Components."""
+    if name == "text_encoder":
+        return build_text_encoder(config)
+    cls = _diffusers_class(name)
+    return cls(**config)
+
+
+def _diffusers_class(name: str):
+    if name == "transformer":
+        from diffusers import LTX2VideoTransformer3DModel as cls
+    elif name == "video_vae":
+        from diffusers import AutoencoderKLLTX2Video as cls
+    elif name == "audio_vae":
+        from diffusers import AutoencoderKLLTX2Audio as cls
+    elif name == "vocoder":
+        from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder as cls
+    elif name == "connectors":
+        from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors as cls
+    else:
+        raise ValueError(f"unknown LTX-2 component {name!r}")
+    return cls
+
+
+def build_tiny_tokenizer(max_length: int = TINY_MAX_TEXT_TOKENS):
+    """A word-level tokenizer over the demo vocabulary, as a transformers fast tokenizer padding on the left."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys(_TINY_WORDS))
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS)}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    if len(vocab) > tiny_configs()["text_encoder"]["text_config"]["vocab_size"]:
+        raise AssertionError("tiny vocabulary outgrew the tiny Gemma's embedding table")
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Whitespace()]
+    )
+    # Gemma prepends <bos>; so does this one, so the real and tiny text paths see the same structure.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> LTX2Components:
+    """The tiny family member: every real class at toy size, deterministic for a given seed, on CPU.
+
+    Each component draws from its own seed so adding one never changes another's weights. The global RNG is left
+    untouched. VAE latent statistics are set to non-trivial values so normalization is exercised.
+    """
+    cfgs = tiny_configs()
+    built: dict[str, Any] = {}
+    for i, name in enumerate(("transformer", "video_vae", "audio_vae", "vocoder", "text_encoder", "connectors")):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + i)
+            module = build_component(name, cfgs[name])
+            if name in ("video_vae", "audio_vae"):
+                n = module.latents_mean.numel()
+                module.latents_mean.copy_(0.1 * torch.randn(n))
+                module.latents_std.copy_(1.0 + 0.5 * torch.rand(n))
+        if dtype != torch.float32:
+            module = module.to(dtype)
+        built[name] = module.eval().requires_grad_(False)
+    return LTX2Components(tokenizer=build_tiny_tokenizer(), **built)
+
+
+def load_components(checkpoint, text_encoder=None, **kwargs) -> LTX2Components:
+    """Load from the official single .safetensors or a diffusers folder (+ a local Gemma3 folder).
+
+    See `lowvram.models.ltx2_checkpoint.load_components` for the options (family, dtype, device, components).
+    """
+    from lowvram.models.ltx2_checkpoint import load_components as _load
+
+    return _load(checkpoint, text_encoder, **kwargs)
+
+
+def build_on_meta(component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0"):
+    """The real class on the meta device (ltx-2.0 configs by default): what the planner measures."""
+    from lowvram.models.ltx2_checkpoint import build_on_meta as _build
+
+    return _build(component, config, family)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text
+
+
+@torch.no_grad()
+def encode_prompt_hidden_states(
+    text_encoder, tokenizer, captions: list[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma3 on left-padded captions; returns all hidden states stacked `[B, L, hidden*(layers+1)]` and the mask.
+
+    This is what diffusers' LTX2Pipeline feeds its connectors (embeddings + every layer, stacked on the last axis).
+    """
+    if tokenizer.padding_side != "left":
+        # LTX-2's connectors normalise assuming left padding; right padding silently shifts the registers.
+        raise LowvramError("the LTX-2 tokenizer must pad on the left: set padding_side='left' in its config")
+    device = next(text_encoder.parameters()).device
+    inputs = tokenizer(
+        [c.strip() for c in captions],
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    ids = inputs.input_ids.to(device)
+    mask = inputs.attention_mask.to(device)
+    out = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    stacked = torch.stack(out.hidden_states, dim=-1).flatten(2, 3)
+    return stacked, mask
+
+
+@torch.no_grad()
+def run_connectors(connectors, stacked_hidden_states: torch.Tensor, mask: torch.Tensor) -> TextEmbeddings:
+    """The frozen connectors: stacked Gemma states -> video and audio text embeddings (exact to cache)."""
+    param = next(connectors.parameters())
+    video, audio, out_mask = connectors(
+        stacked_hidden_states.to(param.device, param.dtype), mask.to(param.device), padding_side="left"
+    )
+    return TextEmbeddings(video=video, audio=audio, mask=out_mask)
+
+
+def encode_text(components: LTX2Components, captions: list[str], max_length: int) -> TextEmbeddings:
+    """Captions -> connector outputs, as LTX2Pipeline does. `max_length` must be a multiple of the register count."""
+    registers = components.connectors.config.video_connector_num_learnable_registers or 1
+    if max_length % registers:
+        fix = math.ceil(max_length / registers) * registers
+        raise LowvramError(
+            f"text max_length {max_length} is not a multiple of the connectors' {registers} registers: use {fix}"
+        )
+    stacked, mask = encode_prompt_hidden_states(components.text_encoder, components.tokenizer, captions, max_length)
+    return run_connectors(components.connectors, stacked, mask)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Latents
+
+
+def normalize_video_latents(latents: torch.Tensor, video_vae) -> torch.Tensor:
+    """Per-channel `(z - mean) / std` of `[B, C, F, H, W]` VAE latents (scaling factor 1 for LTX-2)."""
+    mean = video_vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = video_vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return (latents - mean) * video_vae.config.scaling_factor / std
+
+
+def denormalize_video_latents(latents: torch.Tensor, video_vae) -> torch.Tensor:
+    mean = video_vae.latents_mean.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    std = video_vae.latents_std.view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
+    return latents * std / video_vae.config.scaling_factor + mean
+
+
+def normalize_audio_latents(packed: torch.Tensor, audio_vae) -> torch.Tensor:
+    """`(z - mean) / std` of PACKED audio latents `[B, T, C*F]`: the audio statistics are per packed feature."""
+    mean = audio_vae.latents_mean.to(packed.device, packed.dtype)
+    std = audio_vae.latents_std.to(packed.device, packed.dtype)
+    return (packed - mean) / std
+
+
+def denormalize_audio_latents(packed: torch.Tensor, audio_vae) -> torch.Tensor:
+    mean = audio_vae.latents_mean.to(packed.device, packed.dtype)
+    std = audio_vae.latents_std.to(packed.device, packed.dtype)
+    return packed * std + mean
+
+
+def pack_video_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`b c f h w -> b (f h w) c` (LTX-2 uses patch size 1)."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack_video_latents(tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+    b, _, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, frames, height, width)
+
+
+def pack_audio_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`b c t f -> b t (c f)`."""
+    return latents.transpose(1, 2).flatten(2, 3)
+
+
+def unpack_audio_latents(tokens: torch.Tensor, mel_bins: int) -> torch.Tensor:
+    return tokens.unflatten(2, (-1, mel_bins)).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The training forward
+
+
+def transformer_forward(
+    transformer,
+    *,
+    video_tokens: torch.Tensor,
+    audio_tokens: torch.Tensor,
+    text: TextEmbeddings,
+    video_sigma: torch.Tensor,
+    audio_sigma: torch.Tensor,
+    latent_frames: int,
+    latent_height: int,
+    latent_width: int,
+    fps: float,
+    video_token_sigma: torch.Tensor | None = None,
+    audio_token_sigma: torch.Tensor | None = None,
+    isolate_modalities: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LTX-2.0 transformer call on packed noisy tokens; returns the (video, audio) velocity predictions.
+
+    `video_sigma` / `audio_sigma` are per sample `[B]`; `video_token_sigma` `[B, S_v]` (and `audio_token_sigma`
+    `[B, S_a]`) override them per token, e.g. 0 on clean first-frame tokens. diffusers does not scale timesteps
+    inside, so σ·1000 is passed; `use_cross_timestep=False` is LTX-2.0 behaviour (True is LTX-2.3's).
+    """
+    b, s_v, _ = video_tokens.shape
+    s_a = audio_tokens.shape[1]
+    if s_v == 0 or s_a == 0:
+        # A zero-length modality crashes RoPE inside diffusers; say what to do instead of a shape error.
+        raise LowvramError("a modality has no tokens: pass a 1-token dummy and isolate_modalities=True")
+    if latent_frames * latent_height * latent_width != s_v:
+        raise LowvramError(
+            f"video tokens ({s_v}) != latent frames x height x width ({latent_frames}x{latent_height}x{latent_width})"
+        )
+    # float32 before the x1000: bf16 sigmas would lose the timestep's low digits.
+    v_tok = video_token_sigma if video_token_sigma is not None else video_sigma.view(b, 1).expand(b, s_v)
+    a_tok = audio_token_sigma if audio_token_sigma is not None else audio_sigma.view(b)
+    dtype = video_tokens.dtype
+    video_pred, audio_pred = transformer(
+        hidden_states=video_tokens,
+        audio_hidden_states=audio_tokens,
+        encoder_hidden_states=text.video.to(dtype),
+        audio_encoder_hidden_states=text.audio.to(dtype),
+        encoder_attention_mask=text.mask,
+        audio_encoder_attention_mask=text.mask,
+        timestep=v_tok.float() * 1000.0,
+        audio_timestep=a_tok.float() * 1000.0,
+        sigma=video_sigma.float().view(b) * 1000.0,
+        audio_sigma=audio_sigma.float().view(b) * 1000.0,
+        num_frames=latent_frames,
+        height=latent_height,
+        width=latent_width,
+        fps=fps,
+        audio_num_frames=s_a,
+        isolate_modalities=isolate_modalities,
+        use_cross_timestep=False,
+        return_dict=False,
+    )
+    return video_pred, audio_pred

@@ -1,0 +1,582 @@
+"""Loading and saving LTX-2 weights: the official single combined .safetensors, diffusers folders, a Gemma3 folder.
+
+Every component is built on the meta device and filled tensor by tensor from safetensors (peak ~ one copy of the
+weights); keys are checked before anything is read. It never unpickles (.bin/.pt/.ckpt are refused) and never
+downloads: real configs ship with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowvram.errors import LowvramError
+from lowvram.models import ltx2
+
+FAMILIES = ("ltx-2.0", "tiny")
+FAMILY_ALIASES = {"ltx2": "ltx-2.0", "ltx-2": "ltx-2.0"}
+CHECKPOINT_COMPONENTS = ("transformer", "video_vae", "audio_vae", "vocoder", "connectors")
+# Diffusers folder layout (LTX2Pipeline's component names).
+DIFFUSERS_SUBFOLDERS = {
+    "transformer": "transformer",
+    "video_vae": "vae",
+    "audio_vae": "audio_vae",
+    "vocoder": "vocoder",
+    "connectors": "connectors",
+    "text_encoder": "text_encoder",
+    "tokenizer": "tokenizer",
+}
+FAMILY_METADATA_KEY = "lowvram_family"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_TRANSFORMER_PREFIX = "model.diffusion_model."
+_CONNECTOR_STARTS = ("video_embeddings_connector", "audio_embeddings_connector", "text_embedding_projection")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configs and meta builds
+
+
+def canonical_family(family: str) -> str:
+    """The config's `ltx2` (and `ltx-2`) mean LTX-2.0, the only real family shipped so far."""
+    return FAMILY_ALIASES.get(family, family)
+
+
+def family_configs(family: str) -> dict[str, dict[str, Any]]:
+    """Constructor kwargs of every component for a model family ("ltx-2.0" from the shipped JSON, or "tiny")."""
+    family = canonical_family(family)
+    if family == "tiny":
+        return ltx2.tiny_configs()
+    folder = _CONFIG_DIR / family
+    if family not in FAMILIES or not folder.is_dir():
+        raise LowvramError(f"unknown LTX-2 model family {family!r}: use one of {', '.join(FAMILIES)}")
+    out = {}
+    for name in (*CHECKPOINT_COMPONENTS, "text_encoder"):
+        cfg = json.loads((folder / f"{name}.json").read_text())
+        out[name] = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return out
+
+
+def real_transformer_config() -> dict[str, Any]:
+    return family_configs("ltx-2.0")["transformer"]
+
+
+def real_video_vae_config() -> dict[str, Any]:
+    return family_configs("ltx-2.0")["video_vae"]
+
+
+def real_audio_vae_config() -> dict[str, Any]:
+    return family_configs("ltx-2.0")["audio_vae"]
+
+
+def real_vocoder_config() -> dict[str, Any]:
+    return family_configs("ltx-2.0")["vocoder"]
+
+
+def real_connectors_config() -> dict[str, Any]:
+    return family_configs("ltx-2.0")["connectors"]
+
+
+def real_text_encoder_config() -> dict[str, Any]:
+    return family_configs("ltx-2.0")["text_encoder"]
+
+
+def build_on_meta(component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0"):
+    """The real class on the meta device (no memory): for planning and as the skeleton a load fills."""
+    config = config if config is not None else family_configs(family)[component]
+    with torch.device("meta"):
+        return ltx2.build_component(component, config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Official key layout <-> diffusers names. Forward maps are diffusers' own converters where they exist (so a real
+# checkpoint is read exactly as diffusers reads it); connectors and vocoder follow diffusers' conversion script.
+
+
+def official_to_diffusers(component: str, official_keys: list[str]) -> dict[str, str]:
+    """{diffusers key: official key} for the official keys that belong to `component` (others are left out)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    mine = [k for k in official_keys if _official_owner(k) == component]
+    if component in ("transformer", "video_vae", "audio_vae"):
+        convert = {
+            "transformer": sfu.convert_ltx2_transformer_to_diffusers,
+            "video_vae": sfu.convert_ltx2_vae_to_diffusers,
+            "audio_vae": sfu.convert_ltx2_audio_vae_to_diffusers,
+        }[component]
+        # The converters only rename and drop keys, so running them on {key: key} maps names without reading a byte.
+        mapped = convert({k: k for k in mine})
+        if component == "video_vae":
+            # diffusers' conversion script (newer than 0.42.1's single-file converter) also renames the decoder's
+            # timestep conditioning, present in VAEs built with timestep_conditioning=True.
+            mapped = {
+                k.replace("last_time_embedder", "time_embedder").replace(
+                    "last_scale_shift_table", "scale_shift_table"
+                ): v
+                for k, v in mapped.items()
+            }
+        return mapped
+    renames = _CONNECTOR_RENAMES if component == "connectors" else _VOCODER_RENAMES
+    strip = _TRANSFORMER_PREFIX if component == "connectors" else "vocoder."
+    out = {}
+    for key in mine:
+        new = key[len(strip) :] if key.startswith(strip) else key
+        for old, repl in renames:
+            new = new.replace(old, repl)
+        out[new] = key
+    return out
+
+
+_CONNECTOR_RENAMES = (
+    ("connectors.", ""),
+    ("video_embeddings_connector", "video_connector"),
+    ("audio_embeddings_connector", "audio_connector"),
+    ("transformer_1d_blocks", "transformer_blocks"),
+    ("text_embedding_projection.aggregate_embed", "text_proj_in"),
+    ("q_norm", "norm_q"),
+    ("k_norm", "norm_k"),
+)
+_VOCODER_RENAMES = (("ups", "upsamplers"), ("resblocks", "resnets"), ("conv_pre", "conv_in"), ("conv_post", "conv_out"))
+
+
+def _official_owner(key: str) -> str | None:
+    if key.startswith(_TRANSFORMER_PREFIX):
+        rest = key[len(_TRANSFORMER_PREFIX) :]
+        return "connectors" if rest.startswith(_CONNECTOR_STARTS) else "transformer"
+    if key.startswith(_CONNECTOR_STARTS):
+        return "connectors"
+    for prefix, name in (("vae.", "video_vae"), ("audio_vae.", "audio_vae"), ("vocoder.", "vocoder")):
+        if key.startswith(prefix):
+            return name
+    return None
+
+
+def diffusers_to_official(component: str, diffusers_keys: list[str]) -> dict[str, str]:
+    """{official key: diffusers key}: the inverse of the maps above, checked by running the forward map on it."""
+    out = {_to_official(component, k): k for k in diffusers_keys}
+    back = official_to_diffusers(component, list(out))
+    if {v: k for k, v in back.items()} != out:
+        bad = sorted(set(out) ^ set(back.values()))[:3]
+        raise AssertionError(f"official key layout for {component} does not round-trip: {bad}")
+    return out
+
+
+def _to_official(component: str, key: str) -> str:
+    if component == "transformer":
+        for new, old in (("time_embed.", "adaln_single."), ("audio_time_embed.", "audio_adaln_single.")):
+            if key.startswith(new):
+                key = old + key[len(new) :]
+        for new, old in (("proj_in.", "patchify_proj."), ("audio_proj_in.", "audio_patchify_proj.")):
+            if key.startswith(new):
+                key = old + key[len(new) :]
+        for new, old in (
+            ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+            ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+            ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+            ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+            ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+            ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+            ("norm_q", "q_norm"),
+            ("norm_k", "k_norm"),
+        ):
+            key = key.replace(new, old)
+        return _TRANSFORMER_PREFIX + key
+    if component == "connectors":
+        if key.startswith("text_proj_in."):
+            return "text_embedding_projection.aggregate_embed." + key[len("text_proj_in.") :]
+        for new, old in (
+            ("video_connector", "video_embeddings_connector"),
+            ("audio_connector", "audio_embeddings_connector"),
+            ("transformer_blocks", "transformer_1d_blocks"),
+            ("norm_q", "q_norm"),
+            ("norm_k", "k_norm"),
+        ):
+            key = key.replace(new, old)
+        return _TRANSFORMER_PREFIX + key
+    if component == "vocoder":
+        for new, old in (
+            ("upsamplers", "ups"),
+            ("resnets", "resblocks"),
+            ("conv_in", "conv_pre"),
+            ("conv_out", "conv_post"),
+        ):
+            key = key.replace(new, old)
+        return "vocoder." + key
+    stats = {
+        "latents_mean": "per_channel_statistics.mean-of-means",
+        "latents_std": "per_channel_statistics.std-of-means",
+    }
+    if component == "audio_vae":
+        return "audio_vae." + stats.get(key, key)
+    if component == "video_vae":
+        return "vae." + stats.get(key, _video_vae_block_to_official(key))
+    raise ValueError(component)
+
+
+def _video_vae_block_to_official(key: str) -> str:
+    # The official VAE numbers resnet groups and up/downsamplers as one flat list of blocks.
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key)
+    if m:
+        return f"encoder.down_blocks.{2 * int(m[1]) + 1}.{m[2]}"
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", key)
+    if m:
+        return f"encoder.down_blocks.{2 * int(m[1])}.{m[2]}".replace(".resnets.", ".res_blocks.")
+    if key.startswith("encoder.mid_block."):
+        return key.replace("encoder.mid_block.", "encoder.down_blocks.8.").replace(".resnets.", ".res_blocks.")
+    if key.startswith("decoder.mid_block."):
+        return key.replace("decoder.mid_block.", "decoder.up_blocks.0.").replace(".resnets.", ".res_blocks.")
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key)
+    if m:
+        return f"decoder.up_blocks.{2 * int(m[1]) + 1}.{m[2]}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(.*)", key)
+    if m:
+        return f"decoder.up_blocks.{2 * int(m[1]) + 2}.{m[2]}".replace(".resnets.", ".res_blocks.")
+    return key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading safetensors lazily
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: file, key, shape and safetensors dtype string (read from the header only)."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        raise LowvramError(f"{path} is a pickle checkpoint; lowvram loads safetensors only: convert it to .safetensors")
+
+
+def read_header(file: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Tensor refs and metadata of a .safetensors file, without reading tensor data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            refs = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                refs[k] = TensorRef(file, k, tuple(s.get_shape()), s.get_dtype())
+            return refs, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError has no stable import path
+        raise LowvramError(f"cannot read {file} as safetensors: {str(e).splitlines()[0]}") from e
+
+
+class _Reader:
+    """Opens each file once and hands out tensors on request."""
+
+    def __init__(self):
+        self._handles: dict[Path, Any] = {}
+
+    def get(self, ref: TensorRef) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if ref.file not in self._handles:
+            self._handles[ref.file] = safe_open(str(ref.file), framework="pt")
+        return self._handles[ref.file].get_tensor(ref.key)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoint sources
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A resolved checkpoint: its kind, path and family, plus every component's {diffusers key: TensorRef}."""
+
+    kind: str  # "single_file" | "diffusers"
+    path: Path
+    family: str
+    tensors: dict[str, dict[str, TensorRef]]  # component -> diffusers key -> where
+    raw: dict[str, dict[str, TensorRef]]  # component -> its keys as named in the file (finds fp8 scales)
+    configs: dict[str, dict[str, Any]]
+
+
+def open_checkpoint(path: str | Path, family: str | None = None) -> CheckpointSource:
+    """Resolve a single .safetensors (official layout) or a diffusers folder into per-component tensor maps."""
+    path = Path(path)
+    if not path.exists():
+        raise LowvramError(f"checkpoint {path} does not exist: give the .safetensors file or a diffusers folder")
+    _refuse_pickle(path)
+    if path.is_dir():
+        return _open_diffusers_folder(path, family)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise LowvramError(f"{path} is not a .safetensors file or a diffusers folder")
+    refs, meta = read_header(path)
+    family = canonical_family(family or meta.get(FAMILY_METADATA_KEY, "ltx-2.0"))
+    configs = family_configs(family)
+    tensors, raw = {}, {}
+    for name in CHECKPOINT_COMPONENTS:
+        mapping = official_to_diffusers(name, list(refs))
+        tensors[name] = {new: refs[old] for new, old in mapping.items()}
+        raw[name] = {k: r for k, r in refs.items() if _official_owner(k) == name}
+    if not any(tensors.values()):
+        raise LowvramError(f"{path} holds no LTX-2 weights (no 'model.diffusion_model.' / 'vae.' keys)")
+    # LTX-2 VAEs exist with and without decoder timestep conditioning; the weights say which this one is.
+    if any("time_embedder" in k or "scale_shift_table" in k for k in tensors["video_vae"]):
+        configs["video_vae"] = {**configs["video_vae"], "timestep_conditioning": True}
+    return CheckpointSource("single_file", path, family, tensors, raw, configs)
+
+
+def _open_diffusers_folder(path: Path, family: str | None) -> CheckpointSource:
+    tensors, configs = {}, {}
+    for name in CHECKPOINT_COMPONENTS:
+        sub = path / DIFFUSERS_SUBFOLDERS[name]
+        if not sub.is_dir():
+            continue
+        files = sorted(sub.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            what = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
+            raise LowvramError(f"{sub} has {what}; lowvram loads safetensors only")
+        refs: dict[str, TensorRef] = {}
+        for f in files:
+            got, _ = read_header(f)
+            dup = set(got) & set(refs)
+            if dup:
+                raise LowvramError(f"{sub}: key {sorted(dup)[0]} appears in two files; keep one weights variant")
+            refs.update(got)
+        cfg_file = sub / "config.json"
+        if not cfg_file.is_file():
+            raise LowvramError(f"{sub} has no config.json: it is not a diffusers component folder")
+        configs[name] = {k: v for k, v in json.loads(cfg_file.read_text()).items() if not k.startswith("_")}
+        tensors[name] = refs
+    if not tensors:
+        raise LowvramError(f"{path} has none of the diffusers subfolders transformer/, vae/, audio_vae/, ...")
+    return CheckpointSource("diffusers", path, family or "diffusers", tensors, dict(tensors), configs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def check_keys(component: str, skeleton: torch.nn.Module, refs: dict[str, TensorRef], where: Path) -> None:
+    """Refuse a checkpoint whose keys or shapes do not fit the model, naming them (one line)."""
+    expected = skeleton.state_dict()
+    missing = [k for k in expected if k not in refs]
+    wrong = [
+        f"{k} {list(refs[k].shape)} (model wants {list(v.shape)})"
+        for k, v in expected.items()
+        if k in refs and tuple(refs[k].shape) != tuple(v.shape)
+    ]
+    if missing or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if wrong:
+            parts.append(f"{len(wrong)} wrongly shaped: {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+        raise LowvramError(
+            f"{where} does not fit the LTX-2 {component}: {'; '.join(parts)} (wrong model family or a damaged file?)"
+        )
+
+
+def iter_component_tensors(
+    source: CheckpointSource, component: str, dtype: torch.dtype, only: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (diffusers key, tensor in `dtype`) one at a time: fp8 weights are dequantized with their scale.
+
+    `only` restricts to the model's keys; spare checkpoint keys (e.g. statistics diffusers does not use) are skipped.
+    """
+    reader = _Reader()
+    raw = source.raw.get(component, {})
+    for key, ref in source.tensors[component].items():
+        if only is not None and key not in only:
+            continue
+        t = reader.get(ref)
+        if ref.dtype.startswith("F8"):
+            scale = _fp8_scale(ref, raw, reader)
+            if scale.ndim == 1 and t.ndim > 1:
+                scale = scale.view(-1, *([1] * (t.ndim - 1)))  # per output channel
+            t = t.to(torch.float32) * scale
+        elif not t.is_floating_point():
+            raise LowvramError(
+                f"{ref.file}: {ref.key} is stored as {ref.dtype}; packed 4-bit checkpoints are not supported: "
+                "use the bf16 (dev) or fp8 checkpoint"
+            )
+        yield key, t.to(dtype)
+
+
+def _fp8_scale(ref: TensorRef, raw: dict[str, TensorRef], reader: _Reader) -> torch.Tensor:
+    # Scaled fp8 files store the scale beside the weight under one of two spellings (diffusers / ComfyUI).
+    stem = ref.key.rsplit(".", 1)[0]
+    for name in (f"{stem}.weight_scale", f"{stem}.scale_weight"):
+        if name in raw:
+            return reader.get(raw[name]).to(torch.float32)
+    return torch.ones((), dtype=torch.float32)
+
+
+def load_component(source: CheckpointSource, component: str, *, dtype: torch.dtype, device="cpu") -> torch.nn.Module:
+    """Build `component` on meta, check its keys against the checkpoint, then fill it tensor by tensor."""
+    if component not in source.tensors:
+        raise LowvramError(f"{source.path} has no {component} weights")
+    skeleton = build_on_meta(component, source.configs[component])
+    check_keys(component, skeleton, source.tensors[component], source.path)
+    wanted = set(skeleton.state_dict(keep_vars=True))
+    for key, tensor in iter_component_tensors(source, component, dtype, only=wanted):
+        _assign(skeleton, key, tensor.to(device))
+    return skeleton.eval().requires_grad_(False)
+
+
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = key.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def load_text_encoder(folder: str | Path, dtype: torch.dtype):
+    """Gemma3ForConditionalGeneration from a local folder (safetensors only, no remote code, nothing missing)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    folder = _gemma_folder(Path(folder), "text_encoder")
+    try:
+        model, info = Gemma3ForConditionalGeneration.from_pretrained(
+            str(folder),
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            dtype=dtype,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LowvramError(f"cannot load Gemma3 from {folder}: {str(e).strip().splitlines()[0]}") from e
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(m[0]) for m in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        bad = missing + mismatched
+        raise LowvramError(
+            f"Gemma3 in {folder} does not fit its config: {len(bad)} keys missing or wrongly shaped: "
+            f"{', '.join(bad[:5])}"
+        )
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: str | Path):
+    """The Gemma tokenizer from a local folder, padding on the left as LTX-2's connectors expect."""
+    from transformers import AutoTokenizer
+
+    folder = _gemma_folder(Path(folder), "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise LowvramError(f"cannot load the tokenizer from {folder}: {str(e).strip().splitlines()[0]}") from e
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _gemma_folder(folder: Path, sub: str) -> Path:
+    if (folder / sub).is_dir():
+        return folder / sub
+    if not folder.is_dir():
+        raise LowvramError(f"text encoder folder {folder} does not exist: give the local Gemma3 folder")
+    return folder
+
+
+def load_components(
+    checkpoint: str | Path,
+    text_encoder: str | Path | None = None,
+    *,
+    family: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device="cpu",
+    components: tuple[str, ...] = (*CHECKPOINT_COMPONENTS, "text_encoder", "tokenizer"),
+) -> ltx2.LTX2Components:
+    """Every requested component from a checkpoint (+ a Gemma3 folder); the rest of the fields are None.
+
+    `text_encoder` defaults to the checkpoint folder itself for diffusers folders (text_encoder/, tokenizer/).
+    """
+    source = open_checkpoint(checkpoint, family)
+    loaded: dict[str, Any] = {name: None for name in (*CHECKPOINT_COMPONENTS, "text_encoder", "tokenizer")}
+    for name in CHECKPOINT_COMPONENTS:
+        if name in components:
+            loaded[name] = load_component(source, name, dtype=dtype, device=device)
+    if {"text_encoder", "tokenizer"} & set(components):
+        folder = text_encoder if text_encoder is not None else (source.path if source.kind == "diffusers" else None)
+        if folder is None:
+            raise LowvramError("the single-file checkpoint has no Gemma3: give the local Gemma3 folder (text_encoder)")
+        if "text_encoder" in components:
+            loaded["text_encoder"] = load_text_encoder(folder, dtype).to(device)
+        if "tokenizer" in components:
+            loaded["tokenizer"] = load_tokenizer(folder)
+    return ltx2.LTX2Components(**loaded)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving (the tiny family member, and conversions)
+
+
+def save_single_file(components: ltx2.LTX2Components, path: str | Path, family: str) -> None:
+    """Write the five checkpoint components in the official combined layout (atomically), tagged with `family`."""
+    from lowvram.fsutil import save_safetensors_atomic
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in CHECKPOINT_COMPONENTS:
+        sd = getattr(components, name).state_dict()
+        for official, key in diffusers_to_official(name, list(sd)).items():
+            tensors[official] = sd[key].detach().contiguous()
+    # The official VAE file also carries two statistics diffusers drops; write them so loading exercises that.
+    n = components.video_vae.latents_mean.numel()
+    tensors["vae.per_channel_statistics.channel"] = torch.arange(n, dtype=torch.float32)
+    tensors["vae.per_channel_statistics.mean-of-stds"] = torch.ones(n, dtype=torch.float32)
+    save_safetensors_atomic(tensors, path, metadata={FAMILY_METADATA_KEY: family})
+
+
+def save_diffusers_folder(components: ltx2.LTX2Components, folder: str | Path) -> None:
+    """Write every present component as a diffusers-format folder (config.json + safetensors per subfolder)."""
+    from lowvram.fsutil import atomic_write_json, save_safetensors_atomic
+
+    folder = Path(folder)
+    for name in CHECKPOINT_COMPONENTS:
+        module = getattr(components, name)
+        if module is None:
+            continue
+        sub = folder / DIFFUSERS_SUBFOLDERS[name]
+        config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+        config["_class_name"] = type(module).__name__
+        atomic_write_json(sub / "config.json", _jsonable(config))
+        sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        save_safetensors_atomic(sd, sub / "diffusion_pytorch_model.safetensors")
+    save_text_encoder(components, folder)
+
+
+def save_text_encoder(components: ltx2.LTX2Components, folder: str | Path) -> None:
+    """Gemma3 + tokenizer as text_encoder/ and tokenizer/ under `folder` (transformers' own safetensors format)."""
+    folder = Path(folder)
+    if components.text_encoder is not None:
+        components.text_encoder.save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    if components.tokenizer is not None:
+        components.tokenizer.save_pretrained(str(folder / "tokenizer"))
+
+
+def save_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny family member on disk as a real user has LTX-2: one combined .safetensors + a Gemma folder."""
+    folder = Path(folder)
+    comps = ltx2.build_tiny_components(seed=seed)
+    path = folder / "ltx-2-tiny.safetensors"
+    save_single_file(comps, path, family="tiny")
+    save_text_encoder(comps, folder / "gemma")
+    return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
