@@ -1,0 +1,9 @@
+"""The memory manager's brain: measure LTX-2 on fake tensors, budget candidate settings, choose the fastest that fits.
+
+Entry point: `plan_run(cfg, profile, choose=...) -> Plan`. Nothing here loads weights or touches a GPU.
+"""
+
+from lowvram.plan.budget import Settings
+from lowvram.plan.plan import Plan, budget_settings, plan_run
+
+__all__ = ["Plan", "Settings", "budget_settings", "plan_run"]

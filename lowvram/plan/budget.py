@@ -1,0 +1,535 @@
+"""Peak bytes per phase x device x component, and predicted seconds per step, for one set of memory settings.
+
+Pure arithmetic on measurements (measure.py) and a hardware profile: no model is built here, so evaluating
+thousands of candidate settings is instant. It does not choose settings (plan.py does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowvram.profiles import HardwareProfile
+from lowvram.quant.layout import quantized_linear_bytes, quantized_weight_bytes
+
+GB = 10**9
+GIB = 2**30
+
+# Host memory of the training process before any weight: CUDA/HIP runtime, torch, diffusers, transformers and the
+# data pipeline. An idle CUDA torch process with these imported sits at 2-3 GiB RSS (nvidia/pytorch forum reports);
+# the pure-Python part measured here is ~0.3-1 GiB. An assumption, stated in the plan output.
+HOST_PROCESS_BYTES = 3 * GIB
+# Share of the profile's bf16 TFLOP/s a LoRA training step reaches (large bf16 matmuls at 2-5k tokens). An
+# assumption (typical 35-50% MFU of bf16 transformer training); the README compares it with field reports.
+DEFAULT_EFFICIENCY = 0.4
+# Cached latents and text embeddings are stored in bf16.
+CACHE_ITEM_BYTES = 2
+
+OFFLOAD_KINDS = ("none", "block_swap", "ramtorch", "group")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One candidate for every memory decision. `dotted()` maps it to the run config's keys."""
+
+    precision: str = "bf16"
+    text_encoder_precision: str = "bf16"
+    offload: str = "none"  # none | block_swap | ramtorch | group
+    blocks_to_swap: int = 0
+    ramtorch_share: float = 0.0  # share of the transformer blocks whose Linear weights are streamed
+    group_blocks_per_group: int = 1
+    group_use_stream: bool = True
+    gradient_checkpointing: bool = True
+    activation_offload: bool = False
+    offload_during_startup: bool = True
+    ramtorch_text_encoder: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    vae_patch_conv: bool = False
+    vae_temporal_roll: bool = False
+    vae_batch_size: int = 1
+    optimizer: str = "adamw"
+
+    def dotted(self) -> dict[str, Any]:
+        ramtorch: bool | float = False
+        if self.offload == "ramtorch":
+            ramtorch = True if self.ramtorch_share >= 1.0 else round(self.ramtorch_share, 4)
+        return {
+            "model.precision": self.precision,
+            "model.text_encoder_precision": self.text_encoder_precision,
+            "memory.ramtorch": ramtorch,
+            "memory.ramtorch_text_encoder": self.ramtorch_text_encoder,
+            "memory.blocks_to_swap": self.blocks_to_swap if self.offload == "block_swap" else 0,
+            "memory.group_offload": self.offload == "group",
+            "memory.group_offload_blocks_per_group": self.group_blocks_per_group,
+            "memory.group_offload_use_stream": self.group_use_stream if self.offload == "group" else False,
+            "memory.gradient_checkpointing": self.gradient_checkpointing,
+            "memory.activation_offload": self.activation_offload,
+            "memory.offload_during_startup": self.offload_during_startup,
+            "memory.vae_tiling": self.vae_tiling,
+            "memory.vae_slicing": self.vae_slicing,
+            "memory.vae_patch_conv": self.vae_patch_conv,
+            "memory.vae_temporal_roll": self.vae_temporal_roll,
+            "memory.vae_batch_size": self.vae_batch_size,
+            "optim.optimizer": self.optimizer,
+        }
+
+    def describe(self) -> str:
+        parts = [self.precision]
+        if self.offload == "block_swap":
+            parts.append(f"block swap {self.blocks_to_swap}")
+        elif self.offload == "ramtorch":
+            parts.append(f"stream {self.ramtorch_share:.0%} of block Linears")
+        elif self.offload == "group":
+            parts.append(
+                f"group offload x{self.group_blocks_per_group}" + (" +stream" if self.group_use_stream else "")
+            )
+        else:
+            parts.append("no offload")
+        parts.append("checkpointing" if self.gradient_checkpointing else "no checkpointing")
+        if self.activation_offload:
+            parts.append("activation offload")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class PhaseBudget:
+    """Peak bytes of one phase, per device, per component (the peaks of components are summed: conservative)."""
+
+    name: str
+    vram: dict[str, int]
+    ram: dict[str, int]
+    disk_bytes_per_item: int | None = None
+
+    @property
+    def vram_peak_bytes(self) -> int:
+        return sum(self.vram.values())
+
+    @property
+    def ram_peak_bytes(self) -> int:
+        return sum(self.ram.values())
+
+
+@dataclass(frozen=True)
+class StepTime:
+    seconds: float
+    compute_seconds: float
+    transfer_seconds: float  # copies per step, before overlap
+    dequant_seconds: float
+    streamed_bytes: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def offload_overhead(self) -> float:
+        base = self.compute_seconds + self.dequant_seconds
+        return self.seconds / base - 1.0 if base > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measurements, as the budget sees them
+
+
+class LazyMap(Mapping):
+    """A mapping whose values are measured on first access (a plan only pays for the measurements it reads)."""
+
+    def __init__(self, keys: tuple, compute: Callable[[Any], Any]):
+        self._keys = keys
+        self._compute = compute
+        self._values: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        if key not in self._values:
+            self._values[key] = self._compute(key)
+        return self._values[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bf16": 2, "fp32": 4}[dtype]
+
+
+def _parse_shape(key: str) -> tuple[int, int]:
+    out, inp = key.split("x")
+    return int(out), int(inp)
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """Quantizable Linear weights (shape -> count) plus other parameters kept in the compute dtype."""
+
+    linear_shapes: dict[str, int]
+    other_params: int
+    largest_param: int = 0  # elements of the largest single tensor (a Gemma embedding is 1B)
+
+    def linear_bytes(self, precision: str, dtype: str) -> int:
+        """Quantized weights with their scales and per-module buffers; biases are counted with the other params."""
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        total = 0
+        for key, n in self.linear_shapes.items():
+            out_features, in_features = _parse_shape(key)
+            total += n * quantized_linear_bytes(
+                in_features, out_features, bias=False, dtype=torch_dtype, precision=precision
+            )
+        return total
+
+    def bytes(self, precision: str, dtype: str) -> int:
+        return self.linear_bytes(precision, dtype) + self.other_params * _itemsize(dtype)
+
+    def largest_linear_bytes(self, dtype: str) -> int:
+        return max((math.prod(_parse_shape(k)) * _itemsize(dtype) for k in self.linear_shapes), default=0)
+
+    @property
+    def params(self) -> int:
+        return self.other_params + sum(math.prod(_parse_shape(k)) * n for k, n in self.linear_shapes.items())
+
+
+@dataclass(frozen=True)
+class StepMeasure:
+    """One measured transformer step (see measure.measure_transformer_step), composed to any depth."""
+
+    marks: dict[str, int]
+    peaks: dict[str, int]
+    flops: dict[str, int]
+    lora_params_per_block: int
+
+    @property
+    def kept_per_block_bytes(self) -> int:
+        return self.marks["block_fwd_end"] - self.marks["block_fwd_start"]
+
+    @property
+    def recomputed_per_block_bytes(self) -> int:
+        """What one block keeps for backward without checkpointing, seen in a checkpointed run's recompute."""
+        return self.marks.get("recompute_end", 0) - self.marks.get("recompute_start", 0)
+
+    def activation_peak_bytes(
+        self, num_layers: int, lora_grad_per_block_bytes: int, *, offloaded_kept: bool = False
+    ) -> int:
+        """Peak of activations + LoRA grads for `num_layers` identical blocks.
+
+        Every block's kept activations stay alive from its forward to its backward, so each later point of the
+        step sees (N-1) more blocks' worth than the one-block run; LoRA grads accumulate as backward proceeds.
+        With `offloaded_kept`, kept block inputs live on the host except the two in flight.
+        """
+        d = self.kept_per_block_bytes
+        extra = (min(2, num_layers) - 1 if offloaded_kept else num_layers - 1) * d
+        p = self.peaks
+        drop = self.marks["block_bwd_end"] - self.marks["block_bwd_start"]  # per block backward, usually < 0
+        candidates = [
+            p.get("head", 0),
+            p["block_fwd"] + extra,
+            p.get("tail", 0) + extra,
+            p["block_bwd"] + extra,
+            # the first block backward after N-1 others (only higher when a block's backward grows memory)
+            p["block_bwd"] + extra + (num_layers - 1) * drop if not offloaded_kept else p["block_bwd"],
+            p.get("head_bwd", 0) + (num_layers - 1) * lora_grad_per_block_bytes,
+        ]
+        return max(candidates)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Everything the budget needs about the model at the run's shapes (all from measure.py)."""
+
+    num_layers: int
+    block: WeightGroup
+    rest: WeightGroup
+    text_encoder: WeightGroup
+    connectors: WeightGroup
+    video_vae_params: int
+    audio_vae_params: int
+    step: Mapping[bool, StepMeasure]  # by gradient checkpointing (measured on first use)
+    text_encode_peak_bytes: int  # max(Gemma, connectors) activations for one caption
+    connectors_peak_bytes: int  # the connectors' activations alone (a trainer that runs them every step pays it)
+    audio_encode_peak_bytes: int
+    video_input_bytes: int
+    video_encode: Mapping[str, int]  # VAE option name -> activation peak (measured on first use)
+    text_item_bytes: int
+    latent_item_bytes: int
+    batch_input_bytes: int  # latents + text of one training batch on the host
+    attention: str  # flash | math
+
+    def lora_params(self) -> int:
+        return self.step[True].lora_params_per_block * self.num_layers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The budget
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    compute_dtype: str = "bf16"
+    lora_dtype: str = "fp32"
+    efficiency: float = DEFAULT_EFFICIENCY
+    host_process_bytes: int = HOST_PROCESS_BYTES
+    gpus: int = 1  # FSDP2 processes (one per GPU); budgets are per GPU, host RAM for all of them
+    grad_accumulation_steps: int = 1
+
+
+def optimizer_state_bytes(optimizer: str, params: int, param_dtype: str = "fp32") -> int:
+    """Optimizer state for `params` trainable parameters stored in `param_dtype`.
+
+    torch AdamW keeps two moments in the parameters' dtype; AdamWBF16 two bf16 moments; bitsandbytes AdamW8bit two
+    uint8 moments plus one float32 absmax per 256-value block each (blockwise quantization) and two shared
+    256-entry float32 code maps.
+    """
+    if optimizer == "adamw":
+        return 2 * params * _itemsize(param_dtype)
+    if optimizer == "adamw_bf16":
+        return 2 * params * 2
+    if optimizer == "adamw8bit":
+        return 2 * (params + math.ceil(params / 256) * 4) + 2 * 256 * 4
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def vae_option_name(s: Settings) -> str:
+    parts = [n for n in ("tiling", "slicing", "patch_conv", "temporal_roll") if getattr(s, f"vae_{n}")]
+    return "+".join(parts) or "none"
+
+
+def transformer_device_bytes(m: Measurements, s: Settings, dtype: str, gpus: int = 1) -> dict[str, int]:
+    """Transformer weights on the device and the offload machinery's device buffers."""
+    n = m.num_layers
+    w_block = m.block.bytes(s.precision, dtype)
+    lin_block = m.block.linear_bytes(s.precision, dtype)
+    rest = m.rest.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+    out = {"transformer outside blocks": rest}
+    if gpus > 1:
+        # FSDP2 (train/distributed.py): each block is a shard unit, gathered whole for its forward and backward;
+        # the next block's gather overlaps the current one. The root unit (outside the blocks) is gathered too.
+        out[f"transformer blocks (1/{gpus} shard)"] = math.ceil(n * w_block / gpus)
+        out["gathered blocks (current + prefetch)"] = 2 * w_block
+        return out
+    if s.offload == "block_swap":
+        k = min(s.blocks_to_swap, n)
+        out["transformer blocks (resident)"] = (n - k) * w_block
+        out["block swap ring (2 slots)"] = 2 * w_block if k else 0
+    elif s.offload == "ramtorch":
+        streamed = round(s.ramtorch_share * n)
+        out["transformer blocks (resident)"] = n * w_block - streamed * lin_block
+        # one Linear in use + one prefetching, at the stored precision
+        largest = max(
+            (quantized_weight_bytes(_parse_shape(k), torch.bfloat16, s.precision) for k in m.block.linear_shapes),
+            default=0,
+        )
+        out["streaming buffers (2 Linears)"] = 2 * largest if streamed else 0
+    elif s.offload == "group":
+        slots = 2 if s.group_use_stream else 1
+        out["transformer blocks (onloaded groups)"] = slots * s.group_blocks_per_group * w_block
+    else:
+        out["transformer blocks"] = n * w_block
+    return out
+
+
+def transformer_host_bytes(m: Measurements, s: Settings, dtype: str) -> dict[str, int]:
+    n = m.num_layers
+    w_block = m.block.bytes(s.precision, dtype)
+    if s.offload == "block_swap":
+        return {"swapped blocks (pinned)": min(s.blocks_to_swap, n) * w_block}
+    if s.offload == "ramtorch":
+        return {"streamed Linears (pinned)": round(s.ramtorch_share * n) * m.block.linear_bytes(s.precision, dtype)}
+    if s.offload == "group":
+        kind = "pinned" if s.group_use_stream else "pageable"
+        return {f"offloaded groups ({kind})": n * w_block}
+    return {}
+
+
+def text_encoder_bytes(m: Measurements, s: Settings, dtype: str) -> tuple[int, int]:
+    """(device, host) bytes of Gemma3 + connectors during text caching."""
+    te_linear = m.text_encoder.linear_bytes(s.text_encoder_precision, dtype)
+    te_other = m.text_encoder.other_params * _itemsize(dtype)
+    conn = m.connectors.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+    if s.ramtorch_text_encoder:
+        largest = max(
+            (
+                quantized_weight_bytes(_parse_shape(k), torch.bfloat16, s.text_encoder_precision)
+                for k in m.text_encoder.linear_shapes
+            ),
+            default=0,
+        )
+        return te_other + 2 * largest + conn, te_linear
+    return te_linear + te_other + conn, 0
+
+
+def vae_bytes(m: Measurements, dtype: str) -> int:
+    return (m.video_vae_params + m.audio_vae_params) * _itemsize(dtype)
+
+
+def budget(
+    m: Measurements, s: Settings, profile: HardwareProfile, opts: BudgetOptions = BudgetOptions()
+) -> dict[str, PhaseBudget]:
+    """Peak bytes of the three phases for settings `s`."""
+    dtype = opts.compute_dtype
+    n = m.num_layers
+    reserve = profile.reserve_bytes
+    tx_device = transformer_device_bytes(m, s, dtype, opts.gpus)
+    tx_host = transformer_host_bytes(m, s, dtype)
+    te_device, te_host = text_encoder_bytes(m, s, dtype)
+    vae_device = vae_bytes(m, dtype)
+    process = {
+        "process (runtime + libraries)" + (f" x {opts.gpus}" if opts.gpus > 1 else ""): opts.host_process_bytes
+        * opts.gpus
+    }
+    # Weights stream from the safetensors file one tensor at a time (quantized on the fly): host RAM holds at most
+    # the largest tensor twice (read + converted).
+    staging = (
+        2
+        * 2
+        * max(m.block.largest_param, m.rest.largest_param, m.text_encoder.largest_param, m.connectors.largest_param)
+    )
+
+    others_resident = {}
+    if not s.offload_during_startup:
+        others_resident = {
+            "transformer (loaded at startup)": sum(tx_device.values()),
+            "text encoder + connectors (loaded at startup)": te_device,
+            "VAEs (loaded at startup)": vae_device,
+        }
+
+    def resident_except(name: str) -> dict[str, int]:
+        return {k: v for k, v in others_resident.items() if not k.lower().startswith(name)}
+
+    text = PhaseBudget(
+        "text_cache",
+        vram={
+            "reserve": reserve,
+            "text encoder + connectors": te_device,
+            "text encode activations": m.text_encode_peak_bytes,
+            **resident_except("text"),
+        },
+        ram={
+            **process,
+            "loading staging": staging,
+            **({"streamed text encoder Linears (pinned)": te_host} if te_host else {}),
+        },
+        disk_bytes_per_item=m.text_item_bytes,
+    )
+    option = vae_option_name(s)
+    latent = PhaseBudget(
+        "latent_cache",
+        vram={
+            "reserve": reserve,
+            "VAEs": vae_device,
+            "clip input": m.video_input_bytes * s.vae_batch_size,
+            f"VAE encode activations ({option})": m.video_encode[option] * s.vae_batch_size
+            if not s.vae_slicing
+            else m.video_encode[option],
+            "audio encode activations": m.audio_encode_peak_bytes,
+            **resident_except("vae"),
+        },
+        ram={**process, "loading staging": staging, "decoded clips": m.video_input_bytes * s.vae_batch_size * 2},
+        disk_bytes_per_item=m.latent_item_bytes,
+    )
+    step = m.step[s.gradient_checkpointing]
+    lora_params = step.lora_params_per_block * n
+    lora_item = _itemsize(opts.lora_dtype)
+    acts = step.activation_peak_bytes(n, step.lora_params_per_block * lora_item, offloaded_kept=s.activation_offload)
+    train_vram = {
+        "reserve": reserve,
+        **tx_device,
+        "LoRA parameters": math.ceil(lora_params * lora_item / opts.gpus),
+        "optimizer state": math.ceil(optimizer_state_bytes(s.optimizer, lora_params, opts.lora_dtype) / opts.gpus),
+        # LoRA grads are inside the measured peak: they accumulate during backward as activations are freed
+        "activations + LoRA grads (peak)": acts,
+        # with gradient accumulation the previous micro-batches' grads are alive through the next forward
+        "LoRA grads held between micro-batches": lora_params * lora_item if opts.grad_accumulation_steps > 1 else 0,
+        **resident_except("transformer"),
+    }
+    if s.precision not in ("bf16", "fp32"):
+        # weight-only quantized Linears dequantize one weight to bf16 for the matmul (and its backward)
+        train_vram["dequantized weight (transient)"] = m.block.largest_linear_bytes(dtype)
+    train_ram = {**process, **tx_host, "training batch": m.batch_input_bytes}
+    if s.activation_offload:
+        train_ram["offloaded activations (pinned)"] = n * step.kept_per_block_bytes
+    train = PhaseBudget("train", vram=train_vram, ram=train_ram)
+    return {"text_cache": text, "latent_cache": latent, "train": train}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Step time
+
+
+def step_time(
+    m: Measurements, s: Settings, profile: HardwareProfile, opts: BudgetOptions = BudgetOptions()
+) -> StepTime:
+    """FLOPs / (TFLOP/s x efficiency) plus what copies cannot hide; overlap per strategy.
+
+    A copy overlaps compute only with asynchronous streams (profile.supports.streams) and a strategy that
+    prefetches (block swap's ring, streamed Linears, group offload with use_stream). Then each streamed block costs
+    max(compute, copy) per pass; otherwise compute + copy.
+    """
+    n = m.num_layers
+    dtype = opts.compute_dtype
+    flops_rate = profile.bf16_tflops * 1e12 * opts.efficiency
+    # FLOPs from the checkpointed run: its block backward section holds the recompute (one more forward)
+    f = m.step[True].flops
+    fwd = f["block_fwd"] / flops_rate
+    bwd = (f["block_bwd"] - f["block_fwd"]) / flops_rate
+    recompute = fwd if s.gradient_checkpointing else 0.0
+    outside = (f.get("head", 0) + f.get("tail", 0) + f.get("head_bwd", 0)) / flops_rate
+    compute = outside + n * (fwd + bwd + recompute)
+
+    dequant = 0.0
+    if s.precision not in ("bf16", "fp32"):
+        # each use reads the quantized weight and writes + reads a bf16 copy: uses are forward, backward, recompute
+        uses = 3 if s.gradient_checkpointing else 2
+        per_block = m.block.linear_bytes(s.precision, dtype) + 2 * m.block.linear_bytes("bf16", dtype)
+        dequant = n * uses * per_block / (profile.memory_bandwidth_gbps * GB)
+
+    pinned = profile.h2d_pinned_gbps * GB
+    w_block = m.block.bytes(s.precision, dtype)
+    lin_block = m.block.linear_bytes(s.precision, dtype)
+    kept = m.step[True].kept_per_block_bytes if s.activation_offload else 0
+    async_copies = profile.supports.streams
+    notes: list[str] = []
+
+    # (blocks streamed, bytes per forward pass, bytes per backward pass, bandwidth, can overlap)
+    if s.offload == "block_swap":
+        k = min(s.blocks_to_swap, n)
+        streamed, fwd_bytes, bwd_bytes, bw, overlap = k, w_block, w_block, pinned, async_copies
+    elif s.offload == "ramtorch":
+        k = round(s.ramtorch_share * n)
+        # a streamed Linear is copied for forward, for the recompute and again for its backward
+        streamed, fwd_bytes = k, lin_block
+        bwd_bytes = lin_block * (2 if s.gradient_checkpointing else 1)
+        bw, overlap = pinned, async_copies
+    elif s.offload == "group":
+        k = n
+        streamed, fwd_bytes, bwd_bytes = n, w_block, w_block
+        bw = pinned if s.group_use_stream else profile.h2d_pageable_gbps * GB
+        overlap = async_copies and s.group_use_stream
+    else:
+        streamed, fwd_bytes, bwd_bytes, bw, overlap = 0, 0, 0, pinned, async_copies
+
+    def pass_time(compute_s: float, copy_bytes: int, overlapped: bool) -> float:
+        copy_s = copy_bytes / bw
+        return max(compute_s, copy_s) if overlapped else compute_s + copy_s
+
+    total = outside + dequant
+    streamed_bytes = 0
+    transfer = 0.0
+    for i in range(n):
+        is_streamed = i < streamed
+        fb = (fwd_bytes if is_streamed else 0) + kept
+        bb = (bwd_bytes if is_streamed else 0) + kept
+        overlapped = overlap if is_streamed else async_copies
+        total += pass_time(fwd, fb, overlapped) + pass_time(bwd + recompute, bb, overlapped)
+        streamed_bytes += fb + bb
+        transfer += (fb + bb) / bw
+    if streamed and overlap:
+        notes.append(
+            f"per streamed block: copy {fwd_bytes / bw * 1e3:.0f} ms vs compute {fwd * 1e3:.0f} ms forward, "
+            f"copy {bwd_bytes / bw * 1e3:.0f} ms vs compute {(bwd + recompute) * 1e3:.0f} ms backward"
+        )
+    return StepTime(total, compute, transfer, dequant, streamed_bytes, tuple(notes))

@@ -1,0 +1,492 @@
+"""Exact byte and FLOP measurements of LTX-2's components on fake tensors, cached on disk.
+
+Each function builds the real diffusers/transformers class on the meta device at the run's real shapes, runs it under
+FakeTensorMode with LiveBytes, and returns plain numbers. It does not decide anything (budget.py and plan.py do).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+
+from lowvram.fsutil import atomic_write_json
+
+# Bump when a measurement's meaning changes: old cache entries are then simply not found.
+MEASURE_VERSION = "4"
+
+_CONFIG_DIR = Path(__file__).resolve().parent.parent / "models" / "configs" / "ltx-2.0"
+COMPONENTS = ("transformer", "text_encoder", "connectors", "video_vae", "audio_vae")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What is measured
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """Constructor kwargs of the five components that take memory (the vocoder only renders validation audio)."""
+
+    family: str
+    transformer: dict[str, Any]
+    text_encoder: dict[str, Any]  # Gemma3Config kwargs (text_config / vision_config / mm_tokens_per_image)
+    connectors: dict[str, Any]
+    video_vae: dict[str, Any]
+    audio_vae: dict[str, Any]
+
+
+def model_configs(family: str) -> ModelConfigs:
+    """`ltx2`: the released LTX-2.0 configs shipped in lowvram/models/configs; `tiny`: the CPU test configs."""
+    if family == "tiny":
+        from lowvram.models.ltx2 import tiny_configs
+
+        cfgs = tiny_configs()
+    else:
+        cfgs = {}
+        for name in COMPONENTS:
+            raw = json.loads((_CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
+            cfgs[name] = {k: v for k, v in raw.items() if not k.startswith("_")}
+    return ModelConfigs(family=family, **{name: cfgs[name] for name in COMPONENTS})
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """Token counts of one training step, derived from the clip shape the way the LTX-2 VAEs compress it."""
+
+    batch: int
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    audio_tokens: int  # 1 (a dummy) when audio is not trained
+    text_tokens: int
+
+    @property
+    def video_tokens(self) -> int:
+        return self.latent_frames * self.latent_height * self.latent_width
+
+
+def train_shape(
+    configs: ModelConfigs,
+    *,
+    width: int,
+    height: int,
+    frames: int,
+    fps: float,
+    batch: int,
+    text_tokens: int,
+    audio: bool,
+    mode: str = "av",
+) -> TrainShape:
+    vae = configs.video_vae
+    spatial = vae.get("spatial_compression_ratio") or 32
+    temporal = vae.get("temporal_compression_ratio") or 8
+    a = configs.audio_vae
+    latent_per_s = a["sample_rate"] / a["mel_hop_length"] / 4  # the audio VAE compresses mel time 4x: 25 /s
+    audio_tokens = math.ceil(frames / fps * latent_per_s) if (audio and mode != "video") else 1
+    if mode == "audio":
+        # Video-only / audio-only runs pass a 1-token dummy for the other modality (a zero-length one crashes RoPE).
+        return TrainShape(batch, 1, 1, 1, audio_tokens, text_tokens)
+    return TrainShape(
+        batch, (frames - 1) // temporal + 1, height // spatial, width // spatial, audio_tokens, text_tokens
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Disk cache
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("LOWVRAM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lowvram")
+    return Path(base) / "plan"
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__, "measure": MEASURE_VERSION}
+    for pkg in ("diffusers", "transformers", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "none"
+    return out
+
+
+class MeasureCache:
+    """JSON files keyed by (kind, arguments, library versions): a warm plan never builds a model."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._memory: dict[str, dict] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, kind: str, key: dict[str, Any], compute: Callable[[], dict]) -> dict:
+        blob = json.dumps({"kind": kind, "key": key, "versions": _versions()}, sort_keys=True, default=str)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:24]
+        if digest in self._memory:
+            return self._memory[digest]
+        path = self.dir / f"{kind}-{digest}.json"
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))["value"]
+            self.hits += 1
+        except (OSError, ValueError, KeyError):
+            self.misses += 1
+            value = compute()
+            try:
+                atomic_write_json(path, {"kind": kind, "key": json.loads(blob), "value": value})
+            except OSError:
+                pass  # a read-only cache folder costs speed, never correctness
+        self._memory[digest] = value
+        return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights (parameter counts by role; bytes per precision are computed in budget.py from the quant layouts)
+
+
+def _linear_groups(model: torch.nn.Module, exclude: tuple[str, ...], prefix_filter: Callable[[str], bool]) -> dict:
+    """Quantizable Linear weight shapes (deduplicated with counts) and the count of all other parameters."""
+    from lowvram.quant.exclude import is_quantizable
+
+    shapes: dict[str, int] = {}
+    quant_params = 0
+    for name, module in model.named_modules():
+        if not prefix_filter(name) or not is_quantizable(name, module, exclude):
+            continue
+        key = f"{module.out_features}x{module.in_features}"  # the bias stays unquantized: counted as "other"
+        shapes[key] = shapes.get(key, 0) + 1
+        quant_params += module.weight.numel()
+    params = [p.numel() for n, p in model.named_parameters() if prefix_filter(n)]
+    return {
+        "linear_shapes": shapes,
+        "other_params": sum(params) - quant_params,
+        "largest_param": max(params, default=0),
+    }
+
+
+def transformer_weights(configs: ModelConfigs) -> dict:
+    """Parameters of one transformer block and of everything outside the blocks (all blocks are identical)."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    from lowvram.quant.exclude import LTX2_TRANSFORMER_EXCLUDE
+
+    with torch.device("meta"):
+        model = LTX2VideoTransformer3DModel(**{**configs.transformer, "num_layers": 1})
+    block = _linear_groups(model, LTX2_TRANSFORMER_EXCLUDE, lambda n: n.startswith("transformer_blocks."))
+    rest = _linear_groups(model, LTX2_TRANSFORMER_EXCLUDE, lambda n: not n.startswith("transformer_blocks."))
+    return {"block": block, "rest": rest, "num_layers": configs.transformer.get("num_layers", 48)}
+
+
+def text_encoder_weights(configs: ModelConfigs) -> dict:
+    """Gemma3 as loaded (language model, vision tower, projector) split into quantizable Linears and the rest."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lowvram.quant.exclude import GEMMA3_EXCLUDE
+
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration(Gemma3Config(**configs.text_encoder))
+    return _linear_groups(model, GEMMA3_EXCLUDE, lambda n: True)
+
+
+def connectors_weights(configs: ModelConfigs) -> dict:
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    with torch.device("meta"):
+        model = LTX2TextConnectors(**configs.connectors)
+    # Connectors stay in the compute dtype: they run once per caption while caching and their output is cached.
+    return _linear_groups(model, ("*",), lambda n: True)
+
+
+def vae_weights(configs: ModelConfigs) -> dict:
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+
+    with torch.device("meta"):
+        video = AutoencoderKLLTX2Video(**configs.video_vae)
+        audio = AutoencoderKLLTX2Audio(**configs.audio_vae)
+    return {
+        "video_params": sum(p.numel() for p in video.parameters()),
+        "video_encoder_params": sum(p.numel() for p in video.encoder.parameters()),
+        "audio_params": sum(p.numel() for p in audio.parameters()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One transformer training step (forward + loss + backward) on fake tensors
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapter as lowvram.train.lora injects it (adapters take the base weights' dtype)."""
+
+    rank: int
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+    include_audio: bool = True
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}[name]
+
+
+def build_lora_transformer(transformer_config: dict, num_layers: int, lora: LoraSpec, compute_dtype: torch.dtype):
+    """The real LTX-2 transformer on meta with the trainer's own LoRA injection: only the adapters require grad."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    from lowvram.train.lora import inject_lora
+
+    with torch.device("meta"):
+        model = LTX2VideoTransformer3DModel(**{**transformer_config, "num_layers": num_layers})
+    model = model.to(compute_dtype)
+    inject_lora(
+        model, rank=lora.rank, targets=tuple(lora.targets), dropout=lora.dropout, include_audio=lora.include_audio
+    )
+    return model
+
+
+def measure_transformer_step(
+    transformer_config: dict,
+    shape: TrainShape,
+    lora: LoraSpec,
+    *,
+    compute_dtype: str = "bf16",
+    checkpointing: bool,
+    attention: str = "flash",
+    num_layers: int = 1,
+) -> dict:
+    """Activation bytes (parameters excluded, LoRA grads included) of one training step, by section.
+
+    Sections: `head` (embeddings, RoPE, caption projection), `block_fwd` / `block_bwd` of block 0, `tail` (output
+    layers, loss and their backward), `head_bwd`. Marks give live bytes at the block's boundaries. Block 0 is
+    measured as a middle block: the video/audio inputs require grad so its backward computes input grads too.
+    """
+    from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
+
+    dtype = _dtype(compute_dtype)
+    model = build_lora_transformer(transformer_config, num_layers, lora, dtype)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    cfg = model.config
+    b, s_v, s_a, length = shape.batch, shape.video_tokens, shape.audio_tokens, shape.text_tokens
+    block = model.transformer_blocks[0]
+    lora_per_block = sum(p.numel() for n, p in block.named_parameters() if "lora_" in n)
+    lora_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+    with fake_mode():
+        model = model.to_empty(device="cpu")
+        live = LiveBytes()
+        register_module_storages(live, model)
+        state = {"phase": "head", "calls": 0}
+
+        def on_bwd_start(_grads):
+            live.mark("block_bwd_start")
+            live.enter_section("block_bwd")
+
+        def on_bwd_end(_grads):
+            live.mark("block_bwd_end")
+            live.enter_section("head_bwd")
+
+        def pre_hook(_module, args, kwargs):
+            state["calls"] += 1
+            if state["calls"] > 1:  # the recompute of a checkpointed block runs inside its backward
+                live.mark("recompute_start")
+                return
+            live.mark("block_fwd_start")
+            live.enter_section("block_fwd")
+            inputs = [
+                kwargs.get("hidden_states", args[0] if args else None),
+                kwargs.get("audio_hidden_states", args[1] if len(args) > 1 else None),
+            ]
+            torch.autograd.graph.register_multi_grad_hook(
+                [t for t in inputs if t is not None and t.requires_grad], on_bwd_end
+            )
+
+        def post_hook(_module, _args, _kwargs, output):
+            if state["calls"] > 1:
+                live.mark("recompute_end")  # what the block keeps for backward when not checkpointed
+                return
+            live.mark("block_fwd_end")
+            live.enter_section("tail")
+            # "any": the first output grad starts the block's backward (a checkpointed block recomputes right then).
+            torch.autograd.graph.register_multi_grad_hook(
+                [t for t in output if t.requires_grad], on_bwd_start, mode="any"
+            )
+
+        handles = [
+            block.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            block.register_forward_hook(post_hook, with_kwargs=True),
+        ]
+        # Without early stop the recompute runs the whole block: its end marks what an uncheckpointed block keeps
+        # (and the peak is at most a few output-sized tensors above the early-stopping default: conservative).
+        no_early_stop = torch.utils.checkpoint.set_checkpoint_early_stop(False)
+        with live, attention_backend(attention), no_early_stop:
+            live.enter_section("head")
+            latents = torch.empty(b, s_v, cfg.in_channels, dtype=dtype)
+            noise = torch.empty_like(latents)
+            audio_latents = torch.empty(b, s_a, cfg.audio_in_channels, dtype=dtype)
+            audio_noise = torch.empty_like(audio_latents)
+            sigma = torch.empty(b)
+            x_t = (latents * (1 - sigma.view(b, 1, 1)) + noise * sigma.view(b, 1, 1)).to(dtype).requires_grad_(True)
+            a_t = (audio_latents * (1 - sigma.view(b, 1, 1)) + audio_noise * sigma.view(b, 1, 1)).to(dtype)
+            a_t.requires_grad_(True)
+            text = torch.empty(b, length, cfg.caption_channels, dtype=dtype)
+            audio_text = torch.empty(b, length, cfg.caption_channels, dtype=dtype)
+            mask = torch.ones(b, length, dtype=torch.int64)
+            video_pred, audio_pred = model(
+                hidden_states=x_t,
+                audio_hidden_states=a_t,
+                encoder_hidden_states=text,
+                audio_encoder_hidden_states=audio_text,
+                encoder_attention_mask=mask,
+                audio_encoder_attention_mask=mask,
+                timestep=sigma.view(b, 1).expand(b, s_v) * 1000.0,
+                audio_timestep=sigma * 1000.0,
+                sigma=sigma * 1000.0,
+                audio_sigma=sigma * 1000.0,
+                num_frames=shape.latent_frames,
+                height=shape.latent_height,
+                width=shape.latent_width,
+                fps=25.0,
+                audio_num_frames=s_a,
+                use_cross_timestep=False,
+                return_dict=False,
+            )
+            loss = (video_pred.float() - (noise - latents).float()).pow(2).mean()
+            loss = loss + (audio_pred.float() - (audio_noise - audio_latents).float()).pow(2).mean()
+            loss.backward()
+            del video_pred, audio_pred, loss
+            live.mark("end")
+        for h in handles:
+            h.remove()
+    return {
+        "num_layers": num_layers,
+        "marks": dict(live.marks),
+        "peaks": dict(live.peaks),
+        "flops": dict(live.flops),
+        "peak_bytes": live.peak_bytes,
+        "lora_params_per_block": lora_per_block,
+        "lora_params_total": lora_total,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text encoding (Gemma3 at 1024 tokens, all hidden states stacked) and the connectors
+
+
+def measure_text_encode(
+    configs: ModelConfigs, text_tokens: int, *, compute_dtype: str = "bf16", batch: int = 1
+) -> dict:
+    """Activation peak of Gemma3 -> stacked hidden states, and of the connectors on that stack.
+
+    Gemma is run at full width with 1 and 2 decoder layers and extrapolated to its real depth: each layer adds one
+    kept hidden state (and one slice of the stack), so the peak is linear in depth; the connectors run at full size.
+    """
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
+
+    dtype = _dtype(compute_dtype)
+    text_cfg = configs.text_encoder["text_config"]
+    depth = text_cfg["num_hidden_layers"]
+    length = min(text_tokens, text_cfg.get("max_position_embeddings", text_tokens))
+    peaks = []
+    vision_cfg = {**configs.text_encoder.get("vision_config", {}), "num_hidden_layers": 1}
+    for layers in (1, 2):
+        # The class models/ltx2.py calls (its LM head computes logits too); a text-only input never runs the vision
+        # tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
+        cfg = {
+            **configs.text_encoder,
+            "text_config": {**text_cfg, "num_hidden_layers": layers},
+            "vision_config": vision_cfg,
+        }
+        with torch.device("meta"):
+            model = Gemma3ForConditionalGeneration(Gemma3Config(**cfg))
+        model = model.to(dtype).eval()
+        with fake_mode(), torch.no_grad():
+            model = model.to_empty(device="cpu")
+            live = LiveBytes()
+            register_module_storages(live, model)
+            with live:
+                live.enter_section("encode")
+                ids = torch.zeros(batch, length, dtype=torch.int64)
+                mask = torch.ones(batch, length, dtype=torch.int64)
+                out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                stacked = torch.stack(out.hidden_states, dim=-1).flatten(2, 3)
+                del out, stacked
+        peaks.append(live.peak_bytes)
+    gemma_peak = peaks[0] + (depth - 1) * (peaks[1] - peaks[0])
+
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    with torch.device("meta"):
+        connectors = LTX2TextConnectors(**configs.connectors)
+    connectors = connectors.to(dtype).eval()
+    width = configs.connectors["caption_channels"] * configs.connectors["text_proj_in_factor"]
+    with fake_mode(), torch.no_grad():
+        connectors = connectors.to_empty(device="cpu")
+        live = LiveBytes()
+        register_module_storages(live, connectors)
+        with live:
+            live.enter_section("connectors")
+            stacked = torch.empty(batch, length, width, dtype=dtype)
+            mask = torch.ones(batch, length, dtype=torch.int64)
+            video, audio, _ = connectors(stacked, mask, padding_side="left")
+            del video, audio
+    return {"gemma_peak_bytes": gemma_peak, "connectors_peak_bytes": live.peak_bytes, "text_tokens": length}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# VAE encode
+
+
+def measure_video_vae_encode(
+    configs: ModelConfigs,
+    width: int,
+    height: int,
+    frames: int,
+    options: dict,
+    *,
+    batch: int,
+    compute_dtype: str = "bf16",
+) -> dict:
+    """The data helper's instrument (lowvram.vae) on the real-width encoder for one VAE option set."""
+    from lowvram.vae import VaeOptions, measure_vae_encode_peak_bytes
+
+    peak = measure_vae_encode_peak_bytes(
+        configs.video_vae, width, height, frames, VaeOptions(**options), batch=batch, dtype=_dtype(compute_dtype)
+    )
+    return asdict(peak)
+
+
+def measure_audio_vae_encode(
+    configs: ModelConfigs, mel_frames: int, *, batch: int, compute_dtype: str = "bf16"
+) -> dict:
+    from diffusers import AutoencoderKLLTX2Audio
+
+    from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
+
+    dtype = _dtype(compute_dtype)
+    with torch.device("meta"):
+        vae = AutoencoderKLLTX2Audio(**configs.audio_vae)
+    vae.decoder = None
+    vae = vae.to(dtype)
+    cfg = configs.audio_vae
+    with fake_mode(), torch.no_grad():
+        vae = vae.to_empty(device="cpu")
+        live = LiveBytes()
+        register_module_storages(live, vae)
+        with live:
+            live.enter_section("encode")
+            mel = torch.empty(batch, cfg["in_channels"], max(4, mel_frames), cfg["mel_bins"], dtype=dtype)
+            vae.encode(mel).latent_dist.mode()
+    return {"peak_bytes": live.peak_bytes}

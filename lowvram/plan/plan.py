@@ -1,0 +1,851 @@
+"""`plan_run`: measure (cached) -> budget every candidate -> pick the fastest that fits, and explain it.
+
+The one entry point the CLI calls (`lowvram plan`, `train --dry-run`, `probe`). It never loads weights and never
+touches a GPU; settings the config fixes are evaluated as given, the others (None) are chosen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lowvram.config import RunConfig, apply_overrides
+from lowvram.errors import LowvramError
+from lowvram.plan.budget import (
+    CACHE_ITEM_BYTES,
+    DEFAULT_EFFICIENCY,
+    GB,
+    GIB,
+    BudgetOptions,
+    LazyMap,
+    Measurements,
+    PhaseBudget,
+    Settings,
+    StepMeasure,
+    StepTime,
+    WeightGroup,
+    budget,
+    step_time,
+)
+from lowvram.plan.measure import (
+    LoraSpec,
+    MeasureCache,
+    ModelConfigs,
+    TrainShape,
+    connectors_weights,
+    measure_audio_vae_encode,
+    measure_text_encode,
+    measure_transformer_step,
+    measure_video_vae_encode,
+    model_configs,
+    text_encoder_weights,
+    train_shape,
+    transformer_weights,
+    vae_weights,
+)
+from lowvram.profiles import HardwareProfile
+
+PHASES = ("text_cache", "latent_cache", "train")
+# Quality order (text encoder options are tried in this order).
+QUALITY = {"fp32": 0, "bf16": 1, "fp8-torchao": 2, "int8-torchao": 3, "int8-quanto": 4, "nf4-bnb": 5}
+# Precision is a quality decision more than a speed knob: a lower precision must be this much faster to be chosen
+# (per-layer error measured here: int8 ~0.9%, 4-bit ~10%; fp8 e4m3 sits between bf16 and int8).
+QUALITY_COST = {
+    "fp32": 1.0,
+    "bf16": 1.0,
+    "fp8-torchao": 1.05,
+    "int8-torchao": 1.10,
+    "int8-quanto": 1.12,
+    "nf4-bnb": 1.50,
+}
+TRAIN_PRECISIONS = ("bf16", "fp8-torchao", "int8-torchao", "int8-quanto", "nf4-bnb")
+VAE_ORDER = ("none", "patch_conv", "temporal_roll", "tiling")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    settings: Settings
+    phases: dict[str, PhaseBudget]
+    time: StepTime
+    over_vram_bytes: int  # > 0: by how much the worst phase exceeds the usable VRAM
+    over_ram_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.over_vram_bytes <= 0 and self.over_ram_bytes <= 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `lowvram plan` shows and `--json` prints. Byte figures are bytes; `settings` uses run-config keys."""
+
+    fits: bool
+    profile: str
+    settings: dict[str, Any]
+    step_seconds_estimate: float | None
+    phases: dict[str, PhaseBudget]
+    vram_usable_bytes: int
+    ram_usable_bytes: int
+    explanation: tuple[str, ...] = ()
+    runners_up: tuple[dict[str, Any], ...] = ()
+    reason: str | None = None  # one line when it does not fit
+    assumptions: tuple[str, ...] = ()
+    step: StepTime | None = field(default=None, compare=False)
+    config: RunConfig | None = field(default=None, compare=False)  # the run config with these settings applied
+    measured: dict[str, Any] = field(default_factory=dict)  # the per-block measurements the budget composed
+
+    def summary_line(self) -> str:
+        """One line for `probe` and logs: verdict, settings, peak VRAM, predicted s/step."""
+        train = self.phases.get("train")
+        peak = f"{train.vram_peak_bytes / GIB:.1f} GiB VRAM peak" if train else "no train phase"
+        what = self.explanation[0].removeprefix("chosen: ").split(":")[0] if self.explanation else ""
+        if not self.fits:
+            return f"does not fit '{self.profile}': {self.reason}"
+        return f"fits '{self.profile}' with {what}: {peak}, ~{self.step_seconds_estimate:.2f} s/step predicted"
+
+    def to_json(self) -> dict[str, Any]:
+        phases = {}
+        for name, p in self.phases.items():
+            phases[name] = {
+                "vram_peak_bytes": p.vram_peak_bytes,
+                "ram_peak_bytes": p.ram_peak_bytes,
+                "disk_bytes_per_item": p.disk_bytes_per_item,
+                "components": {"vram": dict(p.vram), "ram": dict(p.ram)},
+            }
+        out = {
+            "fits": self.fits,
+            "profile": self.profile,
+            "settings": dict(self.settings),
+            "step_seconds_estimate": self.step_seconds_estimate,
+            "phases": phases,
+            "vram_usable_bytes": self.vram_usable_bytes,
+            "ram_usable_bytes": self.ram_usable_bytes,
+            "explanation": list(self.explanation),
+            "runners_up": list(self.runners_up),
+            "reason": self.reason,
+            "assumptions": list(self.assumptions),
+            "measured": dict(self.measured),
+        }
+        if self.step is not None:
+            out["step"] = {
+                "compute_seconds": self.step.compute_seconds,
+                "transfer_seconds": self.step.transfer_seconds,
+                "dequant_seconds": self.step.dequant_seconds,
+                "streamed_bytes": self.step.streamed_bytes,
+                "offload_overhead": self.step.offload_overhead,
+            }
+        return out
+
+    def require_fit(self) -> Plan:
+        """Raise the one-line refusal (exit 1) when the run does not fit; return self otherwise."""
+        if not self.fits:
+            raise LowvramError(self.reason or "the run does not fit this profile")
+        return self
+
+    def render(self, console) -> None:
+        """Rich tables: per phase, device and component; the settings; s/step; what does not fit and why."""
+        from rich.table import Table
+
+        verdict = "[green]fits[/green]" if self.fits else "[red]does not fit[/red]"
+        console.print(f"[bold]Memory plan for profile '{self.profile}'[/bold]: {verdict}")
+        table = Table(title="Peak memory per phase (GiB)", show_lines=False)
+        table.add_column("phase")
+        table.add_column("device")
+        table.add_column("component")
+        table.add_column("GiB", justify="right")
+        for name, phase in self.phases.items():
+            for device, items, limit in (
+                ("VRAM", phase.vram, self.vram_usable_bytes),
+                ("RAM", phase.ram, self.ram_usable_bytes),
+            ):
+                for component, nbytes in items.items():
+                    if nbytes:
+                        table.add_row(name, device, component, f"{nbytes / 2**30:.2f}")
+                total = sum(items.values())
+                style = "bold red" if total - items.get("reserve", 0) > limit else "bold"
+                table.add_row(
+                    name,
+                    device,
+                    f"[{style}]peak (usable {limit / 2**30:.1f})[/{style}]",
+                    f"[{style}]{total / 2**30:.2f}[/{style}]",
+                    end_section=device == "RAM",
+                )
+            if phase.disk_bytes_per_item:
+                table.add_row(
+                    name, "disk", "per cached item", f"{phase.disk_bytes_per_item / 2**30:.4f}", end_section=True
+                )
+        console.print(table)
+        chosen = Table(title="Settings")
+        chosen.add_column("key")
+        chosen.add_column("value")
+        for key, value in self.settings.items():
+            if key.startswith(("memory.", "model.precision", "model.text_encoder_precision", "optim.optimizer")):
+                chosen.add_row(key, str(value))
+        console.print(chosen)
+        if self.step_seconds_estimate is not None:
+            console.print(f"predicted step time: [bold]{self.step_seconds_estimate:.2f} s/step[/bold]")
+        for line in self.explanation:
+            console.print(f"- {line}")
+        if self.runners_up:
+            console.print("runners-up:")
+            for r in self.runners_up:
+                console.print(
+                    f"  - {r['describe']}: {r['step_seconds']:.2f} s/step, train VRAM "
+                    f"{r['train_vram_bytes'] / 2**30:.1f} GiB"
+                )
+        if self.reason:
+            console.print(f"[red]{self.reason}[/red]")
+        if self.measured:
+            m = self.measured
+            console.print(
+                f"[dim]measured per transformer block (fake tensors): keeps {m['kept_per_block_bytes'] / GIB:.3f} GiB "
+                f"with checkpointing, {m['kept_per_block_no_checkpointing_bytes'] / GIB:.2f} GiB without; in-block "
+                f"peak +{m['block_forward_transient_bytes'] / GIB:.2f} GiB forward, "
+                f"+{m['block_backward_transient_bytes'] / GIB:.2f} GiB backward (with recompute); "
+                f"{m['block_forward_flops'] / 1e12:.2f} TFLOP forward[/dim]"
+            )
+        for line in self.assumptions:
+            console.print(f"[dim]assumption: {line}[/dim]")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measurements for a config (cached)
+
+
+def _compute_dtype(cfg: RunConfig) -> str:
+    # As the loop loads them: the tiny family is built in fp32 (it trains on CPU), real weights in bf16.
+    fp32 = cfg.model.family == "tiny" or cfg.model.precision == "fp32" or cfg.train.mixed_precision == "fp32"
+    return "fp32" if fp32 else "bf16"
+
+
+def _budget_options(cfg: RunConfig, efficiency: float, gpus: int = 1) -> BudgetOptions:
+    dtype = _compute_dtype(cfg)
+    return BudgetOptions(
+        compute_dtype=dtype,
+        lora_dtype=dtype,
+        efficiency=efficiency,
+        gpus=gpus,
+        grad_accumulation_steps=cfg.train.gradient_accumulation_steps,
+    )
+
+
+def run_shape(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> TrainShape:
+    """Token counts of one step on one GPU (FSDP2 splits each batch's rows over the GPUs)."""
+    width, height = cfg.data.width_height
+    return train_shape(
+        configs,
+        width=width,
+        height=height,
+        frames=cfg.data.frames,
+        fps=cfg.data.fps,
+        batch=math.ceil(cfg.train.batch_size / gpus),
+        text_tokens=cfg.data.max_text_tokens,
+        audio=cfg.data.audio,
+        mode=cfg.train.mode,
+    )
+
+
+def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
+    configs = model_configs(cfg.model.family)
+    shape = run_shape(cfg, configs, gpus)
+    dtype = _compute_dtype(cfg)
+    attention = "flash" if profile.supports.flash_attention else "math"
+    lora = LoraSpec(cfg.lora.rank, tuple(cfg.lora.targets), cfg.lora.dropout, include_audio=cfg.train.mode != "video")
+    cfg_key = {"family": configs.family, "transformer": configs.transformer}
+
+    weights = cache.get("transformer-weights", cfg_key, lambda: transformer_weights(configs))
+
+    def step(ckpt: bool) -> StepMeasure:
+        key = {
+            **cfg_key,
+            "shape": shape.__dict__,
+            "lora": lora.__dict__,
+            "dtype": dtype,
+            "ckpt": ckpt,
+            "attention": attention,
+        }
+        raw = cache.get(
+            "transformer-step",
+            key,
+            lambda: measure_transformer_step(
+                configs.transformer, shape, lora, compute_dtype=dtype, checkpointing=ckpt, attention=attention
+            ),
+        )
+        return StepMeasure(raw["marks"], raw["peaks"], raw["flops"], raw["lora_params_per_block"])
+
+    te_key = {"family": configs.family, "text_encoder": configs.text_encoder, "connectors": configs.connectors}
+    te = cache.get("text-encoder-weights", te_key, lambda: text_encoder_weights(configs))
+    conn = cache.get("connectors-weights", te_key, lambda: connectors_weights(configs))
+    text = cache.get(
+        "text-encode",
+        {**te_key, "tokens": shape.text_tokens, "dtype": dtype},
+        lambda: measure_text_encode(configs, shape.text_tokens, compute_dtype=dtype),
+    )
+    vae_key = {"family": configs.family, "video_vae": configs.video_vae, "audio_vae": configs.audio_vae}
+    vae = cache.get("vae-weights", vae_key, lambda: vae_weights(configs))
+    width, height = cfg.data.width_height
+    frames = cfg.data.frames
+
+    def video_encode(name: str) -> int:
+        options = {name: True} if name != "none" else {}
+        key = {**vae_key, "w": width, "h": height, "frames": frames, "options": options, "dtype": dtype}
+        raw = cache.get(
+            "video-encode",
+            key,
+            lambda: measure_video_vae_encode(configs, width, height, frames, options, batch=1, compute_dtype=dtype),
+        )
+        return raw["activation_peak_bytes"]
+
+    input_bytes = 3 * frames * width * height * (2 if dtype == "bf16" else 4)
+    a = configs.audio_vae
+    mel_frames = math.ceil(frames / cfg.data.fps * a["sample_rate"] / a["mel_hop_length"])
+    audio = cache.get(
+        "audio-encode",
+        {**vae_key, "mel_frames": mel_frames, "dtype": dtype},
+        lambda: measure_audio_vae_encode(configs, mel_frames, batch=1, compute_dtype=dtype),
+    )
+
+    caption = configs.transformer["caption_channels"]
+    text_item = 2 * shape.text_tokens * caption * CACHE_ITEM_BYTES + shape.text_tokens  # video + audio + mask
+    latent_channels = configs.video_vae["latent_channels"]
+    audio_features = configs.transformer["audio_in_channels"]
+    latent_item = (latent_channels * shape.video_tokens + audio_features * shape.audio_tokens) * CACHE_ITEM_BYTES
+    return Measurements(
+        num_layers=configs.transformer.get("num_layers", 48),
+        block=WeightGroup(**weights["block"]),
+        rest=WeightGroup(**weights["rest"]),
+        text_encoder=WeightGroup(**te),
+        connectors=WeightGroup(**conn),
+        video_vae_params=vae["video_params"],
+        audio_vae_params=vae["audio_params"],
+        step=LazyMap((False, True), step),
+        text_encode_peak_bytes=max(text["gemma_peak_bytes"], text["connectors_peak_bytes"]),
+        connectors_peak_bytes=text["connectors_peak_bytes"],
+        audio_encode_peak_bytes=audio["peak_bytes"],
+        video_input_bytes=input_bytes,
+        video_encode=LazyMap(VAE_ORDER, video_encode),
+        text_item_bytes=text_item,
+        latent_item_bytes=latent_item,
+        batch_input_bytes=shape.batch * (text_item + latent_item),
+        attention=attention,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fixed and free settings
+
+
+def _fixed_settings(cfg: RunConfig) -> dict[str, Any]:
+    """Settings the config pins (memory fields that are not None); everything else is the planner's choice."""
+    mem = cfg.memory
+    fixed: dict[str, Any] = {}
+    if mem.ramtorch is not None:
+        share = mem.ramtorch
+        if isinstance(share, str):
+            share = 1.0  # a module glob streams the blocks' Linears it matches; budgeted as all of them
+        elif isinstance(share, bool):
+            share = 1.0 if share else 0.0
+        if share > 0:
+            fixed["offload"] = "ramtorch"
+            fixed["ramtorch_share"] = float(share)
+    if mem.blocks_to_swap is not None and "offload" not in fixed:
+        if mem.blocks_to_swap > 0:
+            fixed["offload"] = "block_swap"
+            fixed["blocks_to_swap"] = mem.blocks_to_swap
+    if mem.group_offload is not None and "offload" not in fixed and mem.group_offload:
+        fixed["offload"] = "group"
+        fixed["group_blocks_per_group"] = mem.group_offload_blocks_per_group
+        fixed["group_use_stream"] = mem.group_offload_use_stream
+    explicit_off = [mem.ramtorch in (False, 0, 0.0), mem.blocks_to_swap == 0, mem.group_offload is False]
+    if "offload" not in fixed and all(v is not None for v in (mem.ramtorch, mem.blocks_to_swap, mem.group_offload)):
+        if all(explicit_off):
+            fixed["offload"] = "none"
+    fixed["_excluded_offload"] = {
+        k for k, off in zip(("ramtorch", "block_swap", "group"), explicit_off, strict=True) if off
+    }
+    for name in (
+        "gradient_checkpointing",
+        "activation_offload",
+        "offload_during_startup",
+        "ramtorch_text_encoder",
+        "vae_tiling",
+        "vae_slicing",
+        "vae_patch_conv",
+        "vae_temporal_roll",
+    ):
+        value = getattr(mem, name)
+        if value is not None:
+            fixed[name] = value
+    fixed["vae_batch_size"] = mem.vae_batch_size
+    return fixed
+
+
+def no_checkpointing_lower_bound(m: Measurements) -> int:
+    """Bytes the blocks keep for backward without checkpointing (seen in the checkpointed run's recompute)."""
+    return m.num_layers * m.step[True].recomputed_per_block_bytes
+
+
+def _train_candidates(
+    m: Measurements,
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    choose_precision: bool,
+    fixed: dict[str, Any],
+    vram_ok: int,
+) -> list[Settings]:
+    n = m.num_layers
+    if choose_precision:
+        precisions = [p for p in TRAIN_PRECISIONS if _supported(p, profile)]
+        if cfg.model.family == "tiny":
+            precisions = [cfg.model.precision]
+    else:
+        precisions = [cfg.model.precision]
+    ckpts = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
+    if False in ckpts and len(ckpts) > 1 and no_checkpointing_lower_bound(m) > vram_ok:
+        ckpts = [True]  # its kept activations alone exceed the device: not worth measuring
+    act_offloads = [fixed["activation_offload"]] if "activation_offload" in fixed else [False, True]
+    excluded = fixed.get("_excluded_offload", set())
+    offloads: list[dict[str, Any]] = []
+    kind = fixed.get("offload")
+    if kind in (None, "none"):
+        offloads.append({"offload": "none"})
+    if kind is None or kind == "block_swap":
+        counts = [fixed["blocks_to_swap"]] if kind == "block_swap" else range(1, n + 1)
+        if "block_swap" not in excluded:
+            offloads += [{"offload": "block_swap", "blocks_to_swap": k} for k in counts]
+    if kind is None or kind == "ramtorch":
+        shares = [fixed["ramtorch_share"]] if kind == "ramtorch" else [0.25, 0.5, 0.75, 1.0]
+        if "ramtorch" not in excluded:
+            offloads += [{"offload": "ramtorch", "ramtorch_share": s} for s in shares]
+    if kind is None or kind == "group":
+        if "group" not in excluded:
+            if kind == "group":
+                groups = [(fixed["group_blocks_per_group"], fixed["group_use_stream"])]
+            else:
+                groups = list(itertools.product((1, 2, 4), (False, True)))
+            offloads += [{"offload": "group", "group_blocks_per_group": g, "group_use_stream": st} for g, st in groups]
+    out = []
+    for precision, ckpt, act, off in itertools.product(precisions, ckpts, act_offloads, offloads):
+        if act and not ckpt:
+            continue  # activation offload moves the checkpointed block inputs: it needs checkpointing
+        s = Settings(
+            precision=precision,
+            gradient_checkpointing=ckpt,
+            activation_offload=act,
+            optimizer=cfg.optim.optimizer,
+            **off,
+        )
+        if _refusal(s) is None:
+            out.append(s)
+    return out
+
+
+def _refusal(s: Settings) -> str | None:
+    """What the offload strategies would refuse to run (block swap or group offload without checkpointing, group
+    offload's forward-order prefetch with checkpointing): such settings are never proposed."""
+    from types import SimpleNamespace
+
+    from lowvram.offload import memory_plan_refusal
+
+    memory = {k.split(".", 1)[1]: v for k, v in s.dotted().items() if k.startswith("memory.")}
+    return memory_plan_refusal(SimpleNamespace(**memory, group_offload_type="block_level"), training=True)
+
+
+def _supported(precision: str, profile: HardwareProfile) -> bool:
+    from lowvram.quant.precision import NEEDS, parse_precision
+
+    return all(getattr(profile.supports, flag) for flag in NEEDS[parse_precision(precision)].supports)
+
+
+def _usable(profile: HardwareProfile, margin: float) -> tuple[int, int]:
+    return int(profile.usable_vram_bytes * (1 - margin)), int(profile.host_ram_bytes * (1 - margin))
+
+
+def _evaluate(
+    m: Measurements,
+    s: Settings,
+    profile: HardwareProfile,
+    opts: BudgetOptions,
+    margin: float,
+    phases: tuple[str, ...] = PHASES,
+) -> Candidate:
+    vram_ok, ram_ok = _usable(profile, margin)
+    budgets = budget(m, s, profile, opts)
+    over_v = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok for k, b in budgets.items() if k in phases)
+    over_r = max(b.ram_peak_bytes - ram_ok for k, b in budgets.items() if k in phases)
+    return Candidate(s, budgets, step_time(m, s, profile, opts), over_v, over_r)
+
+
+def _rank_key(c: Candidate) -> tuple:
+    """Fastest first, with each precision's quality cost as a time factor; then fewer bytes copied."""
+    return (
+        round(c.time.seconds * QUALITY_COST.get(c.settings.precision, 1.5), 4),
+        c.time.streamed_bytes,
+        c.phases["train"].vram_peak_bytes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def plan_run(
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    *,
+    choose: bool = True,
+    cache_dir=None,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    gpus: int = 1,
+    _suggest: bool = True,
+) -> Plan:
+    """Plan `cfg` on `profile` (per GPU; `gpus` > 1: FSDP2 over that many GPUs of this profile).
+
+    `choose=True` (`lowvram plan --profile P`): the planner also picks the base and text-encoder precision.
+    `choose=False` (`lowvram plan --config F`, `train --dry-run`): precisions and optimizer are the config's. In
+    both, memory settings the config leaves None are chosen and the ones it sets are evaluated as given.
+    Impossible requests raise LowvramError in one line; a run that fits nowhere returns `fits=False` + `reason`.
+    """
+    from lowvram.quant.precision import check_backend_supported
+
+    if not choose:
+        check_backend_supported(cfg.model.precision, profile)
+        check_backend_supported(cfg.model.text_encoder_precision, profile)
+    if gpus > 1:
+        from lowvram.train.distributed import check_distributed_supported
+
+        if choose:
+            # FSDP2 shards a bf16 base with AdamW and no offload: the choice is among those only.
+            cfg = cfg.model_copy(
+                update={
+                    "model": cfg.model.model_copy(update={"precision": "bf16"}),
+                    "optim": cfg.optim.model_copy(update={"optimizer": "adamw"}),
+                }
+            )
+        check_distributed_supported(cfg, gpus)
+        choose = False
+    if cfg.optim.optimizer == "adamw8bit" and not profile.supports.bitsandbytes:
+        raise LowvramError(
+            f"optim.optimizer 'adamw8bit' needs bitsandbytes, which profile '{profile.name}' lacks: use 'adamw_bf16'"
+        )
+    cache = MeasureCache(cache_dir)
+    m = collect_measurements(cfg, profile, cache, gpus)
+    opts = _budget_options(cfg, efficiency, gpus)
+    margin = cfg.memory.vram_safety_margin
+    fixed = _fixed_settings(cfg)
+    if gpus > 1:
+        fixed.update(offload="none", activation_offload=False)
+    vram_ok, ram_ok = _usable(profile, margin)
+
+    train = [
+        _evaluate(m, s, profile, opts, margin, ("train",))
+        for s in _train_candidates(m, cfg, profile, choose, fixed, vram_ok)
+    ]
+    fitting = [c for c in train if c.fits]
+    assumptions = (
+        f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
+        f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
+        f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
+        f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
+    ) + (
+        (
+            f"FSDP2 over {gpus} GPUs: per-GPU batch {math.ceil(cfg.train.batch_size / gpus)}; the all-gathers and "
+            "reduce-scatters between GPUs are not in the step time",
+        )
+        if gpus > 1
+        else ()
+    )
+    if not fitting:
+        best = min(train, key=lambda c: (_shortfall(c), c.time.seconds))
+        chosen = _complete(m, best.settings, cfg, profile, opts, margin, fixed, choose)
+        return _unfit_plan(
+            cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose
+        )
+    fitting.sort(key=_rank_key)
+    winner = fitting[0]
+    chosen = _complete(m, winner.settings, cfg, profile, opts, margin, fixed, choose)
+    settings = {**cfg.dotted(), **chosen.settings.dotted()}
+    settings["memory.profile"] = cfg.memory.profile or profile.name
+    explanation = _explain(m, chosen, train, profile, vram_ok, ram_ok, precision_chosen=choose)
+    if chosen.settings.offload_during_startup and "offload_during_startup" not in fixed:
+        kept = _evaluate(m, replace(chosen.settings, offload_during_startup=False), profile, opts, margin)
+        extra = kept.phases["train"].vram_peak_bytes - chosen.phases["train"].vram_peak_bytes
+        explanation.append(
+            f"startup is phased (text encoder -> text cache -> freed; VAEs -> latent cache -> freed; then the "
+            f"transformer): keeping them loaded would add {extra / GIB:.1f} GiB to training"
+        )
+    runners = []  # the best fitting setup of each other precision, then of other strategies
+    seen = {chosen.settings.precision}
+    for c in fitting[1:] + fitting[1:]:
+        key = c.settings.precision if len(seen) < len(QUALITY) else _strategy(c.settings)
+        if key in seen or len(runners) >= 3:
+            continue
+        seen.add(key)
+        runners.append(
+            {
+                "describe": c.settings.describe(),
+                "step_seconds": round(c.time.seconds, 3),
+                "train_vram_bytes": c.phases["train"].vram_peak_bytes,
+                "settings": c.settings.dotted(),
+            }
+        )
+    reason = None
+    if not chosen.fits:  # training fits; a caching phase does not
+        reason = _phase_shortfall(chosen, vram_ok, ram_ok, profile)
+        reason += "; try building the text and latent caches on a machine with more memory (they are portable files)"
+    return Plan(
+        fits=chosen.fits,
+        profile=profile.name,
+        settings=settings,
+        step_seconds_estimate=round(chosen.time.seconds, 3),
+        phases=chosen.phases,
+        vram_usable_bytes=vram_ok,
+        ram_usable_bytes=ram_ok,
+        explanation=tuple(explanation),
+        runners_up=tuple(runners),
+        reason=reason,
+        assumptions=assumptions,
+        step=chosen.time,
+        config=apply_overrides(cfg, settings),
+        measured=_measured_summary(m),
+    )
+
+
+def _measured_summary(m: Measurements) -> dict[str, Any]:
+    step = m.step[True]
+    return {
+        "kept_per_block_bytes": step.kept_per_block_bytes,
+        "kept_per_block_no_checkpointing_bytes": step.recomputed_per_block_bytes,
+        "block_forward_transient_bytes": step.peaks["block_fwd"] - step.marks["block_fwd_start"],
+        "block_backward_transient_bytes": step.peaks["block_bwd"] - step.marks["block_bwd_start"],
+        "block_forward_flops": step.flops["block_fwd"],
+        "block_backward_flops_with_recompute": step.flops["block_bwd"],
+        "block_params": m.block.params,
+        "lora_params": m.lora_params(),
+        "attention": m.attention,
+    }
+
+
+def _complete(
+    m: Measurements,
+    s: Settings,
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    opts: BudgetOptions,
+    margin: float,
+    fixed: dict[str, Any],
+    choose: bool,
+) -> Candidate:
+    """Pick the caching-phase settings for a chosen training setup: the first option (best quality, then least
+    machinery) whose phase fits; startup is phased unless the config says otherwise."""
+    s = replace(
+        s, vae_batch_size=fixed["vae_batch_size"], offload_during_startup=fixed.get("offload_during_startup", True)
+    )
+    te_precisions = [cfg.model.text_encoder_precision]
+    if choose and cfg.model.family != "tiny":
+        te_precisions = [p for p in ("bf16", "int8-torchao", "int8-quanto", "nf4-bnb") if _supported(p, profile)]
+    streams = [fixed["ramtorch_text_encoder"]] if "ramtorch_text_encoder" in fixed else [False, True]
+    text_options = [(p, st) for p in te_precisions for st in streams]
+    text_options.sort(key=lambda o: (QUALITY.get(o[0], 9), o[1]))
+    best = None
+    for p, st in text_options:
+        c = _evaluate(
+            m, replace(s, text_encoder_precision=p, ramtorch_text_encoder=st), profile, opts, margin, ("text_cache",)
+        )
+        if c.fits:
+            s = c.settings
+            break
+        if best is None or c.over_vram_bytes < best[0]:
+            best = (c.over_vram_bytes, c.settings)
+    else:
+        s = best[1] if best else s
+    vae_fixed = {
+        k: fixed[k] for k in ("vae_tiling", "vae_slicing", "vae_patch_conv", "vae_temporal_roll") if k in fixed
+    }
+    vae_options = [{}] + [{f"vae_{name}": True} for name in VAE_ORDER[1:]]
+    if vae_fixed:
+        vae_options = [vae_fixed]
+    for option in vae_options:
+        base = {
+            "vae_tiling": False,
+            "vae_patch_conv": False,
+            "vae_temporal_roll": False,
+            "vae_slicing": fixed.get("vae_slicing", s.vae_batch_size > 1),
+        }
+        trial = replace(s, **{**base, **option})
+        if _evaluate(m, trial, profile, opts, margin, ("latent_cache",)).fits:
+            s = trial
+            break
+    else:
+        s = trial  # none fits: report the last (most frugal) option's shortfall
+    return _evaluate(m, s, profile, opts, margin)
+
+
+def _shortfall(c: Candidate) -> int:
+    return max(c.over_vram_bytes, 0) + max(c.over_ram_bytes, 0)
+
+
+def _strategy(s: Settings) -> tuple:
+    """Candidates that differ only in amounts or in secondary switches are shown once (the best of them)."""
+    return (s.precision, s.offload)
+
+
+def _explain(
+    m: Measurements,
+    chosen: Candidate,
+    train: list[Candidate],
+    profile: HardwareProfile,
+    vram_ok: int,
+    ram_ok: int,
+    precision_chosen: bool,
+) -> list[str]:
+    t = chosen.time
+    s = chosen.settings
+    dequant = f", {t.dequant_seconds:.2f} s dequantization" if t.dequant_seconds else ""
+    lines = [f"chosen: {s.describe()}: {t.seconds:.2f} s/step predicted ({t.compute_seconds:.2f} s compute{dequant})"]
+    if precision_chosen and s.precision != "bf16" and s.precision in QUALITY_COST:
+        lines.append(
+            f"{s.precision} costs quality, so it wins only by being over {QUALITY_COST[s.precision] - 1:.0%} "
+            "faster than the best fitting bf16 setup, or when no bf16 setup fits"
+        )
+    if t.streamed_bytes:
+        hidden = (
+            "fully hidden behind compute"
+            if t.offload_overhead < 0.005
+            else f"+{t.offload_overhead:.1%} over compute alone"
+        )
+        lines.append(
+            f"streams {t.streamed_bytes / GB:.1f} GB per step over the {profile.h2d_pinned_gbps:g} GB/s host link "
+            f"({t.transfer_seconds:.2f} s of copies vs {t.compute_seconds:.2f} s of compute): {hidden}"
+        )
+        lines.extend(t.notes)
+        if profile.supports.streams and s.offload != "group" or s.group_use_stream:
+            lines.append(
+                "why it overlaps: the next block's weights are copied on a side stream while the current "
+                "block computes, so a copy costs nothing while it is shorter than that block's compute"
+            )
+    fitting_strategies = {_strategy(c.settings) for c in train if c.fits}
+    closest: dict[tuple, Candidate] = {}
+    for c in train:
+        key = _strategy(c.settings)
+        if key in fitting_strategies or _rank_key(c) >= _rank_key(chosen):
+            continue
+        if key not in closest or _shortfall(c) < _shortfall(closest[key]):
+            closest[key] = c
+    for c in sorted(closest.values(), key=_rank_key)[:3]:
+        need = c.phases["train"]
+        why = []
+        if c.over_vram_bytes > 0:
+            why.append(
+                f"needs {(need.vram_peak_bytes - need.vram['reserve']) / GIB:.1f} GiB VRAM, "
+                f"{vram_ok / GIB:.1f} GiB usable"
+            )
+        if c.over_ram_bytes > 0:
+            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.1f} GiB usable")
+        lines.append(
+            f"would be faster but does not fit: {c.settings.describe()} ({c.time.seconds:.2f} s/step): "
+            + "; ".join(why)
+        )
+    if not any(c.settings.gradient_checkpointing is False for c in train):
+        kept = m.step[True].recomputed_per_block_bytes
+        lines.append(
+            f"without checkpointing the blocks would keep {m.num_layers} x {kept / GIB:.2f} GiB = "
+            f"{m.num_layers * kept / GIB:.1f} GiB of activations ({vram_ok / GIB:.1f} GiB usable)"
+        )
+    return lines
+
+
+def _phase_shortfall(c: Candidate, vram_ok: int, ram_ok: int, profile: HardwareProfile) -> str:
+    parts = []
+    for name, p in c.phases.items():
+        over_v = p.vram_peak_bytes - p.vram.get("reserve", 0) - vram_ok
+        over_r = p.ram_peak_bytes - ram_ok
+        if over_v > 0:
+            parts.append(f"{name} needs {over_v / GIB:.1f} GiB more VRAM")
+        if over_r > 0:
+            parts.append(f"{name} needs {over_r / GIB:.1f} GiB more host RAM")
+    return f"does not fit profile '{profile.name}' even with {c.settings.describe()}: " + "; ".join(parts)
+
+
+def _unfit_plan(
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    best: Candidate,
+    vram_ok: int,
+    ram_ok: int,
+    assumptions: tuple[str, ...],
+    cache_dir,
+    efficiency: float,
+    suggest: bool,
+    gpus: int,
+    choose: bool,
+) -> Plan:
+    reason = _phase_shortfall(best, vram_ok, ram_ok, profile)
+    settings = {**cfg.dotted(), **best.settings.dotted(), "memory.profile": cfg.memory.profile or profile.name}
+    if suggest:
+        reason += "; " + _suggestion(cfg, profile, cache_dir, efficiency, gpus, choose)
+    return Plan(
+        fits=False,
+        profile=profile.name,
+        settings=settings,
+        step_seconds_estimate=round(best.time.seconds, 3),
+        phases=best.phases,
+        vram_usable_bytes=vram_ok,
+        ram_usable_bytes=ram_ok,
+        explanation=(f"closest: {best.settings.describe()}",),
+        reason=reason,
+        assumptions=assumptions,
+        step=best.time,
+        config=apply_overrides(cfg, settings),
+    )
+
+
+def _suggestion(cfg: RunConfig, profile: HardwareProfile, cache_dir, efficiency: float, gpus: int, choose: bool) -> str:
+    """What would fit instead: the smallest batch, then about half the frames (each checked with a real plan)."""
+    fewer_frames = max(9, (cfg.data.frames - 1) // 2 // 8 * 8 + 1)
+    trials = []
+    if cfg.train.batch_size > gpus:
+        trials.append((f"--batch {gpus}", {"train.batch_size": gpus}))
+    if cfg.data.frames > fewer_frames:
+        suffix = f" --batch {gpus}" if cfg.train.batch_size > gpus else ""
+        trials.append((f"--frames {fewer_frames}{suffix}", {"data.frames": fewer_frames, "train.batch_size": gpus}))
+    for flag, change in trials:
+        smaller = apply_overrides(cfg, change)
+        plan = plan_run(
+            smaller, profile, choose=choose, cache_dir=cache_dir, efficiency=efficiency, gpus=gpus, _suggest=False
+        )
+        if plan.fits:
+            return f"try {flag}"
+    return "try a lower resolution or fewer frames, or a profile with more memory"
+
+
+def budget_settings(
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    settings: Settings,
+    *,
+    cache_dir=None,
+    efficiency: float = DEFAULT_EFFICIENCY,
+) -> Plan:
+    """The budget of exactly `settings` (nothing chosen): for tests against measured runs (e.g. the tiny model on
+    the simulated device) and for `--config` evaluation by callers that already hold a Settings."""
+    cache = MeasureCache(cache_dir)
+    m = collect_measurements(cfg, profile, cache)
+    opts = _budget_options(cfg, efficiency)
+    c = _evaluate(m, settings, profile, opts, cfg.memory.vram_safety_margin)
+    vram_ok, ram_ok = _usable(profile, cfg.memory.vram_safety_margin)
+    dotted = {**cfg.dotted(), **settings.dotted()}
+    return Plan(
+        fits=c.fits,
+        profile=profile.name,
+        settings=dotted,
+        step_seconds_estimate=round(c.time.seconds, 3),
+        phases=c.phases,
+        vram_usable_bytes=vram_ok,
+        ram_usable_bytes=ram_ok,
+        reason=None if c.fits else _phase_shortfall(c, vram_ok, ram_ok, profile),
+        step=c.time,
+        config=apply_overrides(cfg, dotted),
+    )
