@@ -1,0 +1,1243 @@
+"""The training recipe: cached batches -> forward -> loss -> backward -> clip -> optimizer -> schedule, told in order.
+
+Memory strategies (offload, quantization, checkpointing) are applied to the modules before the loop starts, by the
+plan; the loop never asks which one is active. It does not decode media, build models or choose memory settings:
+it calls data/, models/, plan/ and offload/ for those, each through one small function below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lowvram.errors import LowvramError
+from lowvram.fsutil import atomic_write_text
+from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
+
+METRICS_FILE = "metrics.jsonl"
+LORA_FILE = "lora.safetensors"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the loop consumes: cached, packed, normalized latents and the cached connector outputs
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    """One cached training item, exactly what the transformer reads (nothing left to encode)."""
+
+    video: torch.Tensor | None  # [S_v, C] packed, normalized video latents
+    audio: torch.Tensor | None  # [S_a, C_a] packed, normalized audio latents (None: clip without sound)
+    text_video: torch.Tensor  # [L, D] connector output for the video stream
+    text_audio: torch.Tensor  # [L, D] connector output for the audio stream
+    text_mask: torch.Tensor  # [L]
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    fps: float = 25.0
+
+    @property
+    def bucket(self) -> tuple:
+        """Samples batch together only when every shape matches."""
+        v = None if self.video is None else tuple(self.video.shape)
+        a = None if self.audio is None else tuple(self.audio.shape)
+        return (v, a, tuple(self.text_video.shape), self.latent_frames, self.latent_height, self.latent_width, self.fps)
+
+
+@dataclass(frozen=True)
+class LatentBatch:
+    video: torch.Tensor | None  # [B, S_v, C]
+    audio: torch.Tensor | None  # [B, S_a, C_a]
+    text_video: torch.Tensor
+    text_audio: torch.Tensor
+    text_mask: torch.Tensor
+    latent_frames: int
+    latent_height: int
+    latent_width: int
+    fps: float
+    audio_present: torch.Tensor | None = None  # [B] bool
+
+
+class BatchSource(Protocol):
+    """An endless, resumable stream of batches: `position()` after a batch, `seek(position)` to continue there."""
+
+    def __next__(self) -> LatentBatch: ...
+
+    def position(self) -> dict[str, Any]: ...
+
+    def seek(self, position: dict[str, Any]) -> None: ...
+
+    def batches_per_epoch(self) -> int: ...
+
+
+class CachedBatches:
+    """Batches of same-shape cached samples in a seeded order that changes every epoch.
+
+    The order of an epoch is a pure function of (seed, epoch), so a data position is just (epoch, batch index):
+    resuming replays the same batches without storing any sampler state. A bucket's leftover samples that do not
+    fill a batch wait for the next epoch's order (they are not dropped forever, just this epoch).
+    """
+
+    def __init__(self, samples: list[CachedSample], batch_size: int, seed: int):
+        if not samples:
+            raise LowvramError("the dataset produced no usable samples: check data.dataset_dir and the caching summary")
+        self.samples = samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._plan = self._epoch_plan(0)
+        if not self._plan:
+            raise LowvramError(
+                f"no bucket has {batch_size} samples of the same shape: lower train.batch_size or add clips"
+            )
+
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.samples), generator=g).tolist()
+        open_batches: dict[tuple, list[int]] = {}
+        plan: list[list[int]] = []
+        for i in order:
+            group = open_batches.setdefault(self.samples[i].bucket, [])
+            group.append(i)
+            if len(group) == self.batch_size:
+                plan.append(group)
+                open_batches[self.samples[i].bucket] = []
+        return plan
+
+    def batches_per_epoch(self) -> int:
+        return len(self._plan)
+
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, position: dict[str, Any]) -> None:
+        self.epoch, self.index = int(position["epoch"]), int(position["index"])
+        self._plan = self._epoch_plan(self.epoch)
+
+    def __iter__(self) -> Iterator[LatentBatch]:
+        return self
+
+    def __next__(self) -> LatentBatch:
+        if self.index >= len(self._plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._plan = self._epoch_plan(self.epoch)
+        items = [self.samples[i] for i in self._plan[self.index]]
+        self.index += 1
+        return collate(items)
+
+
+def collate(items: list[CachedSample]) -> LatentBatch:
+    first = items[0]
+    has_video = first.video is not None
+    with_audio = [s for s in items if s.audio is not None]
+    audio = None
+    audio_present = None
+    if with_audio:
+        # A clip without sound borrows zeros of the batch's audio shape; its audio loss is masked.
+        shape = with_audio[0].audio.shape
+        audio = torch.stack(
+            [s.audio if s.audio is not None else torch.zeros(shape, dtype=with_audio[0].audio.dtype) for s in items]
+        )
+        audio_present = torch.tensor([s.audio is not None for s in items])
+    return LatentBatch(
+        video=torch.stack([s.video for s in items]) if has_video else None,
+        audio=audio,
+        text_video=torch.stack([s.text_video for s in items]),
+        text_audio=torch.stack([s.text_audio for s in items]),
+        text_mask=torch.stack([s.text_mask for s in items]),
+        latent_frames=first.latent_frames,
+        latent_height=first.latent_height,
+        latent_width=first.latent_width,
+        fps=first.fps,
+        audio_present=audio_present,
+    )
+
+
+class DiskBatches:
+    """The data pipeline's cached batches (`lowvram.data.batches`), packed for the transformer.
+
+    Its order depends only on (items, batch size, seed, position), so the data position is one integer.
+    """
+
+    def __init__(self, items: list, batch_size: int, *, seed: int, fps: float):
+        from lowvram.data.batches import epoch_plan
+
+        self.items, self.batch_size, self.seed, self.fps = items, batch_size, seed, fps
+        self._per_epoch = len(epoch_plan(items, batch_size, seed, 0)) if items else 0
+        self.seek({"position": 0})
+
+    def batches_per_epoch(self) -> int:
+        return self._per_epoch
+
+    def position(self) -> dict[str, Any]:
+        return {"position": self._next, "epoch": self._next // max(1, self._per_epoch)}
+
+    def seek(self, position: dict[str, Any]) -> None:
+        from lowvram.data.batches import iterate_batches
+
+        self._next = int(position["position"])
+        self._it = iterate_batches(self.items, self.batch_size, seed=self.seed, start_position=self._next)
+
+    def __iter__(self) -> Iterator[LatentBatch]:
+        return self
+
+    def __next__(self) -> LatentBatch:
+        from lowvram.models.ltx2 import pack_audio_latents, pack_video_latents
+
+        b = next(self._it)
+        self._next = b.position + 1
+        video = None if b.video_latents is None else pack_video_latents(b.video_latents)
+        f, h, w = (1, 1, 1) if b.video_latents is None else tuple(b.video_latents.shape[2:])
+        return LatentBatch(
+            video=video,
+            audio=pack_audio_latents(b.audio_latents),
+            text_video=b.text_video,
+            text_audio=b.text_audio,
+            text_mask=b.text_mask,
+            latent_frames=f,
+            latent_height=h,
+            latent_width=w,
+            fps=self.fps,
+            audio_present=b.audio_mask > 0,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class StepResult:
+    loss: float
+    loss_video: float
+    loss_audio: float
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class TrainContext:
+    """The live objects of a run. Built once by `run_train` (or a test); the loop only reads them."""
+
+    transformer: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: BatchSource
+    objective: ObjectiveConfig
+    generator: torch.Generator  # all objective randomness (σ, noise, first-frame coins): CPU, checkpointed
+    device: torch.device = torch.device("cpu")
+    compute_dtype: torch.dtype = torch.float32
+    autocast_dtype: torch.dtype | None = None
+    accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    audio_channels: int | None = None
+    video_channels: int | None = None
+    data_parallel: Any = None  # distributed.DataParallel under torchrun: this rank's rows and the global loss
+
+
+def forward_loss(ctx: TrainContext, batch: LatentBatch):
+    """Noise one batch, run the transformer, return the loss parts (total has grad)."""
+    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+
+    dev, dt = ctx.device, ctx.compute_dtype
+    objective = ctx.objective
+    if objective.mode == "av" and (batch.video is None or batch.audio is None):
+        # A bucket of audio-only items (or of silent clips) trains the modality it has, with the other isolated.
+        objective = replace(objective, mode="audio" if batch.video is None else "video")
+    inputs = prepare_inputs(
+        None if batch.video is None else batch.video.to(dev, dt),
+        None if batch.audio is None else batch.audio.to(dev, dt),
+        latent_frames=batch.latent_frames,
+        latent_height=batch.latent_height,
+        latent_width=batch.latent_width,
+        cfg=objective,
+        generator=ctx.generator,
+        audio_channels=ctx.audio_channels,
+        video_channels=ctx.video_channels,
+        audio_present=batch.audio_present,
+    )
+    text = TextEmbeddings(
+        video=batch.text_video.to(dev, dt), audio=batch.text_audio.to(dev, dt), mask=batch.text_mask.to(dev)
+    )
+    if ctx.data_parallel is not None:
+        # The whole batch was noised (same draws as one process); this rank runs only its rows through the model.
+        local = ctx.data_parallel.take_rows(inputs, text)
+        inputs, text = local.inputs, local.text
+    autocast = (
+        torch.autocast(dev.type, dtype=ctx.autocast_dtype)
+        if ctx.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        video_pred, audio_pred = transformer_forward(
+            ctx.transformer,
+            video_tokens=inputs.video_noisy,
+            audio_tokens=inputs.audio_noisy,
+            text=text,
+            video_sigma=inputs.video_sigma,
+            audio_sigma=inputs.audio_sigma,
+            video_token_sigma=inputs.video_token_sigma,
+            latent_frames=inputs.latent_frames,
+            latent_height=inputs.latent_height,
+            latent_width=inputs.latent_width,
+            fps=batch.fps,
+            isolate_modalities=inputs.isolate_modalities,
+        )
+    if ctx.data_parallel is not None:
+        return ctx.data_parallel.loss(video_pred, audio_pred, local, objective)
+    return flow_loss(video_pred, audio_pred, inputs, objective)
+
+
+def train_step(ctx: TrainContext) -> StepResult:
+    """One optimizer step: accumulate gradients over micro-batches, clip, step, schedule."""
+    total = video = audio = 0.0
+    for _ in range(ctx.accumulation_steps):
+        parts = forward_loss(ctx, next(ctx.batches))
+        (parts.total / ctx.accumulation_steps).backward()
+        total += parts.total.item() / ctx.accumulation_steps
+        video += parts.video.item() / ctx.accumulation_steps
+        audio += parts.audio.item() / ctx.accumulation_steps
+    if ctx.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(ctx.params, ctx.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: global norm
+    else:
+        grad_norm = float(
+            torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().float().norm() for p in ctx.params if p.grad is not None])
+            )
+        )
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    try:
+        ctx.optimizer.step()
+    except torch.OutOfMemoryError as e:
+        e.during_update = True  # some parameters may already be updated: the in-memory state is not a step's
+        raise
+    ctx.scheduler.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=total, loss_video=video, loss_audio=audio, grad_norm=grad_norm, lr=lr)
+
+
+class StepOutOfMemory(Exception):
+    """The device ran out of memory during step `step + 1`; the state is that of `step` (unless not intact)."""
+
+    def __init__(self, step: int, *, state_intact: bool):
+        super().__init__(f"out of memory after step {step}")
+        self.step = step
+        self.state_intact = state_intact
+
+
+def train(
+    ctx: TrainContext,
+    *,
+    start_step: int,
+    total_steps: int,
+    on_step: Callable[[int, StepResult, float], None] | None = None,
+) -> list[StepResult]:
+    """Run optimizer steps `start_step+1 .. total_steps`; `on_step(step, result, seconds)` after each."""
+    ctx.transformer.train()
+    results = []
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        before = None
+        try:
+            # What a step consumes from the random streams and the data, so a failed step can be undone exactly.
+            before = (ctx.generator.get_state(), torch.get_rng_state(), ctx.batches.position())
+            result = train_step(ctx)
+        except torch.OutOfMemoryError as e:
+            ctx.optimizer.zero_grad(set_to_none=True)
+            if before is not None:
+                ctx.generator.set_state(before[0])
+                torch.set_rng_state(before[1])
+                ctx.batches.seek(before[2])
+            raise StepOutOfMemory(step - 1, state_intact=not getattr(e, "during_update", False)) from e
+        if not math.isfinite(result.loss):
+            raise LowvramError(
+                f"loss became {result.loss} at step {step}: lower optim.learning_rate or check the cached latents"
+            )
+        results.append(result)
+        if on_step is not None:
+            on_step(step, result, time.perf_counter() - t0)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per optimizer step, appended and flushed as the step ends."""
+
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        self.path = Path(run_dir) / METRICS_FILE
+        # A resumed run drops records past the checkpoint it continues from, so the file tells one history.
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError):
+                    if json.loads(line).get("step", 0) <= resume_step and resume_step > 0:
+                        kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Progress bar
+
+
+class Progress:
+    """A rich progress bar: step, loss, s/step, peak VRAM and RAM."""
+
+    def __init__(self, total_steps: int, start_step: int, console=None):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[sps]} s/step"),
+            TextColumn("VRAM {task.fields[vram]}"),
+            TextColumn("RAM {task.fields[ram]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._bar.add_task(
+            "train", total=total_steps, completed=start_step, loss="-", sps="-", vram="-", ram="-"
+        )
+
+    def __enter__(self) -> Progress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)
+
+    def update(self, step: int, loss: float, seconds: float, vram_peak_bytes: int | None, rss_peak_bytes: int) -> None:
+        self._bar.update(
+            self._task,
+            completed=step,
+            loss=f"{loss:.4f}",
+            sps=f"{seconds:.2f}",
+            vram="-" if not vram_peak_bytes else f"{vram_peak_bytes / 2**30:.2f}G",
+            ram=f"{rss_peak_bytes / 2**30:.2f}G",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run, top to bottom: decide memory -> load -> cache -> set up -> train -> export
+
+
+@dataclass(frozen=True)
+class MemoryDecision:
+    """The memory settings a run trains with, and what the planner predicts for them."""
+
+    cfg: Any  # RunConfig with every memory setting decided
+    fits: bool
+    predicted_vram_bytes: int | None = None  # the train phase
+    predicted_ram_bytes: int | None = None
+    predicted_cache_vram_bytes: int | None = None  # the caching phase (text and latent caches)
+    predicted_cache_ram_bytes: int | None = None
+    plan: Any = None  # the planner's Plan
+    profile: Any = None
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    run_dir: Path | None = None
+    lora_path: Path | None = None
+    steps: list[StepResult] = field(default_factory=list)
+
+
+def run_train(
+    cfg, *, profile=None, force: bool = False, dry_run: bool = False, auto_recover: bool = True, nproc: int = 1
+) -> int:
+    """`lowvram train`: decide memory, load, cache, inject LoRA, train, export, print the memory summary.
+
+    `profile` is a HardwareProfile (None: the probed machine; the tiny demo needs none). Returns the exit code.
+    """
+    return run(cfg, profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc).exit_code
+
+
+def run(
+    cfg,
+    *,
+    profile=None,
+    force: bool = False,
+    dry_run: bool = False,
+    auto_recover: bool = True,
+    nproc: int = 1,
+    console=None,
+) -> RunResult:
+    from rich.console import Console
+
+    from lowvram.device import get_backend
+    from lowvram.telemetry import MemoryMonitor
+    from lowvram.train import distributed
+
+    run_dir = Path(cfg.output.output_dir).expanduser()
+    env = distributed.current()
+    if nproc > 1 and env is None:
+        # `--nproc N`: the same run under torchrun; every worker comes back here with its rank set.
+        code = distributed.launch(cfg, profile=profile, nproc=nproc, force=force, auto_recover=auto_recover)
+        return RunResult(exit_code=code, run_dir=run_dir)
+    distributed.check_distributed_supported(cfg, 1 if env is None else env.world_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
+    device_name = "cpu" if cfg.model.family == "tiny" else "auto"
+    backend = get_backend(device_name) if env is None else distributed.start(device_name)
+    # Only rank 0 talks; the others log to their own folder.
+    console = console or Console(quiet=not distributed.is_main())
+    if cfg.model.family == "tiny":
+        # The tiny model's matmuls are a few hundred FLOPs: intra-op threads only add overhead, and on a loaded
+        # 2-core machine they thrash (measured 0.2 s/step on one thread, several seconds on two).
+        torch.set_num_threads(1)
+
+    decision = decide_memory(cfg, profile, force=force, console=console)
+    cfg = decision.cfg
+    from lowvram.demo import is_demo, prepare_demo_dataset
+
+    if is_demo(cfg) and not dry_run:
+        with distributed.main_first():
+            prepare_demo_dataset(cfg)
+    if dry_run:
+        return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
+
+    monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
+    monitor.set_prediction("train", vram_bytes=decision.predicted_vram_bytes, ram_bytes=decision.predicted_ram_bytes)
+    monitor.set_prediction(
+        "cache", vram_bytes=decision.predicted_cache_vram_bytes, ram_bytes=decision.predicted_cache_ram_bytes
+    )
+    try:
+        with monitor.phase("load"):
+            encoders = load_encoders(cfg)
+        with monitor.phase("cache"):
+            with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
+                batches = cache_dataset(cfg, encoders, run_dir, console)
+        validation_parts = encoders if cfg.validation.enabled else None
+        del encoders  # text encoder, connectors and VAEs are done: their outputs are cached
+        with monitor.phase("load_transformer"):
+            transformer = load_transformer(cfg)
+        holder = {"transformer": transformer}  # validation renders with whichever transformer is training
+        validate = None
+        if validation_parts is not None:
+
+            def validate(step: int) -> None:
+                path = render_validation(
+                    cfg, validation_parts, holder["transformer"], run_dir / "validation" / f"step-{step:08d}.mp4"
+                )
+                _say(console, f"validation clip written to {path}")
+
+        with monitor.phase("train"):
+            transformer, result = fit_with_recovery(
+                decision,
+                transformer,
+                batches,
+                reload=lambda: load_transformer(cfg),
+                run_dir=run_dir,
+                backend=backend,
+                console=console,
+                auto_recover=auto_recover and env is None,
+                validate=validate,
+                on_new_transformer=lambda t: holder.update(transformer=t),
+            )
+        with monitor.phase("export"):
+            with distributed.whole_lora(transformer) as writer:
+                lora_path = export_lora(transformer, run_dir / LORA_FILE, cfg) if writer else None
+            distributed.barrier()
+        console.print(f"LoRA written to {lora_path}")
+        if validation_parts is not None:
+            with monitor.phase("validation"):
+                path = render_validation(cfg, validation_parts, transformer, run_dir / "validation" / "final.mp4")
+            console.print(f"validation clip written to {path}")
+    finally:
+        monitor.finish(console)
+        if env is not None:
+            distributed.stop()
+    return RunResult(exit_code=0, run_dir=run_dir, lora_path=lora_path, steps=result)
+
+
+def fit(
+    cfg,
+    transformer: torch.nn.Module,
+    batches: BatchSource,
+    *,
+    run_dir: Path,
+    backend=None,
+    decision: MemoryDecision | None = None,
+    console=None,
+    stop_after: int | None = None,
+    validate: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> list[StepResult]:
+    """Inject the LoRA, apply the memory plan, build optimizer and schedule, resume if asked, and train.
+
+    `stop_after` ends the run early after that step (tests of resume use it as a clean interruption);
+    `validate(step)` renders a sample every `validation.every_n_steps` steps; `after_step(step)` runs after each.
+    """
+    from lowvram.device import get_backend
+    from lowvram.telemetry import process_rss_bytes
+    from lowvram.train import checkpoint, distributed
+    from lowvram.train.optim import build_lr_scheduler, build_optimizer
+
+    backend = backend or get_backend("cpu")
+    decision = decision or MemoryDecision(cfg=cfg, fits=True)
+    run_dir = Path(run_dir)
+
+    torch.manual_seed(cfg.train.seed)  # LoRA initialisation draws from the global generator
+    inject_lora(transformer, cfg)
+    if cfg.optim.optimizer != "adamw_bf16":
+        # fp32 master copies of the LoRA weights: Adam updates are far below a bf16 ulp of the weight. adamw_bf16
+        # keeps them in the base dtype and rounds stochastically instead.
+        for p in transformer.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    applied = apply_memory_plan(transformer, decision, backend)
+    env = distributed.current()
+    if env is not None:
+        # FSDP2: each rank holds 1/N of every block and trains its rows of each global batch.
+        distributed.shard_transformer(transformer, backend)
+        batches = distributed.rank_batches(batches, env)
+    # Checkpoints hold whole tensors whatever the process count (rank 0 writes; a single process just writes).
+    ckpt = checkpoint if env is None else distributed
+    if cfg.train.tread_routes:
+        TreadRouter(transformer, cfg.train.tread_routes)
+        _say(
+            console,
+            "TREAD routes: "
+            + ", ".join(
+                f"{r.selection_ratio:g} of video tokens skip blocks {r.start_layer_idx}..{r.end_layer_idx}"
+                for r in cfg.train.tread_routes
+            ),
+        )
+    params = [p for p in transformer.parameters() if p.requires_grad]
+
+    total_steps = resolve_total_steps(cfg, batches)
+    optimizer = build_optimizer(params, cfg.optim, bitsandbytes_supported=_bnb_supported(decision), seed=cfg.train.seed)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, total_steps)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    compute_dtype, autocast_dtype = _precision(cfg, backend)
+    ctx = TrainContext(
+        transformer=transformer,
+        params=params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        batches=batches,
+        objective=ObjectiveConfig.from_train_section(cfg.train),
+        generator=generator,
+        device=backend.device,
+        compute_dtype=compute_dtype,
+        autocast_dtype=autocast_dtype,
+        accumulation_steps=cfg.train.gradient_accumulation_steps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        audio_channels=transformer.config.audio_in_channels,
+        video_channels=transformer.config.in_channels,
+        data_parallel=None if env is None else distributed.DataParallel(env),
+    )
+
+    start_step = 0
+    resume_path = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
+    if resume_path is not None:
+        info = ckpt.load_checkpoint(
+            resume_path,
+            model=transformer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
+            backend=backend,
+        )
+        batches.seek(info.data_position)
+        start_step = info.step
+        for schedule in scheduler.lr_lambdas:  # a longer --max-steps stretches the decay from here on
+            schedule.total_steps = total_steps
+        _say(console, f"resumed from {resume_path} at step {start_step}")
+    elif cfg.checkpoint.resume == "latest":
+        _say(console, "no checkpoint to resume from: starting at step 0")
+
+    _say(console, f"memory: {applied.describe()}")
+    _say(
+        console,
+        f"training {sum(p.numel() for p in params):,} LoRA parameters for {total_steps} steps "
+        f"({batches.batches_per_epoch()} batches/epoch, batch {cfg.train.batch_size}, "
+        f"accumulation {cfg.train.gradient_accumulation_steps})",
+    )
+    metrics = MetricsLog(distributed.rank_dir(run_dir), resume_step=start_step)
+    last_step = total_steps if stop_after is None else min(total_steps, stop_after)
+    every = cfg.checkpoint.every_n_steps
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(
+            run_dir,
+            step=step,
+            model=transformer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            generator=generator,
+            data_position=batches.position(),
+            keep_last=cfg.checkpoint.keep_last,
+            extra={"total_steps": total_steps},
+            backend=backend,
+        )
+
+    peak_rss = [0]
+    try:
+        with Progress(total_steps, start_step, console=console) as progress:
+
+            def on_step(step: int, r: StepResult, seconds: float) -> None:
+                vram = backend.memory_stats().max_allocated_bytes if backend.is_accelerator else None
+                rss = process_rss_bytes()
+                peak_rss[0] = max(peak_rss[0], rss)
+                metrics.write(
+                    {
+                        "step": step,
+                        "loss": r.loss,
+                        "loss_video": r.loss_video,
+                        "loss_audio": r.loss_audio,
+                        "lr": r.lr,
+                        "grad_norm": r.grad_norm,
+                        "s_per_step": seconds,
+                        "epoch": batches.position()["epoch"],
+                        "peak_vram_bytes": vram,
+                        "rss_bytes": rss,
+                    }
+                )
+                progress.update(step, r.loss, seconds, vram, peak_rss[0])
+                if (every and step % every == 0) or step == last_step:
+                    save(step)
+                if validate is not None and cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0:
+                    validate(step)
+                if after_step is not None:
+                    after_step(step)
+
+            try:
+                results = train(ctx, start_step=start_step, total_steps=last_step, on_step=on_step)
+            except StepOutOfMemory as oom:
+                saved = {p.name for p in checkpoint.list_checkpoints(run_dir)}
+                if oom.state_intact and oom.step > start_step and f"step-{oom.step:08d}" not in saved:
+                    save(oom.step)  # the last completed step is kept: recovery resumes exactly there
+                raise
+    finally:
+        metrics.close()
+    return results
+
+
+def fit_with_recovery(
+    decision: MemoryDecision,
+    transformer: torch.nn.Module,
+    batches: BatchSource,
+    *,
+    reload: Callable[[], torch.nn.Module],
+    run_dir: Path,
+    backend,
+    console=None,
+    auto_recover: bool = True,
+    validate: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    on_new_transformer: Callable[[torch.nn.Module], None] | None = None,
+) -> tuple[torch.nn.Module, list[StepResult]]:
+    """`fit`, and when the device runs out of memory: keep the last completed step, re-plan with less VRAM, load a
+    fresh transformer under the new settings and resume there. Returns the transformer that finished and its steps.
+    """
+    import gc
+
+    from lowvram.config import apply_overrides
+
+    while True:
+        try:
+            steps = fit(
+                decision.cfg,
+                transformer,
+                batches,
+                run_dir=run_dir,
+                backend=backend,
+                decision=decision,
+                console=console,
+                validate=validate,
+                after_step=after_step,
+            )
+            return transformer, steps
+        except StepOutOfMemory as oom:
+            failed_step, intact = oom.step, oom.state_intact
+        # Outside the except clause: the traceback, and with it the failed attempt's activations, are released.
+        where = f"out of memory in step {failed_step + 1}"
+        if not auto_recover:
+            raise LowvramError(
+                f"{where}: continue with --resume latest and less memory (a smaller train.batch_size or "
+                f"memory.blocks_to_swap), or let --auto-recover re-plan"
+            )
+        smaller = smaller_memory_decision(decision, len(transformer.transformer_blocks))
+        if smaller is None:
+            raise LowvramError(
+                f"{where} and no memory setting needs less VRAM: lower train.batch_size or data.resolution"
+            )
+        kept = f"step {failed_step} is kept" if intact else "the failed update is dropped"
+        _say(
+            console,
+            f"[yellow]{where}: {kept}; re-planned with less VRAM ({describe_memory(smaller.cfg)}); "
+            f"resuming from the newest checkpoint[/yellow]",
+        )
+        # Free the failed attempt (its strategies hold device memory) before the new one loads.
+        del transformer
+        gc.collect()
+        backend.empty_cache()
+        decision = replace(smaller, cfg=apply_overrides(smaller.cfg, {"checkpoint.resume": "latest"}))
+        transformer = reload()
+        if on_new_transformer is not None:
+            on_new_transformer(transformer)
+
+
+# Transformer memory settings the re-planner may change after an out-of-memory.
+_RECOVERY_KEYS = ("ramtorch", "blocks_to_swap", "group_offload", "gradient_checkpointing", "activation_offload")
+
+
+def smaller_memory_decision(decision: MemoryDecision, num_blocks: int) -> MemoryDecision | None:
+    """The next memory settings that need less VRAM than `decision`'s, or None when there are none.
+
+    With a profile the planner re-plans for 85% of the VRAM its last plan predicted (the device showed that was
+    too optimistic); without one, a fixed ladder: gradient checkpointing, then block swap of 1/4, 1/2, 3/4, all
+    but one of the blocks.
+    """
+    from lowvram.config import apply_overrides
+
+    cfg, memory = decision.cfg, decision.cfg.memory
+    if decision.profile is not None:
+        from lowvram.plan import plan_run
+
+        profile = decision.profile
+        predicted = decision.predicted_vram_bytes or profile.vram_bytes
+        smaller_profile = profile.model_copy(update={"vram_bytes": int(predicted * 0.85) + profile.reserve_bytes})
+        open_cfg = cfg.model_copy(update={"memory": memory.model_copy(update=dict.fromkeys(_RECOVERY_KEYS))})
+        plan = plan_run(open_cfg, smaller_profile, choose=False)
+        if not plan.fits:
+            return None
+        chosen = {k: v for k, v in plan.settings.items() if k.startswith("memory.") and k != "memory.profile"}
+        train_phase = plan.phases.get("train")
+        return replace(
+            decision,
+            cfg=apply_overrides(open_cfg, chosen),
+            plan=plan,
+            predicted_vram_bytes=train_phase.vram_peak_bytes if train_phase else None,
+            predicted_ram_bytes=train_phase.ram_peak_bytes if train_phase else None,
+        )
+    if memory.ramtorch or memory.group_offload:
+        return None  # streaming and group offload already keep the weights off the device
+    if memory.gradient_checkpointing is False and not memory.activation_offload:
+        update = {"gradient_checkpointing": True}
+    else:
+        current = memory.blocks_to_swap or 0
+        ladder = sorted({max(1, num_blocks // 4), max(1, num_blocks // 2), max(1, 3 * num_blocks // 4), num_blocks - 1})
+        bigger = [k for k in ladder if current < k < num_blocks]
+        if not bigger:
+            return None
+        update = {"blocks_to_swap": bigger[0], "gradient_checkpointing": True}
+    return replace(decision, cfg=cfg.model_copy(update={"memory": memory.model_copy(update=update)}))
+
+
+def describe_memory(cfg) -> str:
+    m = cfg.memory
+    parts = []
+    if m.blocks_to_swap:
+        parts.append(f"block swap {m.blocks_to_swap}")
+    if m.ramtorch:
+        parts.append(f"weight streaming {m.ramtorch}")
+    if m.group_offload:
+        parts.append("group offload")
+    if m.activation_offload:
+        parts.append("activation offload")
+    parts.append("checkpointing" if m.gradient_checkpointing is not False else "no checkpointing")
+    return ", ".join(parts)
+
+
+def resolve_total_steps(cfg, batches: BatchSource) -> int:
+    if cfg.train.max_train_steps > 0:
+        return cfg.train.max_train_steps
+    if cfg.train.num_train_epochs > 0:
+        per_epoch = max(1, batches.batches_per_epoch() // cfg.train.gradient_accumulation_steps)
+        return cfg.train.num_train_epochs * per_epoch
+    raise LowvramError("train.max_train_steps and train.num_train_epochs are both 0: set one of them")
+
+
+def _precision(cfg, backend) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype inputs are cast to, autocast dtype or None). bf16 autocast on accelerators; CPU trains in fp32."""
+    if cfg.train.mixed_precision == "bf16" and backend.is_accelerator:
+        return torch.bfloat16, torch.bfloat16
+    return torch.float32, None
+
+
+def _bnb_supported(decision: MemoryDecision) -> bool:
+    return True if decision.profile is None else bool(decision.profile.supports.bitsandbytes)
+
+
+def _say(console, text: str) -> None:
+    if console is not None:
+        console.print(text)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Seams to the other rooms of the house: models (load, LoRA), data (caches), plan (4b) and offload (strategies)
+
+
+ENCODER_PARTS = ("video_vae", "audio_vae", "vocoder", "connectors", "text_encoder", "tokenizer")
+
+
+def load_encoders(cfg):
+    """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer."""
+    from lowvram.models import ltx2
+
+    if cfg.model.checkpoint is None:
+        if cfg.model.family != "tiny":
+            raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file (--checkpoint)")
+        parts = ltx2.build_tiny_components(seed=0)
+        parts.transformer = None
+    else:
+        parts = ltx2.load_components(
+            cfg.model.checkpoint, cfg.model.text_encoder_path, dtype=_weights_dtype(cfg), components=ENCODER_PARTS
+        )
+    _quantize(parts.text_encoder, cfg.model.text_encoder_precision)
+    return parts
+
+
+def load_transformer(cfg) -> torch.nn.Module:
+    """The transformer alone, in the configured precision (loaded after the encoders are gone)."""
+    from lowvram.models import ltx2
+
+    if cfg.model.checkpoint is None:
+        transformer = ltx2.build_tiny_components(seed=0).transformer
+    else:
+        transformer = ltx2.load_components(
+            cfg.model.checkpoint, None, dtype=_weights_dtype(cfg), components=("transformer",)
+        ).transformer
+    _quantize(transformer, cfg.model.precision)
+    return transformer
+
+
+def _weights_dtype(cfg) -> torch.dtype:
+    return torch.float32 if cfg.model.family == "tiny" or cfg.model.precision == "fp32" else torch.bfloat16
+
+
+def _quantize(module: torch.nn.Module | None, precision: str) -> None:
+    """Quantize a loaded module's Linear layers in place (bf16 and fp32 leave it as is)."""
+    if module is None or precision in ("bf16", "fp32"):
+        return
+    from lowvram.quant.backends import prepare_for_peft, quantize_model
+
+    quantize_model(module, precision)
+    prepare_for_peft(module)
+
+
+def cache_dataset(cfg, components, run_dir: Path, console=None) -> BatchSource:
+    """Fill the text and latent caches (data/) and return the resumable batch stream over them."""
+    from lowvram.data.build import build_caches
+    from lowvram.data.dataset import data_config_from_run
+    from lowvram.vae import VaeOptions
+
+    m = cfg.memory
+    vae_options = VaeOptions(
+        tiling=bool(m.vae_tiling),
+        slicing=bool(m.vae_slicing),
+        batch_size=m.vae_batch_size,
+        patch_conv=bool(m.vae_patch_conv),
+        temporal_roll=bool(m.vae_temporal_roll),
+    )
+    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else run_dir / "cache"
+    summary = build_caches(
+        data_config_from_run(cfg),
+        components,
+        cache_dir,
+        vae_options=vae_options,
+        max_text_tokens=cfg.data.max_text_tokens,
+        audio=cfg.data.audio,
+        strict=cfg.data.strict,
+    )
+    _say(console, summary.format())
+    return DiskBatches(summary.items, cfg.train.batch_size, seed=cfg.train.seed, fps=cfg.data.fps)
+
+
+def inject_lora(transformer: torch.nn.Module, cfg) -> None:
+    """Add trainable LoRA adapters to the configured targets; audio-only modules are left out in video mode."""
+    from lowvram.train import lora
+
+    lora.inject_lora(transformer, cfg.lora, include_audio=cfg.train.mode != "video")
+
+
+def export_lora(transformer: torch.nn.Module, path: Path, cfg) -> Path:
+    """Write the user-facing LoRA (`diffusion_model.*` keys, alpha folded into B) atomically."""
+    from lowvram.train import lora
+
+    return lora.export_lora(transformer, path, cfg.lora)
+
+
+def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, backend):
+    """Hand the transformer to the offload strategies the settings name, then place what stays resident."""
+    from lowvram import offload
+
+    memory = decision.cfg.memory
+    if memory.gradient_checkpointing is None:
+        # On by default: block activations are recomputed in backward, the biggest single saving.
+        memory = memory.model_copy(update={"gradient_checkpointing": True})
+    applied = offload.apply_memory_plan(transformer, memory, backend)
+    backend.place_module(transformer)
+    return applied
+
+
+def decide_memory(cfg, profile, *, force: bool, console=None) -> MemoryDecision:
+    """Settings the config leaves None are chosen by the planner for `profile` (None: the probed machine) and the
+    run's real shapes; stated settings are evaluated as given. A run that would not fit is refused with what it
+    lacks, unless `force`.
+    """
+    if cfg.model.family == "tiny" and profile is None:
+        # The CPU demo: nothing to plan (checkpointing stays on, as everywhere).
+        _say(console, "tiny model on CPU without --profile: no memory plan needed")
+        return MemoryDecision(cfg=cfg, fits=True)
+    from lowvram.config import apply_overrides
+    from lowvram.plan import plan_run
+
+    if profile is None:
+        from lowvram.hardware import probe
+
+        _, profile = probe(measure_bandwidth=False)
+    # choose=False: precisions and optimizer stay the config's; memory settings left None are chosen.
+    plan = plan_run(cfg, profile, choose=False)
+    if console is not None:
+        plan.render(console)
+    if not plan.fits:
+        if not force:
+            raise LowvramError(
+                f"{plan.reason or 'the run does not fit'} (profile '{profile.name}'; --force tries anyway)"
+            )
+        _say(console, "[yellow]--force: training although the plan says it will not fit[/yellow]")
+    chosen = {k: v for k, v in plan.settings.items() if k.startswith("memory.")}
+    cache_phases = [plan.phases[n] for n in ("text_cache", "latent_cache") if n in plan.phases]
+    train_phase = plan.phases.get("train")
+    return MemoryDecision(
+        cfg=apply_overrides(cfg, chosen),
+        fits=plan.fits,
+        predicted_vram_bytes=train_phase.vram_peak_bytes if train_phase else None,
+        predicted_ram_bytes=train_phase.ram_peak_bytes if train_phase else None,
+        predicted_cache_vram_bytes=max((p.vram_peak_bytes for p in cache_phases), default=None),
+        predicted_cache_ram_bytes=max((p.ram_peak_bytes for p in cache_phases), default=None),
+        plan=plan,
+        profile=profile,
+    )
+
+
+@torch.no_grad()
+def render_validation(cfg, components, transformer: torch.nn.Module, path: Path) -> Path:
+    """A short clip through diffusers' LTX2Pipeline with the LoRA being trained, written as mp4 (video + audio).
+
+    The frozen components visit the transformer's device for the call and go back to the host afterwards.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ltx2 import LTX2Pipeline
+
+    v = cfg.validation
+    width, height = _wh(v.resolution)
+    device = next(p.device for p in transformer.parameters() if p.device.type != "meta")
+    frozen = [
+        components.video_vae,
+        components.audio_vae,
+        components.text_encoder,
+        components.connectors,
+        components.vocoder,
+    ]
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=components.video_vae,
+        audio_vae=components.audio_vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        connectors=components.connectors,
+        transformer=transformer,
+        vocoder=components.vocoder,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        for m in frozen:
+            m.to(device)
+        out = pipe(
+            prompt=v.prompt,
+            height=height,
+            width=width,
+            num_frames=v.num_frames,
+            frame_rate=cfg.data.fps,
+            num_inference_steps=v.num_inference_steps,
+            guidance_scale=v.guidance,
+            generator=torch.Generator().manual_seed(v.seed),
+            output_type="np",
+            max_sequence_length=min(cfg.data.max_text_tokens, components.tokenizer.model_max_length),
+            use_cross_timestep=False,  # LTX-2.0 (the pipeline's default True is LTX-2.3 behaviour)
+        )
+    finally:
+        for m in frozen:
+            m.to("cpu")
+        transformer.train(was_training)
+    frames = (out.frames[0] * 255).round().clip(0, 255).astype("uint8")
+    audio = None if out.audio is None else out.audio[0].float().cpu().numpy()
+    rate = int(getattr(components.vocoder.config, "output_sampling_rate", 16000))
+    write_mp4(path, frames, fps=cfg.data.fps, audio=audio, audio_rate=rate)
+    return path
+
+
+def _wh(resolution: str) -> tuple[int, int]:
+    from lowvram.config import parse_resolution
+
+    return parse_resolution(resolution)
+
+
+def write_mp4(path: Path, frames, *, fps: float, audio=None, audio_rate: int = 16000) -> None:
+    """`frames` uint8 [F, H, W, 3] (+ float audio [C, samples] in [-1, 1]) -> an mp4 with H.264/MPEG-4 and AAC."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    from lowvram.fsutil import atomic_path
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        vs = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        astream = None
+        if audio is not None and audio.size:
+            layout = "stereo" if audio.shape[0] == 2 else "mono"
+            astream = container.add_stream("aac", rate=audio_rate, layout=layout)
+        for f in frames:
+            for packet in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                container.mux(packet)
+        for packet in vs.encode():
+            container.mux(packet)
+        if astream is not None:
+            wave = np.ascontiguousarray(np.clip(audio, -1, 1).astype(np.float32))
+            frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout=astream.layout.name)
+            frame.sample_rate, frame.pts = audio_rate, 0
+            for packet in astream.encode(frame):
+                container.mux(packet)
+            for packet in astream.encode():
+                container.mux(packet)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TREAD token routing (applied to the transformer from outside, like the memory strategies)
+
+# Block arguments that carry one entry per video token, and the axis it is on.
+_VIDEO_TOKEN_ARGS = {"temb": 1, "temb_ca_scale_shift": 1, "temb_ca_gate": 1}
+_VIDEO_TOKEN_ROPE = ("video_rotary_emb", "ca_video_rotary_emb")
+
+
+class TreadRouter:
+    """TREAD: a random share of video tokens skips blocks `start..end`, rejoining unchanged after `end`.
+
+    The routed blocks see fewer tokens, which cuts their activation memory and compute by about the share; the
+    loss still covers every token. Token choice draws from the global CPU generator, which gradient checkpointing
+    restores on recompute and training checkpoints save, so runs stay reproducible. Only active while training.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, routes: list):
+        import inspect
+
+        blocks = transformer.transformer_blocks
+        n = len(blocks)
+        self.routes = []
+        for r in routes:
+            start = r.start_layer_idx % n if r.start_layer_idx < 0 else r.start_layer_idx
+            end = r.end_layer_idx % n if r.end_layer_idx < 0 else r.end_layer_idx
+            if not 0 <= start <= end < n:
+                raise LowvramError(
+                    f"TREAD route {r.start_layer_idx}..{r.end_layer_idx} is outside the model's "
+                    f"{n} blocks: use indices in 0..{n - 1} (or negative from the end)"
+                )
+            if any(start <= e and s <= end for s, e, _ in self.routes):
+                raise LowvramError("TREAD routes overlap: give each block range once")
+            self.routes.append((start, end, r.selection_ratio))
+        self._signature = inspect.signature(blocks[0].forward)
+        self._state: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # start -> (full hidden, keep idx, S)
+        self._handles = []
+        for start, end, ratio in self.routes:
+            for i in range(start, end + 1):
+                self._handles.append(
+                    blocks[i].register_forward_pre_hook(self._pre_hook(start, i == start, ratio), with_kwargs=True)
+                )
+            self._handles.append(blocks[end].register_forward_hook(self._post_hook(start)))
+        self._transformer = transformer
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def _active(self, module) -> bool:
+        return module.training and torch.is_grad_enabled()
+
+    def _pre_hook(self, start: int, is_start: bool, ratio: float):
+        def hook(module, args, kwargs):
+            if not self._active(module):
+                return None
+            bound = self._signature.bind(*args, **kwargs)
+            kw = dict(bound.arguments)
+            if kw.get("self_attention_mask") is not None:
+                raise LowvramError("TREAD cannot route tokens under a video self-attention mask: remove tread_routes")
+            if is_start:
+                hidden = kw["hidden_states"]
+                b, s, _ = hidden.shape
+                keep = max(1, round(s * (1.0 - ratio)))
+                # One permutation per sample from the CPU generator (checkpoint recompute replays it exactly).
+                idx = torch.stack([torch.randperm(s)[:keep].sort().values for _ in range(b)]).to(hidden.device)
+                self._state[start] = (hidden, idx, s)
+                kw["hidden_states"] = _take(hidden, idx, 1)
+            _, idx, s = self._state[start]
+            for name, axis in _VIDEO_TOKEN_ARGS.items():
+                t = kw.get(name)
+                if t is not None and t.shape[axis] == s:
+                    kw[name] = _take(t, idx, axis)
+            for name in _VIDEO_TOKEN_ROPE:
+                rope = kw.get(name)
+                if rope is not None and rope[0].shape[2] == s:
+                    kw[name] = tuple(_take(t, idx, 2) for t in rope)
+            return (), kw
+
+        return hook
+
+    def _post_hook(self, start: int):
+        def hook(module, args, output):
+            if not self._active(module) or start not in self._state:
+                return None
+            full, idx, _ = self._state[start]
+            hidden, audio = output
+            index = idx.unsqueeze(-1).expand(-1, -1, full.shape[-1])
+            return full.scatter(1, index, hidden.to(full.dtype)), audio
+
+        return hook
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-sample gather of token positions `idx` [B, K] along `axis` of `t` (batch first)."""
+    view = [idx.shape[0]] + [1] * (t.dim() - 1)
+    view[axis] = idx.shape[1]
+    size = list(t.shape)
+    size[axis] = idx.shape[1]
+    return torch.gather(t, axis, idx.view(view).expand(size))
