@@ -48,11 +48,9 @@ def friendly(fn):
 
 
 def _console():
-    from rich.console import Console
+    from lowvram.console import make_console
 
-    console = Console()
-    # Piped output (logs, CI, tests) would otherwise be cut to 80 columns and truncate names.
-    return console if console.is_terminal else Console(width=200)
+    return make_console()
 
 
 def _gib(n: int | float | None) -> str:
@@ -312,7 +310,16 @@ def report(
     print(f"timeline written to {out}")
 
 
+# Import-time chatter of optional kernels that CPU and ROCm builds lack (torchao's CUDA .so files, bitsandbytes'
+# hub kernels, torch's pytree deprecations): it says nothing the user can act on, so only errors are shown.
+QUIET_LOGGERS = ("torchao", "bitsandbytes", "diffusers.quantizers", "torch.utils._pytree")
+
+
 def main() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     app()
 
 

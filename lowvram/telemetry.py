@@ -227,22 +227,28 @@ def _gib(n: int | None) -> str:
 
 
 def summary_table(phases: list[dict]):
-    """A rich table: per phase, measured peaks beside the plan's predictions (GiB)."""
+    """A rich table: per phase, measured peaks beside the plan's predictions (GiB). Empty columns are left out."""
     from rich.table import Table
 
+    columns = [
+        ("phase", lambda p: p["name"]),
+        ("seconds", lambda p: "-" if p.get("end_s") is None else f"{p['end_s'] - p['start_s']:.1f}"),
+        ("RSS peak", lambda p: _gib(p["rss_peak_bytes"])),
+        ("RSS +", lambda p: _gib(max(0, p["rss_peak_bytes"] - p["rss_baseline_bytes"]))),
+        ("RAM avail min", lambda p: _gib(p.get("ram_available_min_bytes"))),
+        ("VRAM max alloc", lambda p: _gib(p.get("device_max_allocated_bytes"))),
+        ("VRAM max reserved", lambda p: _gib(p.get("device_max_reserved_bytes"))),
+        ("VRAM (driver)", lambda p: _gib(p.get("nvml_peak_bytes"))),
+        ("pred. VRAM", lambda p: _gib(p.get("predicted_vram_bytes"))),
+        ("pred. RAM", lambda p: _gib(p.get("predicted_ram_bytes"))),
+    ]
+    rows = [[cell(p) for _, cell in columns] for p in phases]
+    keep = [i for i, _ in enumerate(columns) if i < 4 or any(r[i] != "-" for r in rows)]
     table = Table(title="Memory per phase (GiB)")
-    for col in ("phase", "seconds", "RSS peak", "RSS +", "RAM avail min", "VRAM max alloc", "VRAM max reserved",
-                "VRAM (driver)", "pred. VRAM", "pred. RAM"):
-        table.add_column(col, justify="left" if col == "phase" else "right")
-    for p in phases:
-        seconds = "-" if p.get("end_s") is None else f"{p['end_s'] - p['start_s']:.1f}"
-        table.add_row(
-            p["name"], seconds, _gib(p["rss_peak_bytes"]),
-            _gib(max(0, p["rss_peak_bytes"] - p["rss_baseline_bytes"])),
-            _gib(p.get("ram_available_min_bytes")), _gib(p.get("device_max_allocated_bytes")),
-            _gib(p.get("device_max_reserved_bytes")), _gib(p.get("nvml_peak_bytes")),
-            _gib(p.get("predicted_vram_bytes")), _gib(p.get("predicted_ram_bytes")),
-        )
+    for i in keep:
+        table.add_column(columns[i][0], justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*(r[i] for i in keep))
     return table
 
 
