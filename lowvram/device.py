@@ -128,6 +128,13 @@ class Backend:
         """Move what stays resident (LoRA, non-offloaded weights) to the device. Stand-ins already live there."""
         module.to(self.device)
 
+    # -- random state (checkpoint recompute replays dropout exactly) -------------------------------------------
+    def get_rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
     # -- memory stats ----------------------------------------------------------------------------------------
     def memory_stats(self) -> MemoryStats:
         return MemoryStats(0, 0, 0, 0)
@@ -195,6 +202,12 @@ class CudaBackend(Backend):
             # A non-blocking D2H copy needs a pinned destination, or it silently becomes synchronous.
             return map_leaves(tensor, lambda t: _pinned_copy(t, non_blocking=True))
         return map_leaves(tensor, lambda t: t.to("cpu"))
+
+    def get_rng_state(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device)
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.cuda.set_rng_state(state, self.device)
 
     def memory_stats(self) -> MemoryStats:
         return MemoryStats(

@@ -1,0 +1,183 @@
+"""A tiny LTX-2 LoRA training step for proving offload strategies: model, batch, one step, the LoRA gradients.
+
+Used by the offload tests, tools/bench_offload.py and tools/gpu_check.py. It is not the training loop (train/loop.py
+is); it only makes every strategy run the same real forward/backward that training runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowvram.device import Backend
+
+PRECISIONS = ("fp32", "int8-quanto", "int8-torchao")
+
+
+def tiny_lora_transformer(
+    precision: str = "fp32",
+    *,
+    num_layers: int = 4,
+    seed: int = 0,
+    rank: int = 4,
+    config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """The tiny LTX-2 transformer (real diffusers class) quantized as asked, with LoRA on the attention projections.
+
+    LoRA B starts random (not zero) so every LoRA weight gets a non-zero gradient to compare.
+    """
+    from lowvram.models.ltx2 import build_component, tiny_configs
+
+    cfg = {**tiny_configs()["transformer"], **(config or {}), "num_layers": num_layers}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = build_component("transformer", cfg).eval().requires_grad_(False)
+        if dtype != torch.float32:
+            transformer = transformer.to(dtype)
+        if precision != "fp32":
+            from lowvram.quant.backends import quantize_model
+            from lowvram.quant.exclude import LTX2_TRANSFORMER_EXCLUDE
+
+            quantize_model(transformer, precision, LTX2_TRANSFORMER_EXCLUDE)
+        from lowvram.train.lora import inject_lora
+
+        inject_lora(transformer, rank=rank)
+        for name, param in transformer.named_parameters():
+            if ".lora_B." in name:
+                param.data.normal_(0.0, 0.05)
+    return transformer
+
+
+@dataclass(frozen=True)
+class TinyBatch:
+    video: torch.Tensor  # [B, S_v, C]
+    audio: torch.Tensor  # [B, S_a, C_a]
+    text_video: torch.Tensor
+    text_audio: torch.Tensor
+    mask: torch.Tensor
+    sigma: torch.Tensor
+    target_video: torch.Tensor
+    target_audio: torch.Tensor
+    frames: int
+    height: int
+    width: int
+
+
+def tiny_batch(
+    transformer: nn.Module,
+    *,
+    batch: int = 1,
+    frames: int = 2,
+    height: int = 2,
+    width: int = 2,
+    audio_tokens: int = 4,
+    text_tokens: int = 8,
+    seed: int = 1,
+) -> TinyBatch:
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    s_v = frames * height * width
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return TinyBatch(
+        video=rand(batch, s_v, cfg.in_channels),
+        audio=rand(batch, audio_tokens, cfg.audio_in_channels),
+        text_video=rand(batch, text_tokens, cfg.caption_channels),
+        text_audio=rand(batch, text_tokens, cfg.caption_channels),
+        mask=torch.ones(batch, text_tokens),
+        sigma=torch.rand(batch, generator=g),
+        target_video=rand(batch, s_v, cfg.out_channels),
+        target_audio=rand(batch, audio_tokens, cfg.audio_out_channels),
+        frames=frames,
+        height=height,
+        width=width,
+    )
+
+
+def lora_step(transformer: nn.Module, batch: TinyBatch, backend: Backend) -> torch.Tensor:
+    """Forward + flow-matching-style MSE + backward on the device; returns the loss. Gradients land in `.grad`."""
+    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return backend.to_device(t)
+
+    text = TextEmbeddings(video=dev(batch.text_video), audio=dev(batch.text_audio), mask=dev(batch.mask))
+    sigma = dev(batch.sigma)
+    video_pred, audio_pred = transformer_forward(
+        transformer,
+        video_tokens=dev(batch.video),
+        audio_tokens=dev(batch.audio),
+        text=text,
+        video_sigma=sigma,
+        audio_sigma=sigma,
+        latent_frames=batch.frames,
+        latent_height=batch.height,
+        latent_width=batch.width,
+        fps=25.0,
+    )
+    loss = (video_pred - dev(batch.target_video)).pow(2).mean() + (audio_pred - dev(batch.target_audio)).pow(2).mean()
+    loss.backward()
+    return loss.detach()
+
+
+def lora_grads(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every LoRA gradient, by parameter name (host side)."""
+    return {
+        name: p.grad.detach().clone()
+        for name, p in transformer.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
+
+
+def zero_grads(transformer: nn.Module) -> None:
+    for p in transformer.parameters():
+        p.grad = None
+
+
+STRATEGIES = (
+    "none",
+    "streaming",
+    "block_swap_1",
+    "block_swap_all_but_one",
+    "group_block_level",
+    "group_leaf_level",
+    "activation_offload",
+)
+
+
+def apply_named_strategy(name: str, transformer: nn.Module, backend: Backend, *, checkpointing: bool, **options):
+    """Apply one strategy by its matrix name (checkpointing first, as apply_memory_plan does); returns it or None."""
+    from lowvram import offload
+
+    if name == "activation_offload":
+        return offload.apply_activation_offload(transformer, backend)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    num_blocks = len(transformer.transformer_blocks)
+    if name == "none":
+        return None
+    if name == "streaming":
+        return offload.apply_weight_streaming(transformer, backend, **options)
+    if name == "block_swap_1":
+        return offload.apply_block_swap(transformer, backend, blocks_to_swap=1, **options)
+    if name == "block_swap_all_but_one":
+        return offload.apply_block_swap(transformer, backend, blocks_to_swap=num_blocks - 1, **options)
+    if name == "group_block_level":
+        return offload.apply_group_offload(transformer, backend, offload_type="block_level", **options)
+    if name == "group_leaf_level":
+        return offload.apply_group_offload(transformer, backend, offload_type="leaf_level", **options)
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+
+
+def predicted_peak_bytes(baseline_peak_bytes: int, strategy) -> int:
+    """The analytic prediction the matrix checks: the no-offload peak (same precision and checkpointing), less
+    what the strategy keeps off the device, plus what it holds there at once (ring slots, prefetched weights).
+    """
+    if strategy is None:
+        return baseline_peak_bytes
+    return baseline_peak_bytes - strategy.offloaded_bytes + strategy.working_set_bytes

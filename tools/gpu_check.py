@@ -1,0 +1,237 @@
+"""Each offload strategy on a real GPU (CUDA or ROCm): measured peak VRAM, s/step and H2D GB/s beside predictions.
+
+Builds a few blocks of the real LTX-2 transformer width (ltx-2.0 config, fewer layers) with LoRA, runs one strategy
+at a time through the device seam, and prints measured vs predicted. `--simulate` runs the same code on the simulated
+accelerator with a narrow model (tests run it, so this path is never dead code). It changes no setting of the GPU.
+
+    python tools/gpu_check.py                 # CUDA / ROCm
+    python tools/gpu_check.py --simulate      # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+STRATEGIES = ("none", "streaming", "block_swap", "group_block_level", "group_leaf_level", "activation_offload")
+# Narrow widths for --simulate: the real class and block structure, small enough for a CPU.
+SIMULATED_WIDTHS = dict(
+    num_attention_heads=4,
+    attention_head_dim=16,
+    cross_attention_dim=64,
+    caption_channels=32,
+    audio_num_attention_heads=4,
+    audio_attention_head_dim=8,
+    audio_cross_attention_dim=32,
+    in_channels=16,
+    out_channels=16,
+    audio_in_channels=16,
+    audio_out_channels=16,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    strategy: str
+    peak_bytes: int
+    predicted_peak_bytes: int
+    step_s: float
+    predicted_step_s: float
+    h2d_bytes_per_step: int
+    refused: str | None = None
+
+
+def _build(args, backend):
+    from lowvram.models.ltx2_checkpoint import real_transformer_config
+    from lowvram.offload.harness import tiny_batch, tiny_lora_transformer
+
+    config = {k: v for k, v in real_transformer_config().items() if not k.startswith("_")}
+    if args.simulate:
+        config.update(SIMULATED_WIDTHS)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    # Cast before quantizing, so quantized scales and LoRA weights share the compute dtype.
+    transformer = tiny_lora_transformer(
+        args.precision, num_layers=args.layers, config=config, rank=args.rank, dtype=dtype
+    )
+    batch = tiny_batch(
+        transformer,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        audio_tokens=args.audio_tokens,
+        text_tokens=args.text_tokens,
+    )
+    if args.dtype == "bf16":
+        batch = type(batch)(
+            **{
+                k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "sigma" else v
+                for k, v in batch.__dict__.items()
+            }
+        )
+    return transformer, batch
+
+
+def _backend(args):
+    from lowvram.device import accelerator_available, get_backend
+    from lowvram.profiles import load_profile
+
+    if args.simulate:
+        profile = load_profile(args.profile)
+        return get_backend("sim", h2d_gbps=profile.h2d_pinned_gbps, tflops=profile.bf16_tflops)
+    if not accelerator_available():
+        raise SystemExit("gpu_check: no CUDA or ROCm device here: run with --simulate")
+    return get_backend("cuda")
+
+
+def _apply(name: str, transformer, backend, args):
+    from lowvram import offload
+
+    if name == "activation_offload":
+        return offload.apply_activation_offload(transformer, backend)
+    transformer.enable_gradient_checkpointing()
+    if name == "streaming":
+        return offload.apply_weight_streaming(transformer, backend, patterns="transformer_blocks.*")
+    if name == "block_swap":
+        return offload.apply_block_swap(transformer, backend, blocks_to_swap=args.layers - 1)
+    if name == "group_block_level":
+        return offload.apply_group_offload(transformer, backend, offload_type="block_level")
+    if name == "group_leaf_level":
+        return offload.apply_group_offload(transformer, backend, offload_type="leaf_level")
+    return None
+
+
+def _run(name: str, args) -> tuple[int, float, int, object]:
+    """(peak bytes, median s/step, H2D bytes/step, strategy) of `args.steps` steps after one warm-up."""
+    from lowvram.offload.harness import lora_step, zero_grads
+
+    backend = _backend(args)
+    transformer, batch = _build(args, backend)
+    strategy = _apply(name, transformer, backend, args)
+    backend.place_module(transformer)
+    session = backend.session() if hasattr(backend, "session") else _null()
+    times, peak, moved = [], 0, 0
+    with session:
+        for i in range(args.steps + 1):
+            zero_grads(transformer)
+            backend.synchronize()
+            if hasattr(backend, "reset_counters"):
+                backend.reset_counters()
+            backend.reset_peak_memory_stats()
+            before = getattr(strategy, "copied_bytes", 0)
+            start = time.perf_counter()
+            lora_step(transformer, batch, backend)
+            backend.synchronize()
+            if i == 0:
+                continue  # warm-up: prefetch orders are learned, rings filled, kernels chosen
+            times.append(time.perf_counter() - start)
+            stats = backend.memory_stats()
+            peak = max(peak, stats.max_reserved_bytes)
+            moved = getattr(strategy, "copied_bytes", 0) - before
+    del transformer, batch
+    gc.collect()
+    backend.empty_cache()
+    return peak, sorted(times)[len(times) // 2], moved, strategy
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def measure_link_gbps(args) -> float:
+    """Pinned host -> device copy rate of this machine (256 MiB; 4 MiB under --simulate)."""
+    backend = _backend(args)
+    nbytes = (4 if args.simulate else 256) * 2**20
+    host = backend.pin(torch.empty(nbytes, dtype=torch.uint8))
+    backend.to_device(host)
+    backend.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        backend.to_device(host)
+    backend.synchronize()
+    return 3 * nbytes / (time.perf_counter() - start) / 1e9
+
+
+def run(args) -> list[Row]:
+    from lowvram.errors import UsageError
+    from lowvram.offload.harness import predicted_peak_bytes
+    from lowvram.profiles import load_profile
+
+    profile = load_profile(args.profile)
+    base_peak, base_s, _, _ = _run("none", args)
+    rows = [Row("none", base_peak, base_peak, base_s, base_s, 0)]
+    for name in args.strategies.split(","):
+        if name == "none":
+            continue
+        try:
+            peak, step_s, moved, strategy = _run(name, args)
+        except UsageError as refused:
+            rows.append(Row(name, 0, 0, 0.0, 0.0, 0, refused=str(refused)))
+            continue
+        # A streamed copy overlaps compute: the step takes the longer of the two (the copy at the profile's link).
+        predicted_s = max(base_s, moved / (profile.h2d_pinned_gbps * 1e9))
+        rows.append(Row(name, peak, predicted_peak_bytes(base_peak, strategy), step_s, predicted_s, moved))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--simulate", action="store_true", help="run on the simulated accelerator (no GPU needed)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks to build (the real model has 48)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8-quanto", "int8-torchao"])
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="float weights (default: bf16 on GPU)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--frames", type=int, default=3, help="latent frames (3 = 17 video frames)")
+    parser.add_argument("--height", type=int, default=15, help="latent height (15 = 480 px)")
+    parser.add_argument("--width", type=int, default=26, help="latent width (26 = 832 px)")
+    parser.add_argument("--audio-tokens", type=int, default=17)
+    parser.add_argument("--text-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--profile", default="4090", help="hardware profile whose H2D rate the predictions use")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    args = parser.parse_args(argv)
+    if args.simulate:
+        torch.set_num_threads(1)
+        if args.dtype is None:
+            args.dtype = "fp32"
+        args.frames, args.height, args.width = min(args.frames, 2), min(args.height, 4), min(args.width, 4)
+        args.text_tokens = min(args.text_tokens, 8)
+    elif args.dtype is None:
+        args.dtype = "bf16"
+
+    link = measure_link_gbps(args)
+    rows = run(args)
+    where = "simulated accelerator (narrow widths)" if args.simulate else "GPU"
+    print(f"{where}: {args.layers} blocks, {args.precision}/{args.dtype}, pinned H2D measured {link:.2f} GB/s")
+    header = (
+        f"{'strategy':<20}{'peak MiB':>10}{'pred MiB':>10}{'s/step':>10}{'pred s':>10}{'H2D GB/s':>10}{'MB/step':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if r.refused:
+            print(f"{r.strategy:<20}refused: {r.refused}")
+            continue
+        rate = r.h2d_bytes_per_step / r.step_s / 1e9 if r.step_s else 0.0
+        print(
+            f"{r.strategy:<20}{r.peak_bytes / 2**20:>10.2f}{r.predicted_peak_bytes / 2**20:>10.2f}{r.step_s:>10.4f}"
+            f"{r.predicted_step_s:>10.4f}{rate:>10.3f}{r.h2d_bytes_per_step / 1e6:>10.2f}"
+        )
+    over = [r.strategy for r in rows if not r.refused and r.peak_bytes > 1.05 * r.predicted_peak_bytes]
+    print(f"peaks_over_prediction={','.join(over) or 'none'}")
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
