@@ -6,11 +6,14 @@ A reader never sees a half-written file; a killed writer leaves at most a `.tmp-
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from lowvram.errors import LowvramError
 
 TMP_PREFIX = ".tmp-"
 
@@ -19,8 +22,11 @@ TMP_PREFIX = ".tmp-"
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`, else removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as e:
+        raise (_user_write_error(path, e) or e) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -29,10 +35,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        user_error = _user_write_error(path, e)
+        if user_error is not None:
+            raise user_error from None
         raise
+
+
+# A full disk or a read-only folder is the user's to fix: one line, not a traceback (the temp file is gone already).
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def _user_write_error(path: Path, err: BaseException) -> LowvramError | None:
+    code = getattr(err, "errno", None)
+    if code is None and "No space left on device" in str(err):  # safetensors wraps the OS error in its own
+        code = errno.ENOSPC
+    if code not in _WRITE_ERRNOS:
+        return None
+    hint = "free disk space or choose another folder" if code in (errno.ENOSPC, errno.EDQUOT) else (
+        "choose a writable folder")
+    return LowvramError(f"cannot write {path}: {_WRITE_ERRNOS[code]}; {hint}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -239,7 +239,14 @@ def read_index(cache_dir: str | Path) -> list[CachedItem]:
         rows = json.loads(path.read_text())["items"]
     except (OSError, ValueError, KeyError) as err:
         raise LowvramError(f"{path}: no usable cache index ({err}); run caching first") from None
+    from lowvram.paths import check_inside
+
+    # The index is a file on disk anyone could edit: its rows may only name files inside this cache.
     return [
-        CachedItem(Path(r["latent"]), Path(r["text"]), r["bucket"], r["caption"], r["dataset_id"], r["repeats"])
+        CachedItem(
+            check_inside(r["latent"], cache_dir, what="cache index entry"),
+            check_inside(r["text"], cache_dir, what="cache index entry"),
+            r["bucket"], r["caption"], r["dataset_id"], r["repeats"],
+        )
         for r in rows
-    ]
+    ]  # fmt: skip

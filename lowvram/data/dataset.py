@@ -57,6 +57,12 @@ def discover(data: DataConfig) -> tuple[list[Item], list[Skipped]]:
     return items, skipped
 
 
+# Video and image formats people keep clips in that lowvram does not read (PyAV could, but buckets, fps and
+# seeking are only checked for the formats in VIDEO_EXTENSIONS and IMAGE_EXTENSIONS).
+UNSUPPORTED_MEDIA_EXTENSIONS = (".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".m2ts", ".mts",
+                                ".3gp", ".tif", ".tiff", ".heic")  # fmt: skip
+
+
 def discover_dataset(spec: DatasetSpec, linked: list[DatasetSpec] = ()) -> tuple[list[Item], list[Skipped]]:
     folder = spec.instance_data_dir
     try:
@@ -68,7 +74,12 @@ def discover_dataset(spec: DatasetSpec, linked: list[DatasetSpec] = ()) -> tuple
     for name in names:
         path = folder / name
         ext = path.suffix.lower()
-        if ext not in wanted or name.startswith("."):
+        if name.startswith("."):
+            continue
+        if ext not in wanted:
+            if not spec.audio_only and ext in UNSUPPORTED_MEDIA_EXTENSIONS:
+                # A clip the user meant to train on must not vanish silently: list it with what to do.
+                skipped.append(Skipped(path, f"unsupported file type {ext}: convert it to {', '.join(wanted)}"))
             continue
         try:
             caption = read_caption(path, spec.caption_strategy)

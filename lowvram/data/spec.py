@@ -84,6 +84,9 @@ class DatasetSpec:
     s2v_datasets: tuple[str, ...] = ()
 
     def __post_init__(self):
+        from lowvram.paths import safe_name
+
+        safe_name(self.id, what="dataset id")  # it names the dataset's folder inside the latent cache
         if self.dataset_type not in DATASET_TYPES:
             raise ConfigError(_choice_message("dataset_type", self.dataset_type, DATASET_TYPES))
         if self.caption_strategy not in CAPTION_STRATEGIES:

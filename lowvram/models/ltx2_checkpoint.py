@@ -271,7 +271,43 @@ def read_header(file: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
                 refs[k] = TensorRef(file, k, tuple(s.get_shape()), s.get_dtype())
             return refs, dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError has no stable import path
-        raise LowvramError(f"cannot read {file} as safetensors: {str(e).splitlines()[0]}") from e
+        short = _truncation(file)
+        if short is not None:
+            raise LowvramError(
+                f"{file} is truncated ({short[0]} of {short[1]} bytes): the download or copy was interrupted; "
+                "fetch the file again"
+            ) from None
+        raise LowvramError(f"cannot read {file} as safetensors: {str(e).splitlines()[0]}") from None
+
+
+def _truncation(file: Path) -> tuple[int, int] | None:
+    """(bytes present, bytes the header promises) when a safetensors file ends early; None if it cannot tell."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > 100_000_000:
+                return None
+            header = f.read(header_len)
+            if len(header) < header_len:
+                return (size, 8 + header_len)
+        entries = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    expected = 8 + header_len + end
+    return (size, expected) if size < expected else None
+
+
+def _refuse_interrupted_download(folder: Path) -> None:
+    # huggingface_hub writes `<file>.incomplete` (beside the target or under .cache/huggingface/download/ of a
+    # local_dir) and renames it when complete: one left behind means the download stopped part-way.
+    leftover = next(iter(sorted(folder.rglob("*.incomplete"))), None)
+    if leftover is not None:
+        raise LowvramError(
+            f"{folder} is an interrupted download ({leftover.name} is still there): run the download again to "
+            "finish it, then retry"
+        )
 
 
 class _Reader:
@@ -311,6 +347,7 @@ def open_checkpoint(path: str | Path, family: str | None = None) -> CheckpointSo
         raise LowvramError(f"checkpoint {path} does not exist: give the .safetensors file or a diffusers folder")
     _refuse_pickle(path)
     if path.is_dir():
+        _refuse_interrupted_download(path)
         return _open_diffusers_folder(path, family)
     if path.suffix not in (".safetensors", ".sft"):
         raise LowvramError(f"{path} is not a .safetensors file or a diffusers folder")
