@@ -42,7 +42,9 @@ class Settings:
     blocks_to_swap: int = 0
     ramtorch_share: float = 0.0  # share of the transformer blocks whose Linear weights are streamed
     group_blocks_per_group: int = 1
-    group_use_stream: bool = True
+    group_type: str = "block_level"  # block_level | leaf_level
+    # The offload code refuses diffusers' stream prefetch in training (checkpoint recompute breaks its order).
+    group_use_stream: bool = False
     gradient_checkpointing: bool = True
     activation_offload: bool = False
     offload_during_startup: bool = True
@@ -65,6 +67,7 @@ class Settings:
             "memory.ramtorch_text_encoder": self.ramtorch_text_encoder,
             "memory.blocks_to_swap": self.blocks_to_swap if self.offload == "block_swap" else 0,
             "memory.group_offload": self.offload == "group",
+            "memory.group_offload_type": self.group_type,
             "memory.group_offload_blocks_per_group": self.group_blocks_per_group,
             "memory.group_offload_use_stream": self.group_use_stream if self.offload == "group" else False,
             "memory.gradient_checkpointing": self.gradient_checkpointing,
@@ -85,9 +88,8 @@ class Settings:
         elif self.offload == "ramtorch":
             parts.append(f"stream {self.ramtorch_share:.0%} of block Linears")
         elif self.offload == "group":
-            parts.append(
-                f"group offload x{self.group_blocks_per_group}" + (" +stream" if self.group_use_stream else "")
-            )
+            kind = f"x{self.group_blocks_per_group}" if self.group_type == "block_level" else "leaf level"
+            parts.append(f"group offload {kind}" + (" +stream" if self.group_use_stream else ""))
         else:
             parts.append("no offload")
         parts.append("checkpointing" if self.gradient_checkpointing else "no checkpointing")
@@ -212,29 +214,53 @@ class StepMeasure:
         """What one block keeps for backward without checkpointing, seen in a checkpointed run's recompute."""
         return self.marks.get("recompute_end", 0) - self.marks.get("recompute_start", 0)
 
+    def activation_points(
+        self,
+        num_layers: int,
+        lora_grad_per_block_bytes: int,
+        *,
+        offloaded_kept: bool = False,
+        first_block_bwd_bytes: int | None = None,
+    ) -> dict[str, int]:
+        """Activations + LoRA grads for `num_layers` identical blocks at each point of the step where one can peak:
+        `head`, `block_fwd`, `tail` (forward, loss and the output layers' backward), `block_bwd`, `head_bwd`.
+
+        Every block's kept activations stay alive from its forward to its backward, so each later point of the
+        step sees (N-1) more blocks' worth than the one-block run. LoRA grads accumulate as backward proceeds: the
+        backward of block j runs beside the kept bytes of the j blocks before it and the LoRA grads of the N-1-j
+        after it (linear in j, so the ends are the worst). With `offloaded_kept`, kept block inputs live on the
+        host except the two in flight. Points are separate because group offload holds different weights at each.
+        `first_block_bwd_bytes`: block 0's backward peak measured as a first block (inputs need no grad), which
+        backs up last, beside every other block's LoRA grads; the measured block then stands for blocks 1..N-1.
+        """
+        d = self.kept_per_block_bytes
+        waiting = (min(2, num_layers) - 1 if offloaded_kept else num_layers - 1) * d
+        p = self.peaks
+        drop = self.marks["block_bwd_end"] - self.marks["block_bwd_start"]  # per block backward, usually < 0
+        grads = (num_layers - 1) * lora_grad_per_block_bytes
+        last = p["block_bwd"] + grads
+        if first_block_bwd_bytes is not None:
+            last = first_block_bwd_bytes + grads
+            if num_layers > 1:  # block 1: one block waiting, N-2 blocks' grads
+                last = max(last, p["block_bwd"] + min(waiting, d) + grads - lora_grad_per_block_bytes)
+        return {
+            "head": p.get("head", 0),
+            "block_fwd": p["block_fwd"] + waiting,
+            "tail": p.get("tail", 0) + waiting,
+            "block_bwd": max(
+                p["block_bwd"] + waiting,  # the first block backward: every other block waiting, no grads yet
+                last,  # the last one (block 0): the other blocks' LoRA grads all exist
+                # the first block backward after N-1 others (only higher when a block's backward grows memory)
+                p["block_bwd"] + waiting + (num_layers - 1) * drop if not offloaded_kept else 0,
+            ),
+            "head_bwd": p.get("head_bwd", 0) + grads,
+        }
+
     def activation_peak_bytes(
         self, num_layers: int, lora_grad_per_block_bytes: int, *, offloaded_kept: bool = False
     ) -> int:
-        """Peak of activations + LoRA grads for `num_layers` identical blocks.
-
-        Every block's kept activations stay alive from its forward to its backward, so each later point of the
-        step sees (N-1) more blocks' worth than the one-block run; LoRA grads accumulate as backward proceeds.
-        With `offloaded_kept`, kept block inputs live on the host except the two in flight.
-        """
-        d = self.kept_per_block_bytes
-        extra = (min(2, num_layers) - 1 if offloaded_kept else num_layers - 1) * d
-        p = self.peaks
-        drop = self.marks["block_bwd_end"] - self.marks["block_bwd_start"]  # per block backward, usually < 0
-        candidates = [
-            p.get("head", 0),
-            p["block_fwd"] + extra,
-            p.get("tail", 0) + extra,
-            p["block_bwd"] + extra,
-            # the first block backward after N-1 others (only higher when a block's backward grows memory)
-            p["block_bwd"] + extra + (num_layers - 1) * drop if not offloaded_kept else p["block_bwd"],
-            p.get("head_bwd", 0) + (num_layers - 1) * lora_grad_per_block_bytes,
-        ]
-        return max(candidates)
+        """Peak of activations + LoRA grads for `num_layers` identical blocks (see activation_points)."""
+        return max(self.activation_points(num_layers, lora_grad_per_block_bytes, offloaded_kept=offloaded_kept).values())
 
 
 @dataclass(frozen=True)
@@ -258,6 +284,11 @@ class Measurements:
     latent_item_bytes: int
     batch_input_bytes: int  # latents + text of one training batch on the host
     attention: str  # flash | math
+    # The checkpointed step with every frozen leaf computing from a fresh copy (leaf_level group offload), by
+    # gradient checkpointing; measured on first use. None: not available (leaf_level then budgets as block_level).
+    onload_step: Mapping[bool, StepMeasure] | None = None
+    onload_first_block: Mapping[bool, StepMeasure] | None = None  # the same with block 0 as a first block
+    nonleaf_params: int = 0  # parameters outside leaf modules, one block + outside the blocks
 
     def lora_params(self) -> int:
         return self.step[True].lora_params_per_block * self.num_layers
@@ -313,23 +344,65 @@ def transformer_device_bytes(m: Measurements, s: Settings, dtype: str, gpus: int
         return out
     if s.offload == "block_swap":
         k = min(s.blocks_to_swap, n)
+        slots = min(2, k)  # one block computing, the next loading; block_swap.py never allocates more than k
         out["transformer blocks (resident)"] = (n - k) * w_block
-        out["block swap ring (2 slots)"] = 2 * w_block if k else 0
+        out[f"block swap ring ({slots} slots)"] = slots * w_block
     elif s.offload == "ramtorch":
         streamed = round(s.ramtorch_share * n)
         out["transformer blocks (resident)"] = n * w_block - streamed * lin_block
         # one Linear in use + one prefetching, at the stored precision
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         largest = max(
-            (quantized_weight_bytes(_parse_shape(k), torch.bfloat16, s.precision) for k in m.block.linear_shapes),
+            (quantized_weight_bytes(_parse_shape(k), torch_dtype, s.precision) for k in m.block.linear_shapes),
             default=0,
         )
         out["streaming buffers (2 Linears)"] = 2 * largest if streamed else 0
     elif s.offload == "group":
-        slots = 2 if s.group_use_stream else 1
-        out["transformer blocks (onloaded groups)"] = slots * s.group_blocks_per_group * w_block
+        # Everything frozen is offloaded, the layers outside the blocks too: what is onloaded depends on the point
+        # of the step (group_offload_weights), so the budget adds it beside that point's activations.
+        return {}
     else:
         out["transformer blocks"] = n * w_block
     return out
+
+
+def group_offload_peak(
+    m: Measurements, s: Settings, dtype: str, lora_grad_per_block_bytes: int
+) -> tuple[dict[str, int], int, str]:
+    """Group offload's (onloaded weights by component, activations + LoRA grads, point) at its worst point.
+
+    block_level (the adapter in offload/group.py, no stream): the outside layers form one group onloaded for the
+    whole forward; a group of blocks is onloaded while its blocks run and stays bound until the next group onloads
+    (in backward too: the checkpoint recompute onloads it). leaf_level: each frozen leaf is onloaded for its own
+    forward and lives on only where autograd saved it; the checkpointed step measured with fresh copies holds
+    exactly those, and the non-leaf parameters (norms, modulation tables) are added whole.
+    """
+    n = m.num_layers
+    if s.group_type == "leaf_level" and m.onload_step is not None:
+        step = m.onload_step[s.gradient_checkpointing]
+        first = m.onload_first_block[s.gradient_checkpointing] if m.onload_first_block is not None else None
+        points = step.activation_points(
+            n,
+            lora_grad_per_block_bytes,
+            offloaded_kept=s.activation_offload,
+            first_block_bwd_bytes=first.peaks["block_bwd"] if first is not None else None,
+        )
+        point = max(points, key=points.get)
+        weights = {"non-leaf weights (norms, tables)": m.nonleaf_params * _itemsize(dtype)}
+        return weights, points[point], f"{point}, onloaded leaf weights included"
+    step = m.step[s.gradient_checkpointing]
+    points = step.activation_points(n, lora_grad_per_block_bytes, offloaded_kept=s.activation_offload)
+    outside = m.rest.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+    group = min(s.group_blocks_per_group, n) * m.block.bytes(s.precision, dtype)
+    onloaded = {
+        "head": {"outside layers (onloaded)": outside},
+        "block_fwd": {"outside layers (onloaded)": outside, "block group (onloaded)": group},
+        "tail": {"outside layers (onloaded)": outside},
+        "block_bwd": {"block group (onloaded)": group},
+        "head_bwd": {"block group (onloaded)": group},
+    }
+    point = max(points, key=lambda k: points[k] + sum(onloaded[k].values()))
+    return onloaded[point], points[point], point
 
 
 def transformer_host_bytes(m: Measurements, s: Settings, dtype: str) -> dict[str, int]:
@@ -434,7 +507,11 @@ def budget(
     step = m.step[s.gradient_checkpointing]
     lora_params = step.lora_params_per_block * n
     lora_item = _itemsize(opts.lora_dtype)
-    acts = step.activation_peak_bytes(n, step.lora_params_per_block * lora_item, offloaded_kept=s.activation_offload)
+    lora_grad_block = step.lora_params_per_block * lora_item
+    acts = step.activation_peak_bytes(n, lora_grad_block, offloaded_kept=s.activation_offload)
+    if s.offload == "group" and opts.gpus == 1:
+        onloaded, acts, point = group_offload_peak(m, s, dtype, lora_grad_block)
+        tx_device = {**tx_device, **{f"{k} at the peak ({point})": v for k, v in onloaded.items()}}
     train_vram = {
         "reserve": reserve,
         **tx_device,
@@ -450,6 +527,11 @@ def budget(
         # weight-only quantized Linears dequantize one weight to bf16 for the matmul (and its backward)
         train_vram["dequantized weight (transient)"] = m.block.largest_linear_bytes(dtype)
     train_ram = {**process, **tx_host, "training batch": m.batch_input_bytes}
+    if opts.gpus > 1:
+        # Each process loads the whole transformer on the host and FSDP2 moves its shard to its GPU; the processes
+        # take turns (train/distributed.py `in_turn`), so the load peak holds one whole copy.
+        whole = n * m.block.bytes(s.precision, dtype) + m.rest.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+        train_ram["whole transformer while loading (processes in turn)"] = whole
     if s.activation_offload:
         train_ram["offloaded activations (pinned)"] = n * step.kept_per_block_bytes
     train = PhaseBudget("train", vram=train_vram, ram=train_ram)
@@ -509,6 +591,12 @@ def step_time(
         streamed, fwd_bytes, bwd_bytes = n, w_block, w_block
         bw = pinned if s.group_use_stream else profile.h2d_pageable_gbps * GB
         overlap = async_copies and s.group_use_stream
+    elif opts.gpus > 1:
+        # FSDP2 all-gathers each block for its forward and again for its backward (the recompute runs inside that
+        # gather) while prefetching the next; a ring all-gather brings (N-1)/N of the block over the link between
+        # GPUs, taken to be as fast as the profile's pinned host->device copies (PCIe; NVLink is faster).
+        part = w_block * (opts.gpus - 1) // opts.gpus
+        streamed, fwd_bytes, bwd_bytes, bw, overlap = n, part, part, pinned, True
     else:
         streamed, fwd_bytes, bwd_bytes, bw, overlap = 0, 0, 0, pinned, async_copies
 

@@ -493,7 +493,7 @@ def run(
     nproc: int = 1,
     console=None,
 ) -> RunResult:
-    from rich.console import Console
+    from lowvram.console import make_console
 
     from lowvram.device import get_backend
     from lowvram.telemetry import MemoryMonitor
@@ -501,23 +501,30 @@ def run(
 
     run_dir = Path(cfg.output.output_dir).expanduser()
     env = distributed.current()
-    if nproc > 1 and env is None:
+    if nproc > 1 and env is None and not dry_run:
         # `--nproc N`: the same run under torchrun; every worker comes back here with its rank set.
         code = distributed.launch(cfg, profile=profile, nproc=nproc, force=force, auto_recover=auto_recover)
         return RunResult(exit_code=code, run_dir=run_dir)
     distributed.check_distributed_supported(cfg, 1 if env is None else env.world_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from lowvram.fsutil import clean_stale_temp_files
+    from lowvram.paths import writable_dir
+
+    writable_dir(run_dir, what="output_dir")  # a read-only output folder fails now, not after hours of caching
+    if env is None:
+        clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
     # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
     device_name = "cpu" if cfg.model.family == "tiny" else "auto"
     backend = get_backend(device_name) if env is None else distributed.start(device_name)
     # Only rank 0 talks; the others log to their own folder.
-    console = console or Console(quiet=not distributed.is_main())
+    console = console or make_console(quiet=not distributed.is_main())
     if cfg.model.family == "tiny":
         # The tiny model's matmuls are a few hundred FLOPs: intra-op threads only add overhead, and on a loaded
         # 2-core machine they thrash (measured 0.2 s/step on one thread, several seconds on two).
         torch.set_num_threads(1)
 
-    decision = decide_memory(cfg, profile, force=force, console=console)
+    # Under FSDP2 the plan is per GPU (sharded weights, gathered blocks) and keeps the weights' offload off.
+    gpus = nproc if env is None else env.world_size
+    decision = decide_memory(cfg, profile, force=force, console=console, gpus=gpus)
     cfg = decision.cfg
     from lowvram.demo import is_demo, prepare_demo_dataset
 
@@ -540,8 +547,14 @@ def run(
                 batches = cache_dataset(cfg, encoders, run_dir, console)
         validation_parts = encoders if cfg.validation.enabled else None
         del encoders  # text encoder, connectors and VAEs are done: their outputs are cached
-        with monitor.phase("load_transformer"):
+        with monitor.phase("load_transformer"), distributed.in_turn():
             transformer = load_transformer(cfg)
+            if env is not None:
+                # FSDP2: each rank adds the LoRA and sends its shard to its GPU before the next rank loads, so the
+                # host holds one whole transformer at a time, not one per process (fit() then finds it ready).
+                torch.manual_seed(cfg.train.seed)
+                inject_lora(transformer, cfg)
+                distributed.shard_transformer(transformer, backend)
         holder = {"transformer": transformer}  # validation renders with whichever transformer is training
         validate = None
         if validation_parts is not None:
@@ -574,6 +587,14 @@ def run(
             with monitor.phase("validation"):
                 path = render_validation(cfg, validation_parts, transformer, run_dir / "validation" / "final.mp4")
             console.print(f"validation clip written to {path}")
+    except torch.OutOfMemoryError as e:
+        # Out of memory outside a training step (caching, loading, placing the model): one line, not a traceback.
+        phase = monitor.phases[-1].name if monitor.phases else "startup"
+        detail = (str(e).splitlines() or ["out of memory"])[0][:200]
+        raise LowvramError(
+            f"out of device memory in phase '{phase}' ({detail}); lower data.resolution, data.frames or "
+            "train.batch_size (or set memory.vae_tiling = true for caching) and rerun: caches and checkpoints are kept"
+        ) from None
     finally:
         monitor.finish(console)
         if env is not None:
@@ -616,12 +637,13 @@ def fit(
         for p in transformer.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    applied = apply_memory_plan(transformer, decision, backend)
     env = distributed.current()
     if env is not None:
-        # FSDP2: each rank holds 1/N of every block and trains its rows of each global batch.
+        # FSDP2: each rank holds 1/N of every block and trains its rows of each global batch. Sharded before the
+        # memory plan places the module, so each GPU only ever receives its shard.
         distributed.shard_transformer(transformer, backend)
         batches = distributed.rank_batches(batches, env)
+    applied = apply_memory_plan(transformer, decision, backend)
     # Checkpoints hold whole tensors whatever the process count (rank 0 writes; a single process just writes).
     ckpt = checkpoint if env is None else distributed
     if cfg.train.tread_routes:
@@ -981,6 +1003,8 @@ def inject_lora(transformer: torch.nn.Module, cfg) -> None:
     """Add trainable LoRA adapters to the configured targets; audio-only modules are left out in video mode."""
     from lowvram.train import lora
 
+    if lora.lora_layers(transformer):
+        return  # already added (a sharded run adds it while loading, before FSDP2 shards the module)
     lora.inject_lora(transformer, cfg.lora, include_audio=cfg.train.mode != "video")
 
 
@@ -1004,7 +1028,7 @@ def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, ba
     return applied
 
 
-def decide_memory(cfg, profile, *, force: bool, console=None) -> MemoryDecision:
+def decide_memory(cfg, profile, *, force: bool, console=None, gpus: int = 1) -> MemoryDecision:
     """Settings the config leaves None are chosen by the planner for `profile` (None: the probed machine) and the
     run's real shapes; stated settings are evaluated as given. A run that would not fit is refused with what it
     lacks, unless `force`.
@@ -1021,7 +1045,7 @@ def decide_memory(cfg, profile, *, force: bool, console=None) -> MemoryDecision:
 
         _, profile = probe(measure_bandwidth=False)
     # choose=False: precisions and optimizer stay the config's; memory settings left None are chosen.
-    plan = plan_run(cfg, profile, choose=False)
+    plan = plan_run(cfg, profile, choose=False, gpus=gpus)  # gpus > 1: FSDP2, budgeted per GPU
     if console is not None:
         plan.render(console)
     if not plan.fits:
