@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lowvram.config import RunConfig
+from lowvram.train.batches import CachedBatches, CachedSample
 from lowvram.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
-from lowvram.train.loop import CachedBatches, CachedSample, fit, read_metrics
+from lowvram.train.loop import fit, read_metrics
 
 
 @pytest.fixture(autouse=True)

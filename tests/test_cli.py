@@ -70,7 +70,8 @@ def test_bad_config_is_one_line_exit_2(cli, tmp_path):
     cfg.write_text("[optim]\nlerning_rate = 1e-4\n")
     r = cli("plan", "--config", str(cfg), "--profile", "3090")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"lowvram: error: {cfg}: unknown key 'optim.lerning_rate' (did you mean 'optim.learning_rate'?)"
+    expected = f"lowvram: error: {cfg}: unknown key 'optim.lerning_rate' (did you mean 'optim.learning_rate'?)"
+    assert r.stderr.strip() == expected
 
 
 def test_report_without_memory_file(cli, tmp_path):

@@ -1,7 +1,8 @@
 """The offload matrix on the tiny LTX-2 transformer and the simulated device (`pytest -m matrix`):
 {no offload, streaming, block swap 1 / all but one, group offload block/leaf level} x {fp32, int8 quanto, int8 torchao}
 x {checkpointing on, off}. Each case gives the baseline's LoRA gradients, touches no offloaded weight (the simulated
-device raises if it does), and peaks within the analytic prediction + 5% -- or is refused up front with one line."""
+device raises if it does), and peaks within the planner's prediction (lowvram.plan.predict_peak for the same settings)
++ 5% -- or is refused up front with one line."""
 
 import functools
 
@@ -15,9 +16,11 @@ from lowvram.offload.harness import (
     apply_named_strategy,
     lora_grads,
     lora_step,
-    predicted_peak_bytes,
-    tiny_batch,
+    plan_batch,
+    plan_settings,
+    planner_step_peak_bytes,
     tiny_lora_transformer,
+    tiny_plan_config,
     zero_grads,
 )
 
@@ -52,7 +55,7 @@ def _run(precision: str, strategy_name: str, checkpointing: bool):
     transformer = tiny_lora_transformer(precision, num_layers=NUM_LAYERS)
     sim = get_backend("sim")
     strategy = apply_named_strategy(strategy_name, transformer, sim, checkpointing=checkpointing)
-    batch = tiny_batch(transformer)
+    batch = plan_batch(transformer, tiny_plan_config(precision))
     sim.place_module(transformer)
     for _ in range(STEPS):
         zero_grads(transformer)
@@ -68,10 +71,22 @@ def _baseline(precision: str, checkpointing: bool):
     return _run(precision, "none", checkpointing)
 
 
+@pytest.fixture(scope="module")
+def plan_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("plan-cache")
+
+
+def _planner_prediction(strategy: str, precision: str, checkpointing: bool, cache_dir) -> int:
+    settings = plan_settings(strategy, precision, checkpointing=checkpointing, num_blocks=NUM_LAYERS)
+    return planner_step_peak_bytes(
+        tiny_plan_config(precision), settings, num_layers=NUM_LAYERS, cache_dir=cache_dir
+    )
+
+
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_offload_case(strategy, precision, checkpointing, record_property):
+def test_offload_case(strategy, precision, checkpointing, record_property, plan_cache):
     if not checkpointing and strategy in REFUSED_WITHOUT_CHECKPOINTING:
         transformer = tiny_lora_transformer(precision, num_layers=NUM_LAYERS)
         with pytest.raises(UsageError, match=REFUSED_WITHOUT_CHECKPOINTING[strategy]) as refused:
@@ -87,7 +102,7 @@ def test_offload_case(strategy, precision, checkpointing, record_property):
     assert frozen_grads == []
     assert strategy_obj.offloaded_bytes > 0 and stats.h2d_bytes > 0 and stats.d2h_bytes == 0
 
-    predicted = predicted_peak_bytes(base.peak_bytes, strategy_obj)
+    predicted = _planner_prediction(strategy, precision, checkpointing, plan_cache)
     record_property("peak_bytes", stats.peak_bytes)
     record_property("predicted_peak_bytes", predicted)
     record_property("baseline_peak_bytes", base.peak_bytes)
@@ -96,6 +111,8 @@ def test_offload_case(strategy, precision, checkpointing, record_property):
         f"baseline {base.peak_bytes} ratio {stats.peak_bytes / predicted:.3f} grad err {worst:.1e}"
     )
     assert stats.peak_bytes <= 1.05 * predicted
+    # and the baseline itself is what the planner predicts for no offload
+    assert base.peak_bytes <= 1.05 * _planner_prediction("none", precision, checkpointing, plan_cache)
     if strategy != "block_swap_1":  # one swapped block sits in its one ring slot: by design it saves nothing
         assert stats.peak_bytes < base.peak_bytes
 

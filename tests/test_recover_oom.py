@@ -12,13 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import lowvram.train.loop as loop
+import lowvram.train.recover as recover
 from lowvram.config import RunConfig
 from lowvram.device_sim import SimBackend
 from lowvram.profiles import HardwareProfile, Supports
+from lowvram.train.batches import CachedBatches, CachedSample
 from lowvram.train.checkpoint import list_checkpoints, verify_checkpoint
-from lowvram.train.loop import CachedBatches, CachedSample, decide_memory, fit, fit_with_recovery, read_metrics
-from lowvram.train.recover import STEP_DOWN, plan_with_less_vram
+from lowvram.train.loop import decide_memory, fit, read_metrics
+from lowvram.train.recover import STEP_DOWN, fit_with_recovery, plan_with_less_vram
 
 STEPS = 6
 DROP_AFTER_STEP = 3
@@ -33,22 +34,16 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def planner_step_down(monkeypatch):
-    """Recovery with a profile steps down through `recover.plan_with_less_vram` (the loop's ladder stays for runs
-    without a profile). A no-op once the loop calls it itself."""
-    ladder = loop.smaller_memory_decision
+def plan_outside_the_simulated_device(monkeypatch):
+    """Planning is host work: its fake-tensor measurement must not be charged to the simulated device it plans for
+    (a real GPU has no dispatch mode to step outside of). The wiring loop -> recover -> planner stays real."""
+    from torch.utils._python_dispatch import _disable_current_modes
 
-    def step_down(decision, num_blocks):
-        if decision.profile is None:
-            return ladder(decision, num_blocks)
-        # Planning is host work: outside the simulated device's accounting (its fake-tensor measurement would
-        # otherwise be charged to the device it is planning for).
-        from torch.utils._python_dispatch import _disable_current_modes
-
+    def outside(decision):
         with _disable_current_modes():
             return plan_with_less_vram(decision)
 
-    monkeypatch.setattr(loop, "smaller_memory_decision", step_down)
+    monkeypatch.setattr(recover, "plan_with_less_vram", outside)
 
 
 def sim_profile() -> HardwareProfile:

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from lowvram.config import RunConfig, TreadRoute
-from lowvram.train.loop import CachedBatches, CachedSample, TrainContext, TreadRouter, fit, forward_loss, read_metrics
+from lowvram.train.batches import CachedBatches, CachedSample
+from lowvram.train.loop import TrainContext, fit, forward_loss, read_metrics
 from lowvram.train.objective import ObjectiveConfig
+from lowvram.train.tread import TreadRouter
 
 
 @pytest.fixture(autouse=True)

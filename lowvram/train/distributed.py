@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lowvram.errors import LowvramError, UsageError
-from lowvram.train.loop import DiskBatches, LatentBatch  # light: loop.py imports torch and nothing heavy at the top
+from lowvram.train.batches import DiskBatches, LatentBatch  # light: loop.py imports torch and nothing heavy at the top
 
 LAUNCH_FILE = "launch.json"
 RANKS_DIR = "ranks"

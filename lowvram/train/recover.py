@@ -1,14 +1,21 @@
-"""After a device out-of-memory in training: ask the planner for the fastest plan that needs less VRAM.
+"""Recovery from a device out-of-memory in training: keep the last completed step, re-plan with less VRAM, resume.
 
-The loop keeps the last completed step and resumes (`loop.fit_with_recovery`); this module only decides the next
-memory settings, with the real planner, for the training phase alone (the caches are built by then). It never
-returns the failed plan again, and returns None when the planner has nothing smaller.
+The next memory settings come from the real planner, for the training phase alone (the caches are built by then);
+it never returns the failed plan again. It does not recover from out-of-memory outside a training step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from lowvram.errors import LowvramError
+from lowvram.train.batches import BatchSource
+from lowvram.train.loop import MemoryDecision, StepOutOfMemory, StepResult, _say, describe_memory, fit
 
 # A re-plan must predict at most this share of the failed plan's training VRAM: less by a margin, not by a byte
 # (the failed prediction was wrong by an unknown amount), yet in steps small enough not to skip the fastest plan
@@ -53,3 +60,94 @@ def plan_with_less_vram(decision: Any) -> Any | None:
         predicted_vram_bytes=train.vram_peak_bytes,
         predicted_ram_bytes=train.ram_peak_bytes,
     )
+
+
+def fit_with_recovery(
+    decision: MemoryDecision,
+    transformer: torch.nn.Module,
+    batches: BatchSource,
+    *,
+    reload: Callable[[], torch.nn.Module],
+    run_dir: Path,
+    backend,
+    console=None,
+    auto_recover: bool = True,
+    validate: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    on_new_transformer: Callable[[torch.nn.Module], None] | None = None,
+) -> tuple[torch.nn.Module, list[StepResult]]:
+    """`fit`, and when the device runs out of memory: keep the last completed step, re-plan with less VRAM, load a
+    fresh transformer under the new settings and resume there. Returns the transformer that finished and its steps.
+    """
+    import gc
+
+    from lowvram.config import apply_overrides
+
+    while True:
+        try:
+            steps = fit(
+                decision.cfg,
+                transformer,
+                batches,
+                run_dir=run_dir,
+                backend=backend,
+                decision=decision,
+                console=console,
+                validate=validate,
+                after_step=after_step,
+            )
+            return transformer, steps
+        except StepOutOfMemory as oom:
+            failed_step, intact = oom.step, oom.state_intact
+        # Outside the except clause: the traceback, and with it the failed attempt's activations, are released.
+        where = f"out of memory in step {failed_step + 1}"
+        if not auto_recover:
+            raise LowvramError(
+                f"{where}: continue with --resume latest and less memory (a smaller train.batch_size or "
+                f"memory.blocks_to_swap), or let --auto-recover re-plan"
+            )
+        smaller = smaller_memory_decision(decision, len(transformer.transformer_blocks))
+        if smaller is None:
+            raise LowvramError(
+                f"{where} and no memory setting needs less VRAM: lower train.batch_size or data.resolution"
+            )
+        kept = f"step {failed_step} is kept" if intact else "the failed update is dropped"
+        _say(
+            console,
+            f"[yellow]{where}: {kept}; re-planned with less VRAM ({describe_memory(smaller.cfg)}); "
+            f"resuming from the newest checkpoint[/yellow]",
+        )
+        # Free the failed attempt (its strategies hold device memory) before the new one loads.
+        del transformer
+        gc.collect()
+        backend.empty_cache()
+        decision = replace(smaller, cfg=apply_overrides(smaller.cfg, {"checkpoint.resume": "latest"}))
+        transformer = reload()
+        if on_new_transformer is not None:
+            on_new_transformer(transformer)
+
+
+
+
+def smaller_memory_decision(decision: MemoryDecision, num_blocks: int) -> MemoryDecision | None:
+    """The next memory settings that need less VRAM than `decision`'s, or None when there are none.
+
+    With a profile the planner re-plans for less VRAM (`plan_with_less_vram`); without one, a fixed ladder:
+    gradient checkpointing, then block swap of 1/4, 1/2, 3/4, all but one of the blocks.
+    """
+
+    cfg, memory = decision.cfg, decision.cfg.memory
+    if decision.profile is not None:
+        return plan_with_less_vram(decision)
+    if memory.ramtorch or memory.group_offload:
+        return None  # streaming and group offload already keep the weights off the device
+    if memory.gradient_checkpointing is False and not memory.activation_offload:
+        update = {"gradient_checkpointing": True}
+    else:
+        current = memory.blocks_to_swap or 0
+        ladder = sorted({max(1, num_blocks // 4), max(1, num_blocks // 2), max(1, 3 * num_blocks // 4), num_blocks - 1})
+        bigger = [k for k in ladder if current < k < num_blocks]
+        if not bigger:
+            return None
+        update = {"blocks_to_swap": bigger[0], "gradient_checkpointing": True}
+    return replace(decision, cfg=cfg.model_copy(update={"memory": memory.model_copy(update=update)}))
