@@ -10,7 +10,6 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -92,13 +91,13 @@ def profiles(
 @friendly
 def probe(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for machines) instead of tables."),
-    write: Optional[Path] = typer.Option(None, "--write", help="Write the matched/measured profile to this TOML file."),
+    write: Path | None = typer.Option(None, "--write", help="Write the matched/measured profile to this TOML file."),
     bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure host-to-device GB/s (GPU only)."),
     cache_dir: Path = typer.Option(Path("."), "--cache-dir", help="Where caches will live (free disk is reported)."),
     resolution: str = typer.Option("832x480", "--resolution", help="Workload for auto-picked settings: WIDTHxHEIGHT."),
     frames: int = typer.Option(17, "--frames", help="Workload frames per clip (8k+1)."),
     batch: int = typer.Option(1, "--batch", help="Workload clips per step."),
-    settings_out: Optional[Path] = typer.Option(
+    settings_out: Path | None = typer.Option(
         None, "--settings", help="Write the auto-picked memory settings for the workload to this TOML config."
     ),
 ) -> None:
@@ -209,17 +208,17 @@ PROFILE_HELP = "Hardware profile name (see `lowvram profiles`) or a path to a pr
 @app.command()
 @friendly
 def plan(
-    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
-    config: Optional[Path] = typer.Option(
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP),
+    config: Path | None = typer.Option(
         None, "--config", help="Evaluate exactly this run config (TOML or SimpleTuner JSON) instead of choosing."
     ),
-    resolution: Optional[str] = typer.Option(None, "--resolution", help="Clip size WIDTHxHEIGHT (multiples of 32)."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per clip, 8k+1 (17, 33, 49, 57, 65, ...)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Clips per step."),
-    audio: Optional[bool] = typer.Option(None, "--audio/--no-audio", help="Train the audio branch too."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="Share of usable VRAM kept free (default 0.10)."),
+    resolution: str | None = typer.Option(None, "--resolution", help="Clip size WIDTHxHEIGHT (multiples of 32)."),
+    frames: int | None = typer.Option(None, "--frames", help="Frames per clip, 8k+1 (17, 33, 49, 57, 65, ...)."),
+    batch: int | None = typer.Option(None, "--batch", help="Clips per step."),
+    audio: bool | None = typer.Option(None, "--audio/--no-audio", help="Train the audio branch too."),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank."),
+    precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
+    margin: float | None = typer.Option(None, "--margin", help="Share of usable VRAM kept free (default 0.10)."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs the run is sharded over (FSDP2)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -245,23 +244,23 @@ def plan(
 @app.command()
 @friendly
 def train(
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None, "--config", help="Run config (TOML or SimpleTuner JSON). Without one, the built-in demo runs."
     ),
-    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run folder (LoRA, checkpoints, metrics)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Folder of clips with same-name .txt captions."),
-    checkpoint_path: Optional[str] = typer.Option(
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Run folder (LoRA, checkpoints, metrics)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Folder of clips with same-name .txt captions."),
+    checkpoint_path: str | None = typer.Option(
         None, "--checkpoint", help="Official LTX-2 .safetensors file or diffusers folder."
     ),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Clips per step."),
-    learning_rate: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to continue from."),
-    lora_format: Optional[str] = typer.Option(None, "--lora-format", help="Exported key naming: comfy or diffusers."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    batch: int | None = typer.Option(None, "--batch", help="Clips per step."),
+    learning_rate: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank."),
+    precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    resume: str | None = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to continue from."),
+    lora_format: str | None = typer.Option(None, "--lora-format", help="Exported key naming: comfy or diffusers."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only evaluate the memory plan (same as `lowvram plan`)."),
     force: bool = typer.Option(False, "--force", help="Train even if the plan says it will not fit."),
     auto_recover: bool = typer.Option(
@@ -292,7 +291,7 @@ def train(
 @friendly
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder holding memory.jsonl."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Where to write the timeline (default RUN_DIR/memory.png)."),
+    png: Path | None = typer.Option(None, "--png", help="Where to write the timeline (default RUN_DIR/memory.png)."),
 ) -> None:
     """Show a run's memory per phase (measured beside predicted) and write a PNG memory timeline."""
     from lowvram.errors import UsageError

@@ -9,10 +9,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowvram.errors import ConfigError

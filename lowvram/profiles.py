@@ -6,10 +6,10 @@ Profiles are data, validated once here; the planner and the quantization backend
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lowvram.errors import UsageError
