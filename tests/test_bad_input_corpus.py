@@ -504,8 +504,9 @@ def test_out_of_memory_while_caching_is_one_line_and_keeps_nothing_half_written(
     import lowvram.train.loop as loop
     from lowvram.config import RunConfig
 
-    def encode_out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB total)")
+    def encode_out_of_memory(cfg, run_dir, backend, *, monitor, console=None):
+        with monitor.phase("latent_cache"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB total)")
 
     monkeypatch.setattr(loop, "cache_dataset", encode_out_of_memory)
     out = tmp_path / "run"
@@ -516,7 +517,7 @@ def test_out_of_memory_while_caching_is_one_line_and_keeps_nothing_half_written(
     with pytest.raises(LowvramError) as err:
         loop.run(cfg)
     assert one_line(err.value) == (
-        "out of device memory in phase 'cache' (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB "
+        "out of device memory in phase 'latent_cache' (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB "
         "total)); lower data.resolution, data.frames or train.batch_size (or set memory.vae_tiling = true for "
         "caching) and rerun: caches and checkpoints are kept"
     )

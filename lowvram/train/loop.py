@@ -281,6 +281,13 @@ class MemoryDecision:
     plan: Any = None  # the planner's Plan
     profile: Any = None
 
+    def predicted_peaks(self, phase: str) -> tuple[int | None, int | None]:
+        """(VRAM, host RAM) the plan predicts for a telemetry phase; (None, None) without a plan."""
+        if phase == "train":
+            return self.predicted_vram_bytes, self.predicted_ram_bytes
+        budget = self.plan.phases.get(phase) if self.plan is not None else None
+        return (budget.vram_peak_bytes, budget.ram_peak_bytes) if budget is not None else (None, None)
+
 
 @dataclass
 class RunResult:
@@ -353,18 +360,14 @@ def run(
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
 
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
-    monitor.set_prediction("train", vram_bytes=decision.predicted_vram_bytes, ram_bytes=decision.predicted_ram_bytes)
-    monitor.set_prediction(
-        "cache", vram_bytes=decision.predicted_cache_vram_bytes, ram_bytes=decision.predicted_cache_ram_bytes
-    )
+    for phase in ("text_cache", "latent_cache", "train"):
+        vram_bytes, ram_bytes = decision.predicted_peaks(phase)
+        monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
     try:
-        with monitor.phase("load"):
-            encoders = load_encoders(cfg)
-        with monitor.phase("cache"):
-            with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
-                batches = cache_dataset(cfg, encoders, run_dir, console)
-        validation_parts = encoders if cfg.validation.enabled else None
-        del encoders  # text encoder, connectors and VAEs are done: their outputs are cached
+        with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
+            batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console)
+        # Validation renders with the encoders and VAEs again: loaded on the host when first needed, not kept.
+        validation_parts = _Lazy(lambda: load_encoders(cfg)) if cfg.validation.enabled else None
         with monitor.phase("load_transformer"), distributed.in_turn():
             transformer = load_transformer(cfg)
             if env is not None:
@@ -379,7 +382,7 @@ def run(
 
             def validate(step: int) -> None:
                 path = render_validation(
-                    cfg, validation_parts, holder["transformer"], run_dir / "validation" / f"step-{step:08d}.mp4"
+                    cfg, validation_parts.get(), holder["transformer"], run_dir / "validation" / f"step-{step:08d}.mp4"
                 )
                 _say(console, f"validation clip written to {path}")
 
@@ -403,7 +406,7 @@ def run(
         console.print(f"LoRA written to {lora_path}")
         if validation_parts is not None:
             with monitor.phase("validation"):
-                path = render_validation(cfg, validation_parts, transformer, run_dir / "validation" / "final.mp4")
+                path = render_validation(cfg, validation_parts.get(), transformer, run_dir / "validation" / "final.mp4")
             console.print(f"validation clip written to {path}")
     except torch.OutOfMemoryError as e:
         # Out of memory outside a training step (caching, loading, placing the model): one line, not a traceback.
@@ -630,23 +633,43 @@ def _say(console, text: str) -> None:
 
 
 ENCODER_PARTS = ("video_vae", "audio_vae", "vocoder", "connectors", "text_encoder", "tokenizer")
+TEXT_PARTS = ("text_encoder", "tokenizer", "connectors")
+VAE_PARTS = ("video_vae", "audio_vae", "vocoder")
 
 
-def load_encoders(cfg):
-    """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer."""
+def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS):
+    """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer.
+
+    `parts` picks a subset, so startup phasing loads the text side and the VAEs one after the other.
+    """
     from lowvram.models import ltx2
 
     if cfg.model.checkpoint is None:
         if cfg.model.family != "tiny":
             raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file (--checkpoint)")
-        parts = ltx2.build_tiny_components(seed=0)
-        parts.transformer = None
+        loaded = ltx2.build_tiny_components(seed=0)
+        for name in ("transformer", *(n for n in ENCODER_PARTS if n not in parts)):
+            setattr(loaded, name, None)
     else:
-        parts = ltx2.load_components(
-            cfg.model.checkpoint, cfg.model.text_encoder_path, dtype=_weights_dtype(cfg), components=ENCODER_PARTS
+        text_encoder_path = cfg.model.text_encoder_path if "text_encoder" in parts else None
+        loaded = ltx2.load_components(
+            cfg.model.checkpoint, text_encoder_path, dtype=_weights_dtype(cfg), components=parts
         )
-    _quantize(parts.text_encoder, cfg.model.text_encoder_precision)
-    return parts
+    if "text_encoder" in parts:
+        _quantize(loaded.text_encoder, cfg.model.text_encoder_precision)
+    return loaded
+
+
+class _Lazy:
+    """A value built on first use (validation's encoders: most runs never validate before the end)."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self._build, self._value = build, None
+
+    def get(self) -> Any:
+        if self._value is None:
+            self._value = self._build()
+        return self._value
 
 
 def load_transformer(cfg) -> torch.nn.Module:
@@ -677,10 +700,22 @@ def _quantize(module: torch.nn.Module | None, precision: str) -> None:
     prepare_for_peft(module)
 
 
-def cache_dataset(cfg, components, run_dir: Path, console=None) -> BatchSource:
-    """Fill the text and latent caches (data/) and return the resumable batch stream over them."""
-    from lowvram.data.build import build_caches
+def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None) -> BatchSource:
+    """Fill the text and latent caches (data/) in startup phases and return the resumable batch stream over them.
+
+    Phase `text_cache`: Gemma3 + connectors on the device (their Linear weights streamed from host RAM with
+    `memory.ramtorch_text_encoder`), every caption encoded, freed. Phase `latent_cache`: the VAEs, every clip encoded,
+    freed. With `memory.offload_during_startup` (the default) each phase frees its models before the next loads,
+    so the startup peak is the larger phase, not the sum; the transformer loads only afterwards.
+    """
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lowvram.data.build import cache_latents, cache_text, start_caching
     from lowvram.data.dataset import data_config_from_run
+    from lowvram.offload import apply_weight_streaming
+    from lowvram.offload.phases import Phase, offload_during_startup
     from lowvram.vae import VaeOptions
 
     m = cfg.memory
@@ -692,15 +727,41 @@ def cache_dataset(cfg, components, run_dir: Path, console=None) -> BatchSource:
         temporal_roll=bool(m.vae_temporal_roll),
     )
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else run_dir / "cache"
-    summary = build_caches(
-        data_config_from_run(cfg),
-        components,
-        cache_dir,
-        vae_options=vae_options,
-        max_text_tokens=cfg.data.max_text_tokens,
-        audio=cfg.data.audio,
-        strict=cfg.data.strict,
+    if cfg.model.checkpoint is not None:
+        from lowvram.models.ltx2_checkpoint import open_checkpoint
+
+        open_checkpoint(cfg.model.checkpoint)  # header only: a wrong or pickle checkpoint fails before any work
+    job = start_caching(data_config_from_run(cfg), strict=cfg.data.strict)  # finds bad files before any model loads
+    tokenizers = []
+
+    def load_text() -> nn.Module:
+        parts = load_encoders(cfg, TEXT_PARTS)
+        tokenizers.append(parts.tokenizer)
+        if m.ramtorch_text_encoder and backend.is_accelerator:
+            apply_weight_streaming(parts.text_encoder, backend)
+        return nn.ModuleDict({"text_encoder": parts.text_encoder, "connectors": parts.connectors})
+
+    def encode_text(text: nn.Module) -> None:
+        parts = SimpleNamespace(text_encoder=text["text_encoder"], connectors=text["connectors"],
+                                tokenizer=tokenizers[-1])  # fmt: skip
+        cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
+
+    def load_vaes() -> nn.Module:
+        parts = load_encoders(cfg, VAE_PARTS)
+        return nn.ModuleDict({"video_vae": parts.video_vae, "audio_vae": parts.audio_vae})
+
+    def encode_latents(vaes: nn.Module):
+        parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"])
+        return cache_latents(job, parts, cache_dir, vae_options=vae_options, audio=cfg.data.audio,
+                             strict=cfg.data.strict)  # fmt: skip
+
+    results = offload_during_startup(
+        [Phase("text_cache", load_text, encode_text), Phase("latent_cache", load_vaes, encode_latents)],
+        backend,
+        monitor=monitor,
+        phased=m.offload_during_startup is not False,
     )
+    summary = results[-1].result
     _say(console, summary.format())
     return DiskBatches(summary.items, cfg.train.batch_size, seed=cfg.train.seed, fps=cfg.data.fps)
 
