@@ -404,6 +404,9 @@ def run(
                 lora_path = export_lora(transformer, run_dir / LORA_FILE, cfg) if writer else None
             distributed.barrier()
         console.print(f"LoRA written to {lora_path}")
+        if len(result) >= 20:
+            first, last = (sum(r.loss for r in part) / len(part) for part in (result[:10], result[-10:]))
+            console.print(f"mean loss: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
         if validation_parts is not None:
             with monitor.phase("validation"):
                 path = render_validation(cfg, validation_parts.get(), transformer, run_dir / "validation" / "final.mp4")
