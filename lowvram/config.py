@@ -10,10 +10,19 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lowvram.errors import ConfigError
 
@@ -62,6 +71,16 @@ def parse_resolution(value: str | int) -> tuple[int, int]:
     return w, h
 
 
+def _normalize_resolution(value: Any) -> str:
+    w, h = parse_resolution(value if isinstance(value, int) else str(value))
+    return f"{w}x{h}"
+
+
+# Field types carrying LTX-2's shape rules, shared by the training data and the validation clip.
+Frames = Annotated[int, AfterValidator(check_frames)]
+Resolution = Annotated[str, BeforeValidator(_normalize_resolution)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -92,8 +111,8 @@ class DataSection(Section):
     dataset_dir: str | None = Field(None, description="folder of clips with same-name .txt captions")
     data_backend_config: str | None = Field(None, description="SimpleTuner multidatabackend.json (instead of dir)")
     caption_strategy: Literal["textfile", "filename"] = Field("textfile", description="where captions come from")
-    resolution: str = Field("832x480", description="training bucket WIDTHxHEIGHT, multiples of 32")
-    frames: int = Field(17, description="frames per clip, 8k+1 (17, 33, 49, 57, 65, 81, ...)")
+    resolution: Resolution = Field("832x480", description="training bucket WIDTHxHEIGHT, multiples of 32")
+    frames: Frames = Field(17, description="frames per clip, 8k+1 (17, 33, 49, 57, 65, 81, ...)")
     fps: float = Field(25.0, gt=0, description="frame rate clips are resampled to")
     min_frames: int | None = Field(None, ge=1, description="skip clips shorter than this (default: frames)")
     audio: bool = Field(True, description="train the audio branch too (clips without audio get the loss masked)")
@@ -102,17 +121,6 @@ class DataSection(Section):
     cache_dir: str | None = Field(None, description="text/latent caches (default: OUTPUT/cache)")
     max_text_tokens: int = Field(1024, ge=1, description="Gemma3 token length (left padded)")
     strict: bool = Field(False, description="a bad dataset item is fatal instead of skipped")
-
-    @field_validator("frames")
-    @classmethod
-    def _frames(cls, v: int) -> int:
-        return check_frames(v)
-
-    @field_validator("resolution", mode="before")
-    @classmethod
-    def _resolution(cls, v: Any) -> str:
-        w, h = parse_resolution(v if isinstance(v, int) else str(v))
-        return f"{w}x{h}"
 
     @property
     def width_height(self) -> tuple[int, int]:
@@ -203,22 +211,11 @@ class ValidationSection(Section):
     enabled: bool = Field(False, description="render a validation clip with the LoRA")
     prompt: str = Field("a red circle moving from left to right", description="validation prompt")
     every_n_steps: int = Field(0, ge=0, description="validate every N steps (0 = only at the end)")
-    resolution: str = Field("256x256", description="validation WIDTHxHEIGHT")
-    num_frames: int = Field(17, description="validation frames, 8k+1")
+    resolution: Resolution = Field("256x256", description="validation WIDTHxHEIGHT")
+    num_frames: Frames = Field(17, description="validation frames, 8k+1")
     num_inference_steps: int = Field(20, ge=1, description="denoising steps")
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale")
     seed: int = Field(42, description="validation seed")
-
-    @field_validator("num_frames")
-    @classmethod
-    def _frames(cls, v: int) -> int:
-        return check_frames(v)
-
-    @field_validator("resolution", mode="before")
-    @classmethod
-    def _resolution(cls, v: Any) -> str:
-        w, h = parse_resolution(v if isinstance(v, int) else str(v))
-        return f"{w}x{h}"
 
 
 class OutputSection(Section):

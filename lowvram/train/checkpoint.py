@@ -7,7 +7,6 @@ nothing is pickled. It does not decide when to save (the loop does) and does not
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from lowvram.errors import LowvramError, UsageError
-from lowvram.fsutil import TMP_PREFIX, atomic_write_json, save_safetensors_atomic
+from lowvram.fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, save_safetensors_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -88,7 +87,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -302,12 +301,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
