@@ -22,7 +22,8 @@ def _check_run_folder(out, steps: int) -> None:
     losses = [m["loss"] for m in metrics]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
     phases = [json.loads(line) for line in (out / "memory.jsonl").read_text().splitlines()]
-    assert {"text_cache", "latent_cache", "load_transformer", "train"} <= {p["name"] for p in phases if p["type"] == "phase"}
+    names = {p["name"] for p in phases if p["type"] == "phase"}
+    assert {"text_cache", "latent_cache", "load_transformer", "train"} <= names
 
 
 def test_demo_config_is_the_tiny_model_on_a_dataset_inside_the_run_folder(tmp_path):
