@@ -518,8 +518,8 @@ def test_out_of_memory_while_caching_is_one_line_and_keeps_nothing_half_written(
         loop.run(cfg)
     assert one_line(err.value) == (
         "out of device memory in phase 'latent_cache' (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; "
-        "23.69 GiB total)); lower data.resolution, data.frames or train.batch_size (or set memory.vae_tiling = true for "
-        "caching) and rerun: caches and checkpoints are kept"
+        "23.69 GiB total)); lower data.resolution, data.frames or train.batch_size (or set memory.vae_tiling = "
+        "true for caching) and rerun: caches and checkpoints are kept"
     )
     assert leftovers(out) == []
 
