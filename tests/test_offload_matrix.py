@@ -78,9 +78,7 @@ def plan_cache(tmp_path_factory):
 
 def _planner_prediction(strategy: str, precision: str, checkpointing: bool, cache_dir) -> int:
     settings = plan_settings(strategy, precision, checkpointing=checkpointing, num_blocks=NUM_LAYERS)
-    return planner_step_peak_bytes(
-        tiny_plan_config(precision), settings, num_layers=NUM_LAYERS, cache_dir=cache_dir
-    )
+    return planner_step_peak_bytes(tiny_plan_config(precision), settings, num_layers=NUM_LAYERS, cache_dir=cache_dir)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["ckpt", "no-ckpt"])
@@ -111,8 +109,9 @@ def test_offload_case(strategy, precision, checkpointing, record_property, plan_
         f"baseline {base.peak_bytes} ratio {stats.peak_bytes / predicted:.3f} grad err {worst:.1e}"
     )
     assert stats.peak_bytes <= 1.05 * predicted
-    # and the baseline itself is what the planner predicts for no offload
-    assert base.peak_bytes <= 1.05 * _planner_prediction("none", precision, checkpointing, plan_cache)
+    assert stats.peak_bytes >= 0.95 * predicted  # and the prediction is not a loose bound either
+    base_predicted = _planner_prediction("none", precision, checkpointing, plan_cache)
+    assert 0.95 * base_predicted <= base.peak_bytes <= 1.05 * base_predicted
     if strategy != "block_swap_1":  # one swapped block sits in its one ring slot: by design it saves nothing
         assert stats.peak_bytes < base.peak_bytes
 

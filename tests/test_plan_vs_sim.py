@@ -8,6 +8,7 @@ is priced separately (tests/test_plan_measure.py checks it against a real optimi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -60,7 +61,9 @@ def _settings(strategy: str, precision: str, blocks: int, checkpointing: bool, s
     if strategy == "block_swap_3":
         from lowvram.plan import Settings
 
-        return Settings(precision=precision, gradient_checkpointing=checkpointing, offload="block_swap", blocks_to_swap=3)
+        return Settings(
+            precision=precision, gradient_checkpointing=checkpointing, offload="block_swap", blocks_to_swap=3
+        )
     return plan_settings(strategy, precision, checkpointing=checkpointing, num_blocks=blocks, share=share)
 
 
@@ -124,3 +127,26 @@ def test_planner_defaults_match_what_the_offload_code_runs():
     assert group.group_use_stream is False  # diffusers' stream prefetch is refused in training
     memory = {k.split(".", 1)[1]: v for k, v in group.dotted().items() if k.startswith("memory.")}
     assert memory_plan_refusal(SimpleNamespace(**memory), training=True) is None
+
+
+def test_swapping_one_or_two_blocks_saves_nothing_so_the_chooser_proposes_three_or_more(cache_dir):
+    """The ring has min(2, N) slots: with 1 or 2 swapped blocks each sits in its own slot (as measured above)."""
+    from lowvram.plan import Settings
+    from lowvram.plan.measure import MeasureCache
+    from lowvram.plan.plan import _fixed_settings, _train_candidates, collect_measurements
+    from lowvram.profiles import load_profile
+
+    cfg = tiny_plan_config("fp32")
+    none = planner_step_peak_bytes(cfg, Settings(precision="fp32"), num_layers=6, cache_dir=cache_dir)
+    for k in (1, 2):
+        swap = Settings(precision="fp32", offload="block_swap", blocks_to_swap=k)
+        assert planner_step_peak_bytes(cfg, swap, num_layers=6, cache_dir=cache_dir) == none
+    three = Settings(precision="fp32", offload="block_swap", blocks_to_swap=3)
+    assert planner_step_peak_bytes(cfg, three, num_layers=6, cache_dir=cache_dir) < none
+
+    profile = load_profile("cpu")
+    m = replace(collect_measurements(cfg, profile, MeasureCache(cache_dir)), num_layers=6)
+    candidates = _train_candidates(m, cfg, profile, False, _fixed_settings(cfg), vram_ok=2**40)
+    swapped = {c.blocks_to_swap for c in candidates if c.offload == "block_swap"}
+    assert swapped == {3, 4, 5, 6}
+    assert all(not c.group_use_stream for c in candidates if c.offload == "group")

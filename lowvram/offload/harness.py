@@ -162,6 +162,8 @@ def apply_named_strategy(name: str, transformer: nn.Module, backend: Backend, *,
     if name == "none":
         return None
     if name == "streaming":
+        # what `ramtorch: true` streams (apply_memory_plan): the blocks' frozen Linears, as the planner budgets it
+        options = {"share": 1.0, "patterns": offload.BLOCK_LINEARS, **options}
         return offload.apply_weight_streaming(transformer, backend, **options)
     if name == "block_swap_1":
         return offload.apply_block_swap(transformer, backend, blocks_to_swap=1, **options)
@@ -174,9 +176,82 @@ def apply_named_strategy(name: str, transformer: nn.Module, backend: Backend, *,
     raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The planner's side: the same tiny run described as a run config + planner Settings, so the planner's prediction can
+# be compared with what the simulated device measures.
+
+
+def tiny_plan_config(
+    precision: str = "fp32", *, rank: int = 4, resolution: str = "64x64", frames: int = 9, text_tokens: int = 8
+):
+    """A tiny-family run config whose training shape is what `plan_batch` feeds the tiny transformer."""
+    from lowvram.config import load_config
+
+    cfg, _ = load_config(
+        None,
+        {
+            "model.family": "tiny",
+            "model.precision": precision,
+            "train.mixed_precision": "fp32",
+            "data.resolution": resolution,
+            "data.frames": frames,
+            "data.max_text_tokens": text_tokens,
+            "lora.rank": rank,
+        },
+    )
+    return cfg
+
+
+def plan_batch(transformer: nn.Module, cfg, *, seed: int = 1) -> TinyBatch:
+    """A batch of the token counts the planner derives from `cfg` (latent frames x height x width, audio, text)."""
+    from lowvram.plan.measure import model_configs
+    from lowvram.plan.plan import run_shape
+
+    shape = run_shape(cfg, model_configs(cfg.model.family))
+    return tiny_batch(
+        transformer,
+        batch=shape.batch,
+        frames=shape.latent_frames,
+        height=shape.latent_height,
+        width=shape.latent_width,
+        audio_tokens=shape.audio_tokens,
+        text_tokens=shape.text_tokens,
+        seed=seed,
+    )
+
+
+def plan_settings(name: str, precision: str, *, checkpointing: bool, num_blocks: int, share: float = 1.0):
+    """The planner's `Settings` for a strategy named as in STRATEGIES (plus `streaming` with a partial `share`)."""
+    from lowvram.plan.budget import Settings
+
+    base = {"precision": precision, "gradient_checkpointing": checkpointing}
+    if name == "none":
+        return Settings(**base)
+    if name == "streaming":
+        return Settings(**base, offload="ramtorch", ramtorch_share=share)
+    if name == "block_swap_1":
+        return Settings(**base, offload="block_swap", blocks_to_swap=1)
+    if name == "block_swap_all_but_one":
+        return Settings(**base, offload="block_swap", blocks_to_swap=num_blocks - 1)
+    if name in ("group_block_level", "group_leaf_level"):
+        return Settings(**base, offload="group", group_type=name.removeprefix("group_"))
+    if name == "activation_offload":
+        return Settings(**{**base, "gradient_checkpointing": True}, activation_offload=True)
+    raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+
+
+def planner_step_peak_bytes(cfg, settings, *, num_layers: int, cache_dir=None) -> int:
+    """The planner's predicted device peak of one forward + backward (no optimizer state, no reserve)."""
+    from lowvram.plan import predict_peak
+    from lowvram.profiles import load_profile
+
+    return predict_peak(cfg, load_profile("cpu"), settings, num_layers=num_layers, cache_dir=cache_dir).step_bytes
+
+
 def predicted_peak_bytes(baseline_peak_bytes: int, strategy) -> int:
-    """The analytic prediction the matrix checks: the no-offload peak (same precision and checkpointing), less
-    what the strategy keeps off the device, plus what it holds there at once (ring slots, prefetched weights).
+    """The offload side's rough bound (tools/gpu_check.py prints it): the no-offload peak, less what the strategy
+    keeps off the device, plus its `working_set_bytes` (an upper bound: it over-counts streaming and group offload
+    by 15-45% on the tiny model). The reference prediction is the planner's: `planner_step_peak_bytes`.
     """
     if strategy is None:
         return baseline_peak_bytes

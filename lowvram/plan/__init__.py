@@ -4,6 +4,6 @@ Entry point: `plan_run(cfg, profile, choose=...) -> Plan`. Nothing here loads we
 """
 
 from lowvram.plan.budget import Settings
-from lowvram.plan.plan import Plan, budget_settings, plan_run
+from lowvram.plan.plan import PeakPrediction, Plan, budget_settings, plan_run, predict_peak
 
-__all__ = ["Plan", "Settings", "budget_settings", "plan_run"]
+__all__ = ["PeakPrediction", "Plan", "Settings", "budget_settings", "plan_run", "predict_peak"]

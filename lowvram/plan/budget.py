@@ -260,7 +260,9 @@ class StepMeasure:
         self, num_layers: int, lora_grad_per_block_bytes: int, *, offloaded_kept: bool = False
     ) -> int:
         """Peak of activations + LoRA grads for `num_layers` identical blocks (see activation_points)."""
-        return max(self.activation_points(num_layers, lora_grad_per_block_bytes, offloaded_kept=offloaded_kept).values())
+        return max(
+            self.activation_points(num_layers, lora_grad_per_block_bytes, offloaded_kept=offloaded_kept).values()
+        )
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,46 @@ def transformer_device_bytes(m: Measurements, s: Settings, dtype: str, gpus: int
     return out
 
 
+def saved_weight_copy_share(m: Measurements, s: Settings, dtype: str) -> float:
+    """How much of a dense compute-dtype copy of each frozen block weight autograd holds for backward (0..1).
+
+    Plain and quanto Linears save the resident weight itself (no bytes). torchao's int8 weight-only linear computes
+    with `int_data.to(dtype)`, which autograd saves: a dense copy per Linear whose input needs grad (measured on the
+    simulated device), except for streamed Linears (they save nothing). leaf_level group offload saves the
+    onloaded copies, at the stored precision.
+    """
+    share = 0.0
+    if s.precision == "int8-torchao":
+        share = 1.0 - (s.ramtorch_share if s.offload == "ramtorch" else 0.0)
+    if s.offload == "group" and s.group_type == "leaf_level":
+        dense = m.block.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+        share = max(share, m.block.bytes(s.precision, dtype) / dense if dense else 1.0)
+    return min(max(share, 0.0), 1.0)
+
+
+def activation_points(m: Measurements, s: Settings, dtype: str, lora_grad_per_block_bytes: int) -> dict[str, int]:
+    """Activations + LoRA grads (+ weight copies autograd saves) at each point of the step, for settings `s`.
+
+    The copies come from the step measured with every frozen leaf computing from a fresh copy (with block 0 also
+    measured as a first block, whose inputs need no grad); they are scaled by `saved_weight_copy_share`.
+    """
+    n = m.num_layers
+    plain = m.step[s.gradient_checkpointing].activation_points(
+        n, lora_grad_per_block_bytes, offloaded_kept=s.activation_offload
+    )
+    share = saved_weight_copy_share(m, s, dtype) if m.onload_step is not None else 0.0
+    if share == 0.0:
+        return plain
+    first = m.onload_first_block[s.gradient_checkpointing] if m.onload_first_block is not None else None
+    copies = m.onload_step[s.gradient_checkpointing].activation_points(
+        n,
+        lora_grad_per_block_bytes,
+        offloaded_kept=s.activation_offload,
+        first_block_bwd_bytes=first.peaks["block_bwd"] if first is not None else None,
+    )
+    return {k: plain[k] + math.ceil(share * max(0, copies[k] - plain[k])) for k in plain}
+
+
 def group_offload_peak(
     m: Measurements, s: Settings, dtype: str, lora_grad_per_block_bytes: int
 ) -> tuple[dict[str, int], int, str]:
@@ -374,24 +416,15 @@ def group_offload_peak(
     block_level (the adapter in offload/group.py, no stream): the outside layers form one group onloaded for the
     whole forward; a group of blocks is onloaded while its blocks run and stays bound until the next group onloads
     (in backward too: the checkpoint recompute onloads it). leaf_level: each frozen leaf is onloaded for its own
-    forward and lives on only where autograd saved it; the checkpointed step measured with fresh copies holds
-    exactly those, and the non-leaf parameters (norms, modulation tables) are added whole.
+    forward and lives on only where autograd saved it (counted in `activation_points`); the non-leaf parameters
+    (norms, modulation tables) are added whole.
     """
     n = m.num_layers
+    points = activation_points(m, s, dtype, lora_grad_per_block_bytes)
     if s.group_type == "leaf_level" and m.onload_step is not None:
-        step = m.onload_step[s.gradient_checkpointing]
-        first = m.onload_first_block[s.gradient_checkpointing] if m.onload_first_block is not None else None
-        points = step.activation_points(
-            n,
-            lora_grad_per_block_bytes,
-            offloaded_kept=s.activation_offload,
-            first_block_bwd_bytes=first.peaks["block_bwd"] if first is not None else None,
-        )
         point = max(points, key=points.get)
         weights = {"non-leaf weights (norms, tables)": m.nonleaf_params * _itemsize(dtype)}
         return weights, points[point], f"{point}, onloaded leaf weights included"
-    step = m.step[s.gradient_checkpointing]
-    points = step.activation_points(n, lora_grad_per_block_bytes, offloaded_kept=s.activation_offload)
     outside = m.rest.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
     group = min(s.group_blocks_per_group, n) * m.block.bytes(s.precision, dtype)
     onloaded = {
@@ -508,7 +541,10 @@ def budget(
     lora_params = step.lora_params_per_block * n
     lora_item = _itemsize(opts.lora_dtype)
     lora_grad_block = step.lora_params_per_block * lora_item
-    acts = step.activation_peak_bytes(n, lora_grad_block, offloaded_kept=s.activation_offload)
+    acts = max(activation_points(m, s, dtype, lora_grad_block).values())
+    acts_label = "activations + LoRA grads (peak)"
+    if saved_weight_copy_share(m, s, dtype) > 0:
+        acts_label = "activations + LoRA grads + weight copies saved for backward (peak)"
     if s.offload == "group" and opts.gpus == 1:
         onloaded, acts, point = group_offload_peak(m, s, dtype, lora_grad_block)
         tx_device = {**tx_device, **{f"{k} at the peak ({point})": v for k, v in onloaded.items()}}
@@ -518,7 +554,7 @@ def budget(
         "LoRA parameters": math.ceil(lora_params * lora_item / opts.gpus),
         "optimizer state": math.ceil(optimizer_state_bytes(s.optimizer, lora_params, opts.lora_dtype) / opts.gpus),
         # LoRA grads are inside the measured peak: they accumulate during backward as activations are freed
-        "activations + LoRA grads (peak)": acts,
+        acts_label: acts,
         # with gradient accumulation the previous micro-batches' grads are alive through the next forward
         "LoRA grads held between micro-batches": lora_params * lora_item if opts.grad_accumulation_steps > 1 else 0,
         **resident_except("transformer"),

@@ -188,6 +188,62 @@ def transformer_weights(configs: ModelConfigs) -> dict:
     return {"block": block, "rest": rest, "num_layers": configs.transformer.get("num_layers", 48)}
 
 
+# diffusers' leaf_level group offload makes one group of each of these (its _GO_LC_SUPPORTED_PYTORCH_LAYERS)
+_LEAF_TYPES = (
+    torch.nn.Linear,
+    torch.nn.Embedding,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+)
+
+
+def transformer_nonleaf_params(configs: ModelConfigs) -> dict:
+    """Parameters outside leaf modules (norm weights, modulation tables): leaf_level group offload onloads them with
+    their parent module, so they sit beside the onloaded leaves for the parent's whole forward."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    with torch.device("meta"):
+        model = LTX2VideoTransformer3DModel(**{**configs.transformer, "num_layers": 1})
+    block = rest = 0
+    for name, module in model.named_modules():
+        if isinstance(module, _LEAF_TYPES):
+            continue
+        own = sum(p.numel() for p in module._parameters.values() if p is not None)
+        if name.startswith("transformer_blocks."):
+            block += own
+        else:
+            rest += own
+    return {"block_nonleaf_params": block, "rest_nonleaf_params": rest}
+
+
+def _onload_leaf_copies(model: torch.nn.Module) -> list:
+    """Hooks that make every frozen leaf module compute with a fresh copy of its weights, dropped after its forward:
+    what leaf_level group offload does. Autograd keeps a copy only where it saved the weight for backward, so the
+    measured bytes then include exactly the onloaded weights a step holds at each point."""
+    handles = []
+
+    def pre(module, _args):
+        saved = {}
+        for name, param in list(module._parameters.items()):
+            if param is not None and not param.requires_grad:
+                saved[name] = param
+                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+        module._lowvram_onloaded = saved
+
+    def post(module, _args, _output):
+        module._parameters.update(module.__dict__.pop("_lowvram_onloaded", {}))
+
+    for module in model.modules():
+        if isinstance(module, _LEAF_TYPES) and any(not p.requires_grad for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+    return handles
+
+
 def text_encoder_weights(configs: ModelConfigs) -> dict:
     """Gemma3 as loaded (language model, vision tower, projector) split into quantizable Linears and the rest."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
@@ -263,8 +319,15 @@ def measure_transformer_step(
     checkpointing: bool,
     attention: str = "flash",
     num_layers: int = 1,
+    onload_copies: bool = False,
+    first_block: bool = False,
 ) -> dict:
     """Activation bytes (parameters excluded, LoRA grads included) of one training step, by section.
+
+    With `onload_copies` every frozen leaf module computes with a fresh copy of its weights (leaf_level group
+    offload), so the bytes include the onloaded weights alive at each point. With `first_block` block 0 is measured
+    as the first block of a real run (its inputs come from frozen layers and need no grad): only its peaks are
+    meaningful then (there is no input-grad mark).
 
     Sections: `head` (embeddings, RoPE, caption projection), `block_fwd` / `block_bwd` of block 0, `tail` (output
     layers, loss and their backward), `head_bwd`. Marks give live bytes at the block's boundaries. Block 0 is
@@ -307,9 +370,9 @@ def measure_transformer_step(
                 kwargs.get("hidden_states", args[0] if args else None),
                 kwargs.get("audio_hidden_states", args[1] if len(args) > 1 else None),
             ]
-            torch.autograd.graph.register_multi_grad_hook(
-                [t for t in inputs if t is not None and t.requires_grad], on_bwd_end
-            )
+            needing_grad = [t for t in inputs if t is not None and t.requires_grad]
+            if needing_grad:
+                torch.autograd.graph.register_multi_grad_hook(needing_grad, on_bwd_end)
 
         def post_hook(_module, _args, _kwargs, output):
             if state["calls"] > 1:
@@ -326,6 +389,8 @@ def measure_transformer_step(
             block.register_forward_pre_hook(pre_hook, with_kwargs=True),
             block.register_forward_hook(post_hook, with_kwargs=True),
         ]
+        if onload_copies:
+            handles += _onload_leaf_copies(model)
         # Without early stop the recompute runs the whole block: its end marks what an uncheckpointed block keeps
         # (and the peak is at most a few output-sized tensors above the early-stopping default: conservative).
         no_early_stop = torch.utils.checkpoint.set_checkpoint_early_stop(False)
@@ -336,9 +401,10 @@ def measure_transformer_step(
             audio_latents = torch.empty(b, s_a, cfg.audio_in_channels, dtype=dtype)
             audio_noise = torch.empty_like(audio_latents)
             sigma = torch.empty(b)
-            x_t = (latents * (1 - sigma.view(b, 1, 1)) + noise * sigma.view(b, 1, 1)).to(dtype).requires_grad_(True)
+            x_t = (latents * (1 - sigma.view(b, 1, 1)) + noise * sigma.view(b, 1, 1)).to(dtype)
+            x_t.requires_grad_(not first_block)
             a_t = (audio_latents * (1 - sigma.view(b, 1, 1)) + audio_noise * sigma.view(b, 1, 1)).to(dtype)
-            a_t.requires_grad_(True)
+            a_t.requires_grad_(not first_block)
             text = torch.empty(b, length, cfg.caption_channels, dtype=dtype)
             audio_text = torch.empty(b, length, cfg.caption_channels, dtype=dtype)
             mask = torch.ones(b, length, dtype=torch.int64)

@@ -42,6 +42,7 @@ from lowvram.plan.measure import (
     model_configs,
     text_encoder_weights,
     train_shape,
+    transformer_nonleaf_params,
     transformer_weights,
     vae_weights,
 )
@@ -164,11 +165,13 @@ class Plan:
                     if nbytes:
                         table.add_row(name, device, component, f"{nbytes / 2**30:.2f}")
                 total = sum(items.values())
-                style = "bold red" if total - items.get("reserve", 0) > limit else "bold"
+                # The reserve is inside the total, so the limit shown includes it too: like is compared with like.
+                limit += items.get("reserve", 0)
+                style = "bold red" if total > limit else "bold"
                 table.add_row(
                     name,
                     device,
-                    f"[{style}]peak (usable {limit / 2**30:.1f})[/{style}]",
+                    f"[{style}]peak (limit {limit / 2**30:.2f})[/{style}]",
                     f"[{style}]{total / 2**30:.2f}[/{style}]",
                     end_section=device == "RAM",
                 )
@@ -256,8 +259,9 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
     cfg_key = {"family": configs.family, "transformer": configs.transformer}
 
     weights = cache.get("transformer-weights", cfg_key, lambda: transformer_weights(configs))
+    nonleaf = cache.get("transformer-nonleaf", cfg_key, lambda: transformer_nonleaf_params(configs))
 
-    def step(ckpt: bool) -> StepMeasure:
+    def step(ckpt: bool, onload_copies: bool = False, first_block: bool = False) -> StepMeasure:
         key = {
             **cfg_key,
             "shape": shape.__dict__,
@@ -265,12 +269,21 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
             "dtype": dtype,
             "ckpt": ckpt,
             "attention": attention,
+            **({"onload_copies": True} if onload_copies else {}),
+            **({"first_block": True} if first_block else {}),
         }
         raw = cache.get(
             "transformer-step",
             key,
             lambda: measure_transformer_step(
-                configs.transformer, shape, lora, compute_dtype=dtype, checkpointing=ckpt, attention=attention
+                configs.transformer,
+                shape,
+                lora,
+                compute_dtype=dtype,
+                checkpointing=ckpt,
+                attention=attention,
+                onload_copies=onload_copies,
+                first_block=first_block,
             ),
         )
         return StepMeasure(raw["marks"], raw["peaks"], raw["flops"], raw["lora_params_per_block"])
@@ -330,6 +343,9 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         latent_item_bytes=latent_item,
         batch_input_bytes=shape.batch * (text_item + latent_item),
         attention=attention,
+        onload_step=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True)),
+        onload_first_block=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True, first_block=True)),
+        nonleaf_params=nonleaf["block_nonleaf_params"] + nonleaf["rest_nonleaf_params"],
     )
 
 
@@ -358,6 +374,7 @@ def _fixed_settings(cfg: RunConfig) -> dict[str, Any]:
         fixed["offload"] = "group"
         fixed["group_blocks_per_group"] = mem.group_offload_blocks_per_group
         fixed["group_use_stream"] = mem.group_offload_use_stream
+        fixed["group_type"] = mem.group_offload_type
     explicit_off = [mem.ramtorch in (False, 0, 0.0), mem.blocks_to_swap == 0, mem.group_offload is False]
     if "offload" not in fixed and all(v is not None for v in (mem.ramtorch, mem.blocks_to_swap, mem.group_offload)):
         if all(explicit_off):
@@ -412,7 +429,9 @@ def _train_candidates(
     if kind in (None, "none"):
         offloads.append({"offload": "none"})
     if kind is None or kind == "block_swap":
-        counts = [fixed["blocks_to_swap"]] if kind == "block_swap" else range(1, n + 1)
+        # The ring has min(2, N) slots: swapping 1 or 2 blocks keeps them all in the ring, saving nothing while
+        # paying their copies. So the chooser proposes 3 or more (a config may still fix fewer).
+        counts = [fixed["blocks_to_swap"]] if kind == "block_swap" else range(3, n + 1)
         if "block_swap" not in excluded:
             offloads += [{"offload": "block_swap", "blocks_to_swap": k} for k in counts]
     if kind is None or kind == "ramtorch":
@@ -422,10 +441,16 @@ def _train_candidates(
     if kind is None or kind == "group":
         if "group" not in excluded:
             if kind == "group":
-                groups = [(fixed["group_blocks_per_group"], fixed["group_use_stream"])]
+                groups = [(fixed["group_blocks_per_group"], fixed["group_use_stream"], fixed["group_type"])]
             else:
-                groups = list(itertools.product((1, 2, 4), (False, True)))
-            offloads += [{"offload": "group", "group_blocks_per_group": g, "group_use_stream": st} for g, st in groups]
+                # diffusers' stream prefetch is refused in training (see offload/group.py); leaf_level is only
+                # evaluated when a config asks for it (it needs one more fake measurement, and block_level with
+                # one block per group is what it approaches at far more onloads)
+                groups = [(g, False, "block_level") for g in (1, 2, 4)]
+            offloads += [
+                {"offload": "group", "group_blocks_per_group": g, "group_use_stream": st, "group_type": t}
+                for g, st, t in groups
+            ]
     out = []
     for precision, ckpt, act, off in itertools.product(precisions, ckpts, act_offloads, offloads):
         if act and not ckpt:
@@ -450,7 +475,7 @@ def _refusal(s: Settings) -> str | None:
     from lowvram.offload import memory_plan_refusal
 
     memory = {k.split(".", 1)[1]: v for k, v in s.dotted().items() if k.startswith("memory.")}
-    return memory_plan_refusal(SimpleNamespace(**memory, group_offload_type="block_level"), training=True)
+    return memory_plan_refusal(SimpleNamespace(**memory), training=True)
 
 
 def _supported(precision: str, profile: HardwareProfile) -> bool:
@@ -551,8 +576,8 @@ def plan_run(
         f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
     ) + (
         (
-            f"FSDP2 over {gpus} GPUs: per-GPU batch {math.ceil(cfg.train.batch_size / gpus)}; the all-gathers and "
-            "reduce-scatters between GPUs are not in the step time",
+            f"FSDP2 over {gpus} GPUs: per-GPU batch {math.ceil(cfg.train.batch_size / gpus)}; block all-gathers "
+            "between GPUs at the profile's pinned host->device bandwidth, overlapped with compute",
         )
         if gpus > 1
         else ()
@@ -849,3 +874,40 @@ def budget_settings(
         step=c.time,
         config=apply_overrides(cfg, dotted),
     )
+
+
+@dataclass(frozen=True)
+class PeakPrediction:
+    """The planner's train-phase device peak for exact settings, split the way a measured step is compared."""
+
+    step_bytes: int  # one forward + backward: resident weights, LoRA params + grads, activations, offload buffers
+    optimizer_bytes: int  # optimizer state (alive from the first optimizer step on)
+    reserve_bytes: int  # the profile's context / fragmentation reserve (not an allocation)
+    components: dict[str, int]  # step_bytes by component, as the plan table shows them
+
+    @property
+    def total_bytes(self) -> int:
+        return self.step_bytes + self.optimizer_bytes + self.reserve_bytes
+
+
+def predict_peak(
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    settings: Settings,
+    *,
+    num_layers: int | None = None,
+    cache_dir=None,
+) -> PeakPrediction:
+    """The train phase's device peak for exactly `settings`, from the same measurements and budget as `plan_run`.
+
+    `num_layers` overrides the model's depth (the blocks are identical, so the one-block measurement composes to
+    any depth): the offload tests run a 4-6 block tiny model on the simulated device and compare.
+    """
+    m = collect_measurements(cfg, profile, MeasureCache(cache_dir))
+    if num_layers is not None:
+        m = replace(m, num_layers=num_layers)
+    train = budget(m, settings, profile, _budget_options(cfg, DEFAULT_EFFICIENCY))["train"]
+    components = dict(train.vram)
+    reserve = components.pop("reserve", 0)
+    optimizer = components.pop("optimizer state", 0)
+    return PeakPrediction(sum(components.values()), optimizer, reserve, components)
