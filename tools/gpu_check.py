@@ -1,8 +1,9 @@
 """Each offload strategy on a real GPU (CUDA or ROCm): measured peak VRAM, s/step and H2D GB/s beside predictions.
 
 Builds a few blocks of the real LTX-2 transformer width (ltx-2.0 config, fewer layers) with LoRA, runs one strategy
-at a time through the device seam, and prints measured vs predicted. `--simulate` runs the same code on the simulated
-accelerator with a narrow model (tests run it, so this path is never dead code). It changes no setting of the GPU.
+at a time through the device seam, and prints measured vs the planner's predictions (`lowvram.plan.predict_peak` for
+the same shapes and settings). `--simulate` runs the same code on the simulated accelerator with the tiny family's
+widths (tests run it, so this path is never dead code). It changes no setting of the GPU.
 
     python tools/gpu_check.py                 # CUDA / ROCm
     python tools/gpu_check.py --simulate      # anywhere
@@ -22,22 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 STRATEGIES = ("none", "streaming", "block_swap", "group_block_level", "group_leaf_level", "activation_offload")
-# Narrow widths for --simulate: the real class and block structure, small enough for a CPU.
-SIMULATED_WIDTHS = dict(
-    num_attention_heads=4,
-    attention_head_dim=16,
-    cross_attention_dim=64,
-    caption_channels=32,
-    audio_num_attention_heads=4,
-    audio_attention_head_dim=8,
-    audio_cross_attention_dim=32,
-    in_channels=16,
-    out_channels=16,
-    audio_in_channels=16,
-    audio_out_channels=16,
-)
-
-
 @dataclass(frozen=True)
 class Row:
     strategy: str
@@ -49,26 +34,41 @@ class Row:
     refused: str | None = None
 
 
+def plan_config(args):
+    """The run config whose shapes the model and batch are built from, and the planner predicts for.
+
+    On a GPU: the real LTX-2 block width at the given latent shape. Under --simulate: the tiny family (the planner's
+    prediction for it is tested against the simulated device within 5%).
+    """
+    from lowvram.config import load_config
+
+    family = "tiny" if args.simulate else "ltx2"
+    cfg, _ = load_config(
+        None,
+        {
+            "model.family": family,
+            "model.precision": args.precision,
+            "train.mixed_precision": args.dtype,
+            "data.resolution": f"{args.width * 32}x{args.height * 32}",
+            "data.frames": (args.frames - 1) * 8 + 1,
+            "data.max_text_tokens": args.text_tokens,
+            "lora.rank": args.rank,
+        },
+    )
+    return cfg
+
+
 def _build(args, backend):
     from lowvram.models.ltx2_checkpoint import real_transformer_config
-    from lowvram.offload.harness import tiny_batch, tiny_lora_transformer
+    from lowvram.offload.harness import plan_batch, tiny_lora_transformer
 
-    config = {k: v for k, v in real_transformer_config().items() if not k.startswith("_")}
-    if args.simulate:
-        config.update(SIMULATED_WIDTHS)
+    config = None if args.simulate else {k: v for k, v in real_transformer_config().items() if not k.startswith("_")}
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     # Cast before quantizing, so quantized scales and LoRA weights share the compute dtype.
     transformer = tiny_lora_transformer(
         args.precision, num_layers=args.layers, config=config, rank=args.rank, dtype=dtype
     )
-    batch = tiny_batch(
-        transformer,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        audio_tokens=args.audio_tokens,
-        text_tokens=args.text_tokens,
-    )
+    batch = plan_batch(transformer, plan_config(args))
     if args.dtype == "bf16":
         batch = type(batch)(
             **{
@@ -163,14 +163,29 @@ def measure_link_gbps(args) -> float:
     return 3 * nbytes / (time.perf_counter() - start) / 1e9
 
 
+def planner_settings(name: str, args):
+    """The planner's `Settings` for the strategy as `_apply` applies it (checkpointing on, as it enables)."""
+    from lowvram.offload.harness import plan_settings
+
+    harness_name = {"block_swap": "block_swap_all_but_one"}.get(name, name)
+    return plan_settings(harness_name, args.precision, checkpointing=True, num_blocks=args.layers)
+
+
 def run(args) -> list[Row]:
     from lowvram.errors import UsageError
-    from lowvram.offload.harness import predicted_peak_bytes
+    from lowvram.plan import predict_peak
     from lowvram.profiles import load_profile
 
     profile = load_profile(args.profile)
+    cfg = plan_config(args)
+
+    def predicted(name: str) -> int:
+        """The planner's peak of one forward + backward with this strategy (the check runs no optimizer step; on a
+        GPU, max reserved also holds allocator slack, which the profile's reserve covers in a plan)."""
+        return predict_peak(cfg, profile, planner_settings(name, args), num_layers=args.layers).step_bytes
+
     base_peak, base_s, _, _ = _run("none", args)
-    rows = [Row("none", base_peak, base_peak, base_s, base_s, 0)]
+    rows = [Row("none", base_peak, predicted("none"), base_s, base_s, 0)]
     for name in args.strategies.split(","):
         if name == "none":
             continue
@@ -181,7 +196,7 @@ def run(args) -> list[Row]:
             continue
         # A streamed copy overlaps compute: the step takes the longer of the two (the copy at the profile's link).
         predicted_s = max(base_s, moved / (profile.h2d_pinned_gbps * 1e9))
-        rows.append(Row(name, peak, predicted_peak_bytes(base_peak, strategy), step_s, predicted_s, moved))
+        rows.append(Row(name, peak, predicted(name), step_s, predicted_s, moved))
     return rows
 
 
@@ -212,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     link = measure_link_gbps(args)
     rows = run(args)
-    where = "simulated accelerator (narrow widths)" if args.simulate else "GPU"
+    where = "simulated accelerator (tiny widths)" if args.simulate else "GPU"
     print(f"{where}: {args.layers} blocks, {args.precision}/{args.dtype}, pinned H2D measured {link:.2f} GB/s")
     header = (
         f"{'strategy':<20}{'peak MiB':>10}{'pred MiB':>10}{'s/step':>10}{'pred s':>10}{'H2D GB/s':>10}{'MB/step':>10}"
