@@ -7,7 +7,7 @@ modules between devices (train/objective.py and the offload strategies do).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,9 @@ class LTX2Components:
     text_encoder: Any  # transformers Gemma3ForConditionalGeneration
     tokenizer: Any  # transformers fast tokenizer, left padding
     connectors: Any  # diffusers LTX2TextConnectors
+    # component -> lowvram.quant.stream.LoadResult, for each component loaded at a quantized precision (cache
+    # hit or not, which Linears were quantized, bytes allocated); empty for bf16/fp32 loads.
+    quant_loads: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,8 @@ def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> 
 def load_components(checkpoint, text_encoder=None, **kwargs) -> LTX2Components:
     """Load from the official single .safetensors or a diffusers folder (+ a local Gemma3 folder).
 
-    See `lowvram.models.ltx2_checkpoint.load_components` for the options (family, dtype, device, components).
+    See `lowvram.models.ltx2_checkpoint.load_components` for the options (family, dtype, device, components, and
+    precision / text_encoder_precision / quant_cache_dir / profile: quantize while reading, at low host RAM).
     """
     from lowvram.models.ltx2_checkpoint import load_components as _load
 

@@ -1,23 +1,28 @@
 """Loading and saving LTX-2 weights: the official single combined .safetensors, diffusers folders, a Gemma3 folder.
 
 Every component is built on the meta device and filled tensor by tensor from safetensors (peak ~ one copy of the
-weights); keys are checked before anything is read. It never unpickles (.bin/.pt/.ckpt are refused) and never
-downloads: real configs ship with the package.
+weights; at a quantized precision ~ the quantized size, via lowvram.quant.stream); keys are checked before anything
+is read. It never unpickles (.bin/.pt/.ckpt are refused) and never downloads: real configs ship with the package.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lowvram.errors import LowvramError
 from lowvram.models import ltx2
+
+if TYPE_CHECKING:
+    from lowvram.profiles import HardwareProfile
+    from lowvram.quant.stream import LoadResult
 
 FAMILIES = ("ltx-2.0", "tiny")
 FAMILY_ALIASES = {"ltx2": "ltx-2.0", "ltx-2": "ltx-2.0"}
@@ -533,25 +538,208 @@ def load_components(
     dtype: torch.dtype = torch.bfloat16,
     device="cpu",
     components: tuple[str, ...] = (*CHECKPOINT_COMPONENTS, "text_encoder", "tokenizer"),
+    precision: str | None = None,
+    text_encoder_precision: str | None = None,
+    quant_cache_dir: str | Path | None = None,
+    profile: HardwareProfile | None = None,
 ) -> ltx2.LTX2Components:
     """Every requested component from a checkpoint (+ a Gemma3 folder); the rest of the fields are None.
 
     `text_encoder` defaults to the checkpoint folder itself for diffusers folders (text_encoder/, tokenizer/).
+    `precision` / `text_encoder_precision` (e.g. "int8-quanto"; None, bf16 or fp32 = unquantized, in `dtype`): the
+    transformer / Gemma3 are built on meta and quantized Linear by Linear as their weights are read, so host RAM
+    peaks near the quantized size; `dtype` stays the dtype of everything left unquantized. `quant_cache_dir` keeps
+    the quantized weights for later loads. `profile` refuses a precision the machine cannot run before any file is
+    opened. The results of quantized loads are in the returned `quant_loads`.
     """
+    from lowvram.quant.precision import check_backend_supported, parse_precision
+
+    quant = {"transformer": precision, "text_encoder": text_encoder_precision}
+    quant = {name: parse_precision(p) for name, p in quant.items() if p is not None and name in components}
+    quant = {name: p for name, p in quant.items() if p.quantized}
+    if profile is not None:
+        for p in quant.values():
+            check_backend_supported(p, profile)
     source = open_checkpoint(checkpoint, family)
     loaded: dict[str, Any] = {name: None for name in (*CHECKPOINT_COMPONENTS, "text_encoder", "tokenizer")}
+    results: dict[str, LoadResult] = {}
     for name in CHECKPOINT_COMPONENTS:
-        if name in components:
+        if name not in components:
+            continue
+        if name in quant:
+            loaded[name], results[name] = load_component_quantized(
+                source, name, quant[name], dtype=dtype, cache_dir=quant_cache_dir
+            )
+            loaded[name] = loaded[name].to(device)
+        else:
             loaded[name] = load_component(source, name, dtype=dtype, device=device)
     if {"text_encoder", "tokenizer"} & set(components):
         folder = text_encoder if text_encoder is not None else (source.path if source.kind == "diffusers" else None)
         if folder is None:
             raise LowvramError("the single-file checkpoint has no Gemma3: give the local Gemma3 folder (text_encoder)")
-        if "text_encoder" in components:
+        if "text_encoder" in quant:
+            te, results["text_encoder"] = load_text_encoder_quantized(
+                folder, quant["text_encoder"], dtype=dtype, cache_dir=quant_cache_dir
+            )
+            loaded["text_encoder"] = te.to(device)
+        elif "text_encoder" in components:
             loaded["text_encoder"] = load_text_encoder(folder, dtype).to(device)
         if "tokenizer" in components:
             loaded["tokenizer"] = load_tokenizer(folder)
-    return ltx2.LTX2Components(**loaded)
+    return ltx2.LTX2Components(**loaded, quant_loads=results)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantized loading: the same sources read through lowvram.quant.stream, quantizing each Linear as it arrives
+
+
+class ComponentSource:
+    """One component of a checkpoint as a `lowvram.quant.stream.TensorSource`: diffusers keys, plain file reads
+    (nothing stays memory-mapped), scaled fp8 weights dequantized exactly as `iter_component_tensors` does, and
+    row slices (`get_rows`) so a row-wise backend never holds a whole unquantized weight."""
+
+    def __init__(self, source: CheckpointSource, component: str, wanted: set[str]):
+        from lowvram.quant.stream import SafetensorsSource
+
+        self.refs = {k: r for k, r in source.tensors[component].items() if k in wanted}
+        self.raw = source.raw.get(component, {})
+        self.files = sorted({r.file for r in self.refs.values()})
+        self._reader = SafetensorsSource(self.files)  # keyed by the names in the files (unique, checked at open)
+        for ref in self.refs.values():
+            if not ref.dtype.startswith("F8") and not self._reader.index[ref.key].dtype.is_floating_point:
+                raise LowvramError(
+                    f"{ref.file}: {ref.key} is stored as {ref.dtype}; packed 4-bit checkpoints are not supported: "
+                    "use the bf16 (dev) or fp8 checkpoint"
+                )
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def keys(self) -> set[str]:
+        return set(self.refs)
+
+    def mapping(self) -> list[tuple[str, str]]:
+        return sorted((ref.key, key) for key, ref in self.refs.items())
+
+    def get(self, model_key: str) -> torch.Tensor:
+        ref = self.refs[model_key]
+        return self._dequantized(ref, self._reader.get(ref.key), None)
+
+    def get_rows(self, model_key: str, start: int, stop: int) -> torch.Tensor:
+        ref = self.refs[model_key]
+        return self._dequantized(ref, self._reader.get_rows(ref.key, start, stop), (start, stop))
+
+    def _dequantized(self, ref: TensorRef, t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+        if not ref.dtype.startswith("F8"):
+            return t
+        stem = ref.key.rsplit(".", 1)[0]
+        names = [n for n in (f"{stem}.weight_scale", f"{stem}.scale_weight") if n in self.raw]
+        scale = self._reader.get(self.raw[names[0]].key).to(torch.float32) if names else torch.ones(())
+        if scale.ndim == 1 and t.ndim > 1:
+            if rows is not None and scale.numel() > 1:
+                scale = scale[rows[0] : rows[1]]
+            scale = scale.view(-1, *([1] * (t.ndim - 1)))  # per output channel
+        return t.to(torch.float32) * scale
+
+
+def load_component_quantized(
+    source: CheckpointSource,
+    component: str,
+    precision,
+    *,
+    dtype: torch.dtype,
+    cache_dir: str | Path | None = None,
+) -> tuple[torch.nn.Module, LoadResult]:
+    """`component` built with its parameters on meta, filled by `load_quantized` with its exclude list, frozen and
+    ready for peft. Keys and shapes are checked (by name, as `load_component` does) before any tensor is read."""
+    from lowvram.quant.backends import prepare_for_peft
+    from lowvram.quant.exclude import EXCLUDES
+    from lowvram.quant.stream import build_empty, load_quantized
+
+    if component not in source.tensors:
+        raise LowvramError(f"{source.path} has no {component} weights")
+    config = source.configs[component]
+    skeleton = build_empty(lambda: ltx2.build_component(component, config))
+    check_keys(component, skeleton, source.tensors[component], source.path)
+    wanted = set(skeleton.state_dict(keep_vars=True))
+    with contextlib.closing(ComponentSource(source, component, wanted)) as tensors:
+        result = load_quantized(
+            skeleton, tensors, precision, dtype=dtype, exclude=EXCLUDES.get(component, ()), cache_dir=cache_dir
+        )
+    prepare_for_peft(skeleton)
+    return skeleton.eval().requires_grad_(False), result
+
+
+# Older Gemma3 checkpoints (google/gemma-3-*, written before transformers 5) name the text model
+# `language_model.model.*`; transformers renames them on load, and so do we (first match wins).
+_GEMMA_RENAMES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def gemma_key(key: str) -> str:
+    """A Gemma3ForConditionalGeneration checkpoint key in transformers 5 naming."""
+    for old, new in _GEMMA_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def load_text_encoder_quantized(
+    folder: str | Path, precision, *, dtype: torch.dtype, cache_dir: str | Path | None = None
+) -> tuple[torch.nn.Module, LoadResult]:
+    """Gemma3ForConditionalGeneration from a local folder, built on meta and quantized while read (GEMMA3_EXCLUDE;
+    the lm_head/embedding tie is kept: the tied pair is left unquantized and loaded once)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lowvram.quant.backends import prepare_for_peft
+    from lowvram.quant.exclude import GEMMA3_EXCLUDE
+    from lowvram.quant.stream import build_empty, load_quantized
+
+    folder = _gemma_folder(Path(folder), "text_encoder")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        what = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
+        raise LowvramError(f"{folder} has {what}; lowvram loads Gemma3 from safetensors only")
+    try:
+        config = Gemma3Config.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LowvramError(f"cannot read the Gemma3 config in {folder}: {str(e).strip().splitlines()[0]}") from e
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained(dtype=...) does: computed buffers get the weights' dtype
+    try:
+        skeleton = build_empty(lambda: Gemma3ForConditionalGeneration(config))
+    finally:
+        torch.set_default_dtype(previous)
+    # strict=False: like from_pretrained, spare tensors in the files are ignored; missing ones are still refused.
+    result = load_quantized(
+        skeleton,
+        files,
+        precision,
+        dtype=dtype,
+        exclude=GEMMA3_EXCLUDE,
+        key_map=gemma_key,
+        cache_dir=cache_dir,
+        strict=False,
+    )
+    prepare_for_peft(skeleton)
+    return skeleton.eval().requires_grad_(False), result
+
+
+def quantize_loaded(module: torch.nn.Module, component: str, precision) -> list[str]:
+    """Quantize an already-loaded component in place with its exclude list and make it ready for peft; for models
+    built in memory (the tiny family). Checkpoints go through `load_components(precision=...)` instead."""
+    from lowvram.quant.backends import prepare_for_peft, quantize_model
+    from lowvram.quant.exclude import EXCLUDES
+
+    names = quantize_model(module, precision, EXCLUDES.get(component, ()))
+    prepare_for_peft(module)
+    return names
 
 
 # --------------------------------------------------------------------------------------------------------------------
