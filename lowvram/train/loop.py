@@ -365,11 +365,11 @@ def run(
         monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
     try:
         with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
-            batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console)
+            batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console, profile=decision.profile)
         # Validation renders with the encoders and VAEs again: loaded on the host when first needed, not kept.
         validation_parts = _Lazy(lambda: load_encoders(cfg)) if cfg.validation.enabled else None
         with monitor.phase("load_transformer"), distributed.in_turn():
-            transformer = load_transformer(cfg)
+            transformer = load_transformer(cfg, decision.profile)
             if env is not None:
                 # FSDP2: each rank adds the LoRA and sends its shard to its GPU before the next rank loads, so the
                 # host holds one whole transformer at a time, not one per process (fit() then finds it ready).
@@ -391,7 +391,7 @@ def run(
                 decision,
                 transformer,
                 batches,
-                reload=lambda: load_transformer(cfg),
+                reload=lambda: load_transformer(cfg, decision.profile),
                 run_dir=run_dir,
                 backend=backend,
                 console=console,
@@ -640,10 +640,11 @@ TEXT_PARTS = ("text_encoder", "tokenizer", "connectors")
 VAE_PARTS = ("video_vae", "audio_vae", "vocoder")
 
 
-def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS):
+def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
     """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer.
 
-    `parts` picks a subset, so startup phasing loads the text side and the VAEs one after the other.
+    `parts` picks a subset, so startup phasing loads the text side and the VAEs one after the other. A quantized
+    text encoder is quantized while it is read (host RAM near the quantized size) and cached quantized.
     """
     from lowvram.models import ltx2
 
@@ -653,14 +654,15 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS):
         loaded = ltx2.build_tiny_components(seed=0)
         for name in ("transformer", *(n for n in ENCODER_PARTS if n not in parts)):
             setattr(loaded, name, None)
-    else:
-        text_encoder_path = cfg.model.text_encoder_path if "text_encoder" in parts else None
-        loaded = ltx2.load_components(
-            cfg.model.checkpoint, text_encoder_path, dtype=_weights_dtype(cfg), components=parts
-        )
-    if "text_encoder" in parts:
-        _quantize(loaded.text_encoder, cfg.model.text_encoder_precision)
-    return loaded
+        if "text_encoder" in parts:
+            _quantize_in_memory(loaded.text_encoder, "text_encoder", cfg.model.text_encoder_precision)
+        return loaded
+    text_encoder_path = cfg.model.text_encoder_path if "text_encoder" in parts else None
+    return ltx2.load_components(
+        cfg.model.checkpoint, text_encoder_path, dtype=_weights_dtype(cfg), components=parts,
+        text_encoder_precision=cfg.model.text_encoder_precision, quant_cache_dir=_quant_cache_dir(cfg),
+        profile=profile,
+    )  # fmt: skip
 
 
 class _Lazy:
@@ -675,35 +677,42 @@ class _Lazy:
         return self._value
 
 
-def load_transformer(cfg) -> torch.nn.Module:
-    """The transformer alone, in the configured precision (loaded after the encoders are gone)."""
+def load_transformer(cfg, profile=None) -> torch.nn.Module:
+    """The transformer alone, in the configured precision (loaded after the encoders are gone).
+
+    A quantized precision is applied while the checkpoint is read, layer by layer, so host RAM peaks near the
+    quantized size instead of bf16 + quantized (the seed's 34 GB); later runs load the quantized cache.
+    """
     from lowvram.models import ltx2
 
     if cfg.model.checkpoint is None:
         transformer = ltx2.build_tiny_components(seed=0).transformer
-    else:
-        transformer = ltx2.load_components(
-            cfg.model.checkpoint, None, dtype=_weights_dtype(cfg), components=("transformer",)
-        ).transformer
-    _quantize(transformer, cfg.model.precision)
-    return transformer
+        _quantize_in_memory(transformer, "transformer", cfg.model.precision)
+        return transformer
+    return ltx2.load_components(
+        cfg.model.checkpoint, None, dtype=_weights_dtype(cfg), components=("transformer",),
+        precision=cfg.model.precision, quant_cache_dir=_quant_cache_dir(cfg), profile=profile,
+    ).transformer  # fmt: skip
 
 
 def _weights_dtype(cfg) -> torch.dtype:
     return torch.float32 if cfg.model.family == "tiny" or cfg.model.precision == "fp32" else torch.bfloat16
 
 
-def _quantize(module: torch.nn.Module | None, precision: str) -> None:
-    """Quantize a loaded module's Linear layers in place (bf16 and fp32 leave it as is)."""
-    if module is None or precision in ("bf16", "fp32"):
-        return
-    from lowvram.quant.backends import prepare_for_peft, quantize_model
-
-    quantize_model(module, precision)
-    prepare_for_peft(module)
+def _quant_cache_dir(cfg) -> Path:
+    return Path(cfg.model.quantized_cache_dir or Path(cfg.output.output_dir) / "quant-cache").expanduser()
 
 
-def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None) -> BatchSource:
+def _quantize_in_memory(module: torch.nn.Module, component: str, precision: str) -> None:
+    """The tiny family is built in memory: quantize it in place, with the same exclude lists as a streamed load."""
+    from lowvram.models.ltx2_checkpoint import quantize_loaded
+    from lowvram.quant import parse_precision
+
+    if parse_precision(precision).quantized:
+        quantize_loaded(module, component, precision)
+
+
+def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, profile=None) -> BatchSource:
     """Fill the text and latent caches (data/) in startup phases and return the resumable batch stream over them.
 
     Phase `text_cache`: Gemma3 + connectors on the device (their Linear weights streamed from host RAM with
@@ -738,7 +747,7 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None) ->
     tokenizers = []
 
     def load_text() -> nn.Module:
-        parts = load_encoders(cfg, TEXT_PARTS)
+        parts = load_encoders(cfg, TEXT_PARTS, profile)
         tokenizers.append(parts.tokenizer)
         if m.ramtorch_text_encoder and backend.is_accelerator:
             apply_weight_streaming(parts.text_encoder, backend)
