@@ -176,6 +176,7 @@ def _overrides(**kw) -> dict:
         "dataset": "data.dataset_dir",
         "checkpoint_path": "model.checkpoint",
         "margin": "memory.vram_safety_margin",
+        "strict": "data.strict",
     }
     return {mapping[k]: v for k, v in kw.items() if v is not None}
 
@@ -261,6 +262,9 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     resume: str | None = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to continue from."),
     lora_format: str | None = typer.Option(None, "--lora-format", help="Exported key naming: comfy or diffusers."),
+    strict: bool | None = typer.Option(
+        None, "--strict/--skip-bad", help="A bad dataset item stops caching (default: skipped and listed at the end)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only evaluate the memory plan (same as `lowvram plan`)."),
     force: bool = typer.Option(False, "--force", help="Train even if the plan says it will not fit."),
     auto_recover: bool = typer.Option(
@@ -271,7 +275,7 @@ def train(
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
-                           precision=precision, seed=seed, resume=resume, lora_format=lora_format)
+                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict)
     from lowvram.train.loop import run_train
 
     if config is None:
