@@ -66,7 +66,10 @@ def test_simpletuner_seed_config_maps_every_key(tmp_path):
 
 
 def test_seed_quickstart_keys_are_all_known():
-    text = next(SEED.glob("*.txt")).read_text(encoding="utf-8", errors="replace")
+    seeds = sorted(SEED.glob("*.txt"))
+    if not seeds:
+        pytest.skip(f"the SimpleTuner quickstart seed is not beside this checkout ({SEED})")
+    text = seeds[0].read_text(encoding="utf-8", errors="replace")
     quoted = set()
     import re
 

@@ -42,9 +42,7 @@ STEPS = 2  # the second step runs with the prefetch order and ring contents the 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _matrix_only(request):
-    if "matrix" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the offload matrix runs with `pytest -m matrix`")
+def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

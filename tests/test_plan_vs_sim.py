@@ -104,10 +104,8 @@ def test_planner_predicts_the_simulated_peak_within_5_percent_fp32(case, cache_d
 @pytest.mark.parametrize("precision", ["int8-quanto", "int8-torchao"])
 @pytest.mark.parametrize("case", [c for c in CASES if not c.endswith("no_ckpt")])
 def test_planner_predicts_the_simulated_peak_within_5_percent_int8(
-    case, precision, cache_dir, record_property, request
+    case, precision, cache_dir, record_property
 ):
-    if "matrix" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("int8 cases run with the offload matrix: `pytest -m matrix`")
     _check(case, precision, cache_dir, record_property)
 
 
