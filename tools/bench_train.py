@@ -31,7 +31,7 @@ def build(seed: int, rank: int):
 
 
 def samples(n: int, frames: int, h: int, w: int):
-    from lowvram.train.loop import CachedSample
+    from lowvram.train.batches import CachedSample
 
     g = torch.Generator().manual_seed(0)
     return [
@@ -52,7 +52,8 @@ def samples(n: int, frames: int, h: int, w: int):
 def ours(model, data, args):
     """lowvram's loop: objective (logit-normal σ, first-frame conditioning, masked loss), clip, AdamW, schedule."""
     from lowvram.config import OptimSection
-    from lowvram.train.loop import CachedBatches, TrainContext, train
+    from lowvram.train.batches import CachedBatches
+    from lowvram.train.loop import TrainContext, train
     from lowvram.train.objective import ObjectiveConfig
     from lowvram.train.optim import build_lr_scheduler, build_optimizer
 

@@ -117,13 +117,13 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
 
 def train_step(ctx: TrainContext) -> StepResult:
     """One optimizer step: accumulate gradients over micro-batches, clip, step, schedule."""
-    total = video = audio = 0.0
+    sums = 0
     for _ in range(ctx.accumulation_steps):
         parts = forward_loss(ctx, next(ctx.batches))
         (parts.total / ctx.accumulation_steps).backward()
-        total += parts.total.item() / ctx.accumulation_steps
-        video += parts.video.item() / ctx.accumulation_steps
-        audio += parts.audio.item() / ctx.accumulation_steps
+        sums = sums + torch.stack([parts.total.detach(), parts.video.detach(), parts.audio.detach()]).float()
+    # One host read per step, not three per micro-batch: each read is a device sync on a GPU.
+    total, video, audio = (sums / ctx.accumulation_steps).tolist()
     if ctx.max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(ctx.params, ctx.max_grad_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: global norm
