@@ -265,6 +265,67 @@ class StepMeasure:
         )
 
 
+def mixed_activation_points(
+    normal: StepMeasure,
+    blocks: list[StepMeasure],
+    lora_grad_per_block_bytes: int,
+    *,
+    offloaded_kept: bool = False,
+) -> dict[str, int]:
+    """`StepMeasure.activation_points` for blocks that differ (TREAD: routed blocks see fewer tokens).
+
+    `blocks[i]` is block i's measurement, all taken at the run's shapes (so their head and tail agree; `normal` gives
+    them). Block i's forward runs beside the kept bytes of the blocks before it; its backward beside those and, for
+    each later block, what that block's backward left (its LoRA grads, or more when its backward grows memory). With
+    identical blocks and no activation offload this equals `normal.activation_points` (tests/test_plan_tread.py);
+    with activation offload it also sees block 1's backward beside block 0's fetched input and N-2 blocks' grads.
+    """
+    n = len(blocks)
+    g = lora_grad_per_block_bytes
+    kept = [b.kept_per_block_bytes for b in blocks]
+    left = [
+        g if offloaded_kept else max(g, d + b.marks["block_bwd_end"] - b.marks["block_bwd_start"])
+        for d, b in zip(kept, blocks, strict=True)
+    ]
+    before = [0] * n  # kept bytes waiting while block i runs
+    for i in range(1, n):
+        before[i] = kept[i - 1] if offloaded_kept else before[i - 1] + kept[i - 1]
+    after = [0] * n  # what the later blocks' backward left behind when block i's backward runs
+    for i in range(n - 2, -1, -1):
+        after[i] = after[i + 1] + left[i + 1]
+    waiting_at_tail = sum(kept[-min(2, n) :]) if offloaded_kept else sum(kept)  # the last block's kept included
+    last = blocks[-1]
+    return {
+        "head": normal.peaks.get("head", 0),
+        "block_fwd": max(b.peaks["block_fwd"] + before[i] for i, b in enumerate(blocks)),
+        "tail": last.peaks.get("tail", 0) - kept[-1] + waiting_at_tail,
+        "block_bwd": max(b.peaks["block_bwd"] + before[i] + after[i] for i, b in enumerate(blocks)),
+        "head_bwd": normal.peaks.get("head_bwd", 0) + (n - 1) * g,
+    }
+
+
+@dataclass(frozen=True)
+class Tread:
+    """TREAD routes over the blocks and the step measured with block 0 routed, by (selection ratio, checkpointing)."""
+
+    routes: tuple[tuple[int, int, float], ...]  # (first block, last block, selection ratio), indices resolved
+    step: Mapping[tuple[float, bool], StepMeasure]
+
+    def ratio_of(self, block: int) -> float | None:
+        return next((r for s, e, r in self.routes if s <= block <= e), None)
+
+    def blocks(self, normal: StepMeasure, num_layers: int, checkpointing: bool) -> list[StepMeasure]:
+        """Each block's measurement: the routed one inside a route, `normal` elsewhere."""
+        out = []
+        for i in range(num_layers):
+            ratio = self.ratio_of(i)
+            out.append(normal if ratio is None else self.step[(ratio, checkpointing)])
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(f"{r:.0%} of video tokens around blocks {s}..{e}" for s, e, r in self.routes)
+
+
 @dataclass(frozen=True)
 class Measurements:
     """Everything the budget needs about the model at the run's shapes (all from measure.py)."""
@@ -291,6 +352,18 @@ class Measurements:
     onload_step: Mapping[bool, StepMeasure] | None = None
     onload_first_block: Mapping[bool, StepMeasure] | None = None  # the same with block 0 as a first block
     nonleaf_params: int = 0  # parameters outside leaf modules, one block + outside the blocks
+    tread: Tread | None = None  # TREAD routes (train.tread_routes) with their routed-block measurements
+
+    def block_steps(self, checkpointing: bool) -> list[StepMeasure]:
+        """Each block's measured step (they differ only under TREAD routes)."""
+        normal = self.step[checkpointing]
+        if self.tread is None:
+            return [normal] * self.num_layers
+        return self.tread.blocks(normal, self.num_layers, checkpointing)
+
+    def kept_bytes(self, checkpointing: bool) -> int:
+        """What all blocks keep from forward to backward."""
+        return sum(b.kept_per_block_bytes for b in self.block_steps(checkpointing))
 
     def lora_params(self) -> int:
         return self.step[True].lora_params_per_block * self.num_layers
@@ -395,9 +468,17 @@ def activation_points(m: Measurements, s: Settings, dtype: str, lora_grad_per_bl
     plain = m.step[s.gradient_checkpointing].activation_points(
         n, lora_grad_per_block_bytes, offloaded_kept=s.activation_offload
     )
+    routed = plain
+    if m.tread is not None:
+        routed = mixed_activation_points(
+            m.step[s.gradient_checkpointing],
+            m.block_steps(s.gradient_checkpointing),
+            lora_grad_per_block_bytes,
+            offloaded_kept=s.activation_offload,
+        )
     share = saved_weight_copy_share(m, s, dtype) if m.onload_step is not None else 0.0
     if share == 0.0:
-        return plain
+        return routed
     first = m.onload_first_block[s.gradient_checkpointing] if m.onload_first_block is not None else None
     copies = m.onload_step[s.gradient_checkpointing].activation_points(
         n,
@@ -405,7 +486,8 @@ def activation_points(m: Measurements, s: Settings, dtype: str, lora_grad_per_bl
         offloaded_kept=s.activation_offload,
         first_block_bwd_bytes=first.peaks["block_bwd"] if first is not None else None,
     )
-    return {k: plain[k] + math.ceil(share * max(0, copies[k] - plain[k])) for k in plain}
+    # The saved weight copies do not depend on the token count: the unrouted difference is added to the routed plan.
+    return {k: routed[k] + math.ceil(share * max(0, copies[k] - plain[k])) for k in plain}
 
 
 def group_offload_peak(
@@ -569,7 +651,7 @@ def budget(
         whole = n * m.block.bytes(s.precision, dtype) + m.rest.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
         train_ram["whole transformer while loading (processes in turn)"] = whole
     if s.activation_offload:
-        train_ram["offloaded activations (pinned)"] = n * step.kept_per_block_bytes
+        train_ram["offloaded activations (pinned)"] = m.kept_bytes(s.gradient_checkpointing)
     train = PhaseBudget("train", vram=train_vram, ram=train_ram)
     return {"text_cache": text, "latent_cache": latent, "train": train}
 
@@ -592,11 +674,13 @@ def step_time(
     flops_rate = profile.bf16_tflops * 1e12 * opts.efficiency
     # FLOPs from the checkpointed run: its block backward section holds the recompute (one more forward)
     f = m.step[True].flops
-    fwd = f["block_fwd"] / flops_rate
-    bwd = (f["block_bwd"] - f["block_fwd"]) / flops_rate
-    recompute = fwd if s.gradient_checkpointing else 0.0
+    blocks = m.block_steps(True)
+    fwds = [b.flops["block_fwd"] / flops_rate for b in blocks]
+    bwds = [(b.flops["block_bwd"] - b.flops["block_fwd"]) / flops_rate for b in blocks]
+    recomputes = fwds if s.gradient_checkpointing else [0.0] * n
+    fwd, bwd, recompute = fwds[0], bwds[0], recomputes[0]  # block 0 (never routed in practice) for the notes
     outside = (f.get("head", 0) + f.get("tail", 0) + f.get("head_bwd", 0)) / flops_rate
-    compute = outside + n * (fwd + bwd + recompute)
+    compute = outside + sum(fwds) + sum(bwds) + sum(recomputes)
 
     dequant = 0.0
     if s.precision not in ("bf16", "fp32"):
@@ -608,7 +692,7 @@ def step_time(
     pinned = profile.h2d_pinned_gbps * GB
     w_block = m.block.bytes(s.precision, dtype)
     lin_block = m.block.linear_bytes(s.precision, dtype)
-    kept = m.step[True].kept_per_block_bytes if s.activation_offload else 0
+    kept_by_block = [b.kept_per_block_bytes if s.activation_offload else 0 for b in blocks]
     async_copies = profile.supports.streams
     notes: list[str] = []
 
@@ -645,10 +729,10 @@ def step_time(
     transfer = 0.0
     for i in range(n):
         is_streamed = i < streamed
-        fb = (fwd_bytes if is_streamed else 0) + kept
-        bb = (bwd_bytes if is_streamed else 0) + kept
+        fb = (fwd_bytes if is_streamed else 0) + kept_by_block[i]
+        bb = (bwd_bytes if is_streamed else 0) + kept_by_block[i]
         overlapped = overlap if is_streamed else async_copies
-        total += pass_time(fwd, fb, overlapped) + pass_time(bwd + recompute, bb, overlapped)
+        total += pass_time(fwds[i], fb, overlapped) + pass_time(bwds[i] + recomputes[i], bb, overlapped)
         streamed_bytes += fb + bb
         transfer += (fb + bb) / bw
     if streamed and overlap:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -321,6 +322,7 @@ def measure_transformer_step(
     num_layers: int = 1,
     onload_copies: bool = False,
     first_block: bool = False,
+    tread_ratio: float | None = None,
 ) -> dict:
     """Activation bytes (parameters excluded, LoRA grads included) of one training step, by section.
 
@@ -332,6 +334,9 @@ def measure_transformer_step(
     Sections: `head` (embeddings, RoPE, caption projection), `block_fwd` / `block_bwd` of block 0, `tail` (output
     layers, loss and their backward), `head_bwd`. Marks give live bytes at the block's boundaries. Block 0 is
     measured as a middle block: the video/audio inputs require grad so its backward computes input grads too.
+
+    With `tread_ratio` block 0 runs under the trainer's own TreadRouter (a route 0..0 at that share), so its
+    sections hold what a routed block does: the kept share of video tokens, with its gathered per-token inputs.
     """
     from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
 
@@ -366,6 +371,7 @@ def measure_transformer_step(
                 return
             live.mark("block_fwd_start")
             live.enter_section("block_fwd")
+            state["inputs"] = {id(t.untyped_storage()) for t in _tensors(kwargs)}
             inputs = [
                 kwargs.get("hidden_states", args[0] if args else None),
                 kwargs.get("audio_hidden_states", args[1] if len(args) > 1 else None),
@@ -374,16 +380,38 @@ def measure_transformer_step(
             if needing_grad:
                 torch.autograd.graph.register_multi_grad_hook(needing_grad, on_bwd_end)
 
-        def post_hook(_module, _args, _kwargs, output):
+        def post_hook(_module, _args, kwargs, output):
             if state["calls"] > 1:
                 live.mark("recompute_end")  # what the block keeps for backward when not checkpointed
                 return
             live.mark("block_fwd_end")
             live.enter_section("tail")
+            # Inputs made inside the call (the router's gathers) are alive until it returns; tail_start_hook takes
+            # out the ones that die then: they are no part of what the block keeps.
+            state["made_inside"] = [
+                (weakref.ref(t.untyped_storage()), t.untyped_storage().nbytes())
+                for t in _tensors(kwargs)
+                if id(t.untyped_storage()) not in state["inputs"]
+            ]
+            if tread_ratio is None:
+                watch_output_grads(output)
+
+        def watch_output_grads(output):
             # "any": the first output grad starts the block's backward (a checkpointed block recomputes right then).
             torch.autograd.graph.register_multi_grad_hook(
                 [t for t in output if t.requires_grad], on_bwd_start, mode="any"
             )
+
+        def tail_start_hook(_module, _args):
+            if state.get("made_inside") is not None:
+                dead = {id(r): n for r, n in state.pop("made_inside") if r() is None}
+                live.marks["block_fwd_end"] -= sum(dead.values())
+
+        def routed_output_hook(_module, _args, output):
+            # After the router's scatter: the scatter's backward already needs the checkpointed block's saved index
+            # (it recomputes), so the backward starts at the scattered output's grad.
+            if state["calls"] == 1:
+                watch_output_grads(output)
 
         handles = [
             block.register_forward_pre_hook(pre_hook, with_kwargs=True),
@@ -391,6 +419,19 @@ def measure_transformer_step(
         ]
         if onload_copies:
             handles += _onload_leaf_copies(model)
+        router = None
+        if tread_ratio is not None:
+            from types import SimpleNamespace
+
+            from lowvram.train.tread import TreadRouter
+
+            # Registered after the marks: its token gather counts inside the block, its scatter after it. (A middle
+            # routed block gets its input already gathered: counting the gather here is conservative by one hidden
+            # state of the kept tokens, and only without checkpointing.)
+            route = SimpleNamespace(selection_ratio=tread_ratio, start_layer_idx=0, end_layer_idx=0)
+            router = TreadRouter(model, [route])
+            handles.append(block.register_forward_hook(routed_output_hook))
+            handles.append(model.norm_out.register_forward_pre_hook(tail_start_hook))
         # Without early stop the recompute runs the whole block: its end marks what an uncheckpointed block keeps
         # (and the peak is at most a few output-sized tensors above the early-stopping default: conservative).
         no_early_stop = torch.utils.checkpoint.set_checkpoint_early_stop(False)
@@ -434,6 +475,8 @@ def measure_transformer_step(
             live.mark("end")
         for h in handles:
             h.remove()
+        if router is not None:
+            router.remove()
     return {
         "num_layers": num_layers,
         "marks": dict(live.marks),
@@ -443,6 +486,36 @@ def measure_transformer_step(
         "lora_params_per_block": lora_per_block,
         "lora_params_total": lora_total,
     }
+
+
+def _tensors(kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a block call's keyword arguments (RoPE comes as a tuple), each storage once."""
+    out, seen = [], set()
+    for value in kwargs.values():
+        for t in value if isinstance(value, tuple) else (value,):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in seen:
+                seen.add(id(t.untyped_storage()))
+                out.append(t)
+    return out
+
+
+def resolve_tread_routes(routes: list, num_layers: int) -> tuple[tuple[int, int, float], ...]:
+    """`(start, end, selection_ratio)` per route with negative indices resolved, checked as TreadRouter checks them."""
+    from lowvram.errors import LowvramError
+
+    out: list[tuple[int, int, float]] = []
+    for r in routes:
+        start = r.start_layer_idx % num_layers if r.start_layer_idx < 0 else r.start_layer_idx
+        end = r.end_layer_idx % num_layers if r.end_layer_idx < 0 else r.end_layer_idx
+        if not 0 <= start <= end < num_layers:
+            raise LowvramError(
+                f"TREAD route {r.start_layer_idx}..{r.end_layer_idx} is outside the model's {num_layers} blocks: "
+                f"use indices in 0..{num_layers - 1} (or negative from the end)"
+            )
+        if any(start <= e and s <= end for s, e, _ in out):
+            raise LowvramError("TREAD routes overlap: give each block range once")
+        out.append((start, end, float(r.selection_ratio)))
+    return tuple(sorted(out))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from lowvram.plan.budget import (
     Settings,
     StepMeasure,
     StepTime,
+    Tread,
     WeightGroup,
     budget,
     step_time,
@@ -40,6 +41,7 @@ from lowvram.plan.measure import (
     measure_transformer_step,
     measure_video_vae_encode,
     model_configs,
+    resolve_tread_routes,
     text_encoder_weights,
     train_shape,
     transformer_nonleaf_params,
@@ -209,6 +211,13 @@ class Plan:
                 f"+{m['block_backward_transient_bytes'] / GIB:.2f} GiB backward (with recompute); "
                 f"{m['block_forward_flops'] / 1e12:.2f} TFLOP forward[/dim]"
             )
+        if "tread_routes" in self.measured:
+            m = self.measured
+            console.print(
+                f"[dim]a TREAD-routed block (measured the same way): keeps "
+                f"{m['tread_routed_kept_per_block_no_checkpointing_bytes'] / GIB:.2f} GiB without checkpointing, "
+                f"{m['tread_routed_block_forward_flops'] / 1e12:.2f} TFLOP forward[/dim]"
+            )
         for line in self.assumptions:
             console.print(f"[dim]assumption: {line}[/dim]")
 
@@ -261,7 +270,9 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
     weights = cache.get("transformer-weights", cfg_key, lambda: transformer_weights(configs))
     nonleaf = cache.get("transformer-nonleaf", cfg_key, lambda: transformer_nonleaf_params(configs))
 
-    def step(ckpt: bool, onload_copies: bool = False, first_block: bool = False) -> StepMeasure:
+    def step(
+        ckpt: bool, onload_copies: bool = False, first_block: bool = False, tread_ratio: float | None = None
+    ) -> StepMeasure:
         key = {
             **cfg_key,
             "shape": shape.__dict__,
@@ -271,6 +282,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
             "attention": attention,
             **({"onload_copies": True} if onload_copies else {}),
             **({"first_block": True} if first_block else {}),
+            **({"tread_ratio": tread_ratio} if tread_ratio is not None else {}),
         }
         raw = cache.get(
             "transformer-step",
@@ -284,6 +296,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
                 attention=attention,
                 onload_copies=onload_copies,
                 first_block=first_block,
+                tread_ratio=tread_ratio,
             ),
         )
         return StepMeasure(raw["marks"], raw["peaks"], raw["flops"], raw["lora_params_per_block"])
@@ -325,8 +338,15 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
     latent_channels = configs.video_vae["latent_channels"]
     audio_features = configs.transformer["audio_in_channels"]
     latent_item = (latent_channels * shape.video_tokens + audio_features * shape.audio_tokens) * CACHE_ITEM_BYTES
+    num_layers = configs.transformer.get("num_layers", 48)
+    tread = None
+    if cfg.train.tread_routes:
+        # The routed blocks measured as such (block 0 under the trainer's TreadRouter), once per ratio, on first use.
+        routes = resolve_tread_routes(cfg.train.tread_routes, num_layers)
+        keys = tuple((r, ckpt) for r in sorted({r for _, _, r in routes}) for ckpt in (False, True))
+        tread = Tread(routes, LazyMap(keys, lambda key: step(key[1], tread_ratio=key[0])))
     return Measurements(
-        num_layers=configs.transformer.get("num_layers", 48),
+        num_layers=num_layers,
         block=WeightGroup(**weights["block"]),
         rest=WeightGroup(**weights["rest"]),
         text_encoder=WeightGroup(**te),
@@ -346,6 +366,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         onload_step=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True)),
         onload_first_block=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True, first_block=True)),
         nonleaf_params=nonleaf["block_nonleaf_params"] + nonleaf["rest_nonleaf_params"],
+        tread=tread,
     )
 
 
@@ -401,7 +422,7 @@ def _fixed_settings(cfg: RunConfig) -> dict[str, Any]:
 
 def no_checkpointing_lower_bound(m: Measurements) -> int:
     """Bytes the blocks keep for backward without checkpointing (seen in the checkpointed run's recompute)."""
-    return m.num_layers * m.step[True].recomputed_per_block_bytes
+    return sum(b.recomputed_per_block_bytes for b in m.block_steps(True))
 
 
 def _train_candidates(
@@ -594,6 +615,8 @@ def plan_run(
     settings = {**cfg.dotted(), **chosen.settings.dotted()}
     settings["memory.profile"] = cfg.memory.profile or profile.name
     explanation = _explain(m, chosen, train, profile, vram_ok, ram_ok, precision_chosen=choose)
+    if m.tread is not None:
+        explanation.append(_tread_line(m, chosen, profile, opts, margin))
     if chosen.settings.offload_during_startup and "offload_during_startup" not in fixed:
         kept = _evaluate(m, replace(chosen.settings, offload_during_startup=False), profile, opts, margin)
         extra = kept.phases["train"].vram_peak_bytes - chosen.phases["train"].vram_peak_bytes
@@ -640,7 +663,7 @@ def plan_run(
 
 def _measured_summary(m: Measurements) -> dict[str, Any]:
     step = m.step[True]
-    return {
+    out = {
         "kept_per_block_bytes": step.kept_per_block_bytes,
         "kept_per_block_no_checkpointing_bytes": step.recomputed_per_block_bytes,
         "block_forward_transient_bytes": step.peaks["block_fwd"] - step.marks["block_fwd_start"],
@@ -651,6 +674,13 @@ def _measured_summary(m: Measurements) -> dict[str, Any]:
         "lora_params": m.lora_params(),
         "attention": m.attention,
     }
+    if m.tread is not None:
+        out["tread_routes"] = [list(r) for r in m.tread.routes]
+        out["tread_routed_blocks"] = sum(e - s + 1 for s, e, _ in m.tread.routes)
+        routed = m.tread.step[(m.tread.routes[0][2], True)]
+        out["tread_routed_kept_per_block_no_checkpointing_bytes"] = routed.recomputed_per_block_bytes
+        out["tread_routed_block_forward_flops"] = routed.flops["block_fwd"]
+    return out
 
 
 def _complete(
@@ -775,11 +805,28 @@ def _explain(
         )
     if not any(c.settings.gradient_checkpointing is False for c in train):
         kept = m.step[True].recomputed_per_block_bytes
+        total = no_checkpointing_lower_bound(m)
+        per_block = (
+            f"{m.num_layers} x {kept / GIB:.2f} GiB = " if m.tread is None else "(TREAD-routed blocks included) "
+        )
         lines.append(
-            f"without checkpointing the blocks would keep {m.num_layers} x {kept / GIB:.2f} GiB = "
-            f"{m.num_layers * kept / GIB:.1f} GiB of activations ({vram_ok / GIB:.1f} GiB usable)"
+            f"without checkpointing the blocks would keep {per_block}{total / GIB:.1f} GiB of activations "
+            f"({vram_ok / GIB:.1f} GiB usable)"
         )
     return lines
+
+
+def _tread_line(
+    m: Measurements, chosen: Candidate, profile: HardwareProfile, opts: BudgetOptions, margin: float
+) -> str:
+    """What the TREAD routes save at the chosen settings: the same settings budgeted without them."""
+    plain = _evaluate(replace(m, tread=None), chosen.settings, profile, opts, margin, ("train",))
+    saved = plain.phases["train"].vram_peak_bytes - chosen.phases["train"].vram_peak_bytes
+    compute = 1 - chosen.time.compute_seconds / plain.time.compute_seconds if plain.time.compute_seconds else 0.0
+    return (
+        f"TREAD routes {m.tread.describe()}: train VRAM {-saved / GIB:+.2f} GiB (activations), compute "
+        f"{-compute:+.0%} ({plain.time.seconds:.2f} -> {chosen.time.seconds:.2f} s/step); never at inference"
+    )
 
 
 def _phase_shortfall(c: Candidate, vram_ok: int, ram_ok: int, profile: HardwareProfile) -> str:
