@@ -500,22 +500,10 @@ def _tensors(kwargs: dict) -> list[torch.Tensor]:
 
 
 def resolve_tread_routes(routes: list, num_layers: int) -> tuple[tuple[int, int, float], ...]:
-    """`(start, end, selection_ratio)` per route with negative indices resolved, checked as TreadRouter checks them."""
-    from lowvram.errors import LowvramError
+    """`(start, end, selection_ratio)` per route, resolved and checked exactly as the trainer's TreadRouter does."""
+    from lowvram.train.tread import resolve_routes
 
-    out: list[tuple[int, int, float]] = []
-    for r in routes:
-        start = r.start_layer_idx % num_layers if r.start_layer_idx < 0 else r.start_layer_idx
-        end = r.end_layer_idx % num_layers if r.end_layer_idx < 0 else r.end_layer_idx
-        if not 0 <= start <= end < num_layers:
-            raise LowvramError(
-                f"TREAD route {r.start_layer_idx}..{r.end_layer_idx} is outside the model's {num_layers} blocks: "
-                f"use indices in 0..{num_layers - 1} (or negative from the end)"
-            )
-        if any(start <= e and s <= end for s, e, _ in out):
-            raise LowvramError("TREAD routes overlap: give each block range once")
-        out.append((start, end, float(r.selection_ratio)))
-    return tuple(sorted(out))
+    return resolve_routes(routes, num_layers)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,23 @@ _VIDEO_TOKEN_ARGS = {"temb": 1, "temb_ca_scale_shift": 1, "temb_ca_gate": 1}
 _VIDEO_TOKEN_ROPE = ("video_rotary_emb", "ca_video_rotary_emb")
 
 
+def resolve_routes(routes: list, num_layers: int) -> tuple[tuple[int, int, float], ...]:
+    """`(start, end, selection_ratio)` per route, negative indices counted from the end; bad routes refused."""
+    out: list[tuple[int, int, float]] = []
+    for r in routes:
+        start = r.start_layer_idx % num_layers if r.start_layer_idx < 0 else r.start_layer_idx
+        end = r.end_layer_idx % num_layers if r.end_layer_idx < 0 else r.end_layer_idx
+        if not 0 <= start <= end < num_layers:
+            raise LowvramError(
+                f"TREAD route {r.start_layer_idx}..{r.end_layer_idx} is outside the model's {num_layers} blocks: "
+                f"use indices in 0..{num_layers - 1} (or negative from the end)"
+            )
+        if any(start <= e and s <= end for s, e, _ in out):
+            raise LowvramError("TREAD routes overlap: give each block range once")
+        out.append((start, end, float(r.selection_ratio)))
+    return tuple(sorted(out))
+
+
 class TreadRouter:
     """TREAD: a random share of video tokens skips blocks `start..end`, rejoining unchanged after `end`.
 
@@ -26,19 +43,7 @@ class TreadRouter:
         import inspect
 
         blocks = transformer.transformer_blocks
-        n = len(blocks)
-        self.routes = []
-        for r in routes:
-            start = r.start_layer_idx % n if r.start_layer_idx < 0 else r.start_layer_idx
-            end = r.end_layer_idx % n if r.end_layer_idx < 0 else r.end_layer_idx
-            if not 0 <= start <= end < n:
-                raise LowvramError(
-                    f"TREAD route {r.start_layer_idx}..{r.end_layer_idx} is outside the model's "
-                    f"{n} blocks: use indices in 0..{n - 1} (or negative from the end)"
-                )
-            if any(start <= e and s <= end for s, e, _ in self.routes):
-                raise LowvramError("TREAD routes overlap: give each block range once")
-            self.routes.append((start, end, r.selection_ratio))
+        self.routes = resolve_routes(routes, len(blocks))
         self._signature = inspect.signature(blocks[0].forward)
         self._state: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # start -> (full hidden, keep idx, S)
         self._handles = []
