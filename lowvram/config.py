@@ -481,7 +481,21 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if dotted not in all_dotted_keys():
             raise _unknown_key_error(dotted, all_dotted_keys(), "command line")
         _set(nested, dotted, value)
-    return _validate(nested, source), notes
+    cfg = _validate(nested, source)
+    return _resolve_vae_options(cfg, notes), notes
+
+
+def _resolve_vae_options(cfg: RunConfig, notes: list[str]) -> RunConfig:
+    """Temporal roll runs one rolling state through the whole encoder, so it cannot run per spatial tile. SimpleTuner's
+    lowest-VRAM config sets both: keep tiling (the smaller VAE peak at every measured clip size) and say so."""
+    m = cfg.memory
+    if m.vae_tiling and m.vae_temporal_roll:
+        notes.append(
+            "memory.vae_temporal_roll is off: it cannot be combined with memory.vae_tiling, which keeps the smaller "
+            "VAE encode peak (set vae_tiling = false to use the exact temporal roll instead)"
+        )
+        return cfg.model_copy(update={"memory": m.model_copy(update={"vae_temporal_roll": False})})
+    return cfg
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

@@ -52,7 +52,7 @@ def test_simpletuner_seed_config_maps_every_key(tmp_path):
     assert cfg.model.family == "ltx2" and cfg.model.precision == "int8-quanto"
     assert cfg.memory.ramtorch is True and cfg.memory.ramtorch_text_encoder is True
     assert cfg.memory.blocks_to_swap == 4 and cfg.memory.group_offload is True
-    assert cfg.memory.vae_patch_conv and cfg.memory.vae_temporal_roll and cfg.memory.vae_tiling
+    assert cfg.memory.vae_patch_conv and cfg.memory.vae_tiling and not cfg.memory.vae_temporal_roll  # see the note
     assert cfg.memory.offload_during_startup is True
     assert cfg.train.batch_size == 2 and cfg.optim.optimizer == "adamw_bf16"
     assert cfg.optim.learning_rate == pytest.approx(6e-5) and cfg.optim.max_grad_norm == pytest.approx(0.1)
@@ -60,7 +60,7 @@ def test_simpletuner_seed_config_maps_every_key(tmp_path):
     assert cfg.data.resolution == "832x480"
     assert cfg.validation.enabled is False and cfg.validation.num_frames == 81
     assert cfg.train.tread_routes[0].selection_ratio == 0.5
-    ignored = {n.split("'")[1] for n in notes}
+    ignored = {n.split("'")[1] for n in notes if n.startswith("ignored")}
     assert {"hub_model_id", "report_to", "lycoris_config"} <= ignored
     assert all(k in SIMPLETUNER_KEYS or k in SIMPLETUNER_IGNORED for k in SEED_7900XTX)
 
@@ -132,3 +132,13 @@ def test_defaults_leave_memory_settings_to_the_planner():
     assert cfg.memory.ramtorch is None and cfg.memory.blocks_to_swap is None
     assert cfg.memory.gradient_checkpointing is None and cfg.memory.vram_safety_margin == 0.10
     assert cfg.data.width_height == (832, 480)
+
+
+def test_tiling_and_temporal_roll_together_keep_tiling_and_say_so(tmp_path):
+    path = write(tmp_path, "run.toml", "[memory]\nvae_tiling = true\nvae_temporal_roll = true\n")
+    cfg, notes = load_config(path)
+    assert cfg.memory.vae_tiling is True and cfg.memory.vae_temporal_roll is False
+    assert notes == [
+        "memory.vae_temporal_roll is off: it cannot be combined with memory.vae_tiling, which keeps the smaller VAE "
+        "encode peak (set vae_tiling = false to use the exact temporal roll instead)"
+    ]

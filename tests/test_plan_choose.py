@@ -168,3 +168,18 @@ def test_gradient_accumulation_keeps_one_set_of_lora_grads_between_micro_batches
     )
     added = acc.phases["train"].vram_peak_bytes - one.phases["train"].vram_peak_bytes
     assert added == one.phases["train"].vram["LoRA parameters"]  # grads have the parameters' size and dtype
+
+
+def test_the_seeds_lowest_vram_simpletuner_config_is_evaluated_as_given(cache_dir, tmp_path):
+    """SimpleTuner's 7900XTX config turns on every VAE option at once: combinations are measured, not refused."""
+    from test_config import SEED_7900XTX
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SEED_7900XTX))
+    cfg, notes = load_config(path)
+    assert cfg.memory.vae_tiling and cfg.memory.vae_patch_conv and not cfg.memory.vae_temporal_roll
+    assert any("vae_temporal_roll is off" in n for n in notes)
+    plan = plan_run(cfg, load_profile("7900xtx"), choose=False, cache_dir=cache_dir)
+    assert plan.fits and plan.settings["memory.ramtorch"] is True
+    vae = [k for k in plan.phases["latent_cache"].vram if k.startswith("VAE encode activations")]
+    assert vae == ["VAE encode activations (tiling+slicing+patch_conv)"]

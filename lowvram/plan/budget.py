@@ -144,8 +144,8 @@ class LazyMap(Mapping):
         self._values: dict = {}
 
     def __getitem__(self, key):
-        if key not in self._keys:
-            raise KeyError(key)
+        # Iteration lists the keys the chooser considers; a lookup measures any key `compute` accepts (a config's
+        # own combination of options, say).
         if key not in self._values:
             self._values[key] = self._compute(key)
         return self._values[key]
@@ -604,15 +604,17 @@ def budget(
         disk_bytes_per_item=m.text_item_bytes,
     )
     option = vae_option_name(s)
+    # Slicing changes how many clips encode at once, not one clip's peak: the measurement is per clip.
+    per_clip = "+".join(p for p in option.split("+") if p != "slicing") or "none"
     latent = PhaseBudget(
         "latent_cache",
         vram={
             "reserve": reserve,
             "VAEs": vae_device,
             "clip input": m.video_input_bytes * s.vae_batch_size,
-            f"VAE encode activations ({option})": m.video_encode[option] * s.vae_batch_size
+            f"VAE encode activations ({option})": m.video_encode[per_clip] * s.vae_batch_size
             if not s.vae_slicing
-            else m.video_encode[option],
+            else m.video_encode[per_clip],
             "audio encode activations": m.audio_encode_peak_bytes,
             **resident_except("vae"),
         },

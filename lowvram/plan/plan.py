@@ -315,7 +315,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
     frames = cfg.data.frames
 
     def video_encode(name: str) -> int:
-        options = {name: True} if name != "none" else {}
+        options = {part: True for part in name.split("+")} if name != "none" else {}
         key = {**vae_key, "w": width, "h": height, "frames": frames, "options": options, "dtype": dtype}
         raw = cache.get(
             "video-encode",
