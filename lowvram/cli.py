@@ -321,8 +321,12 @@ QUIET_LOGGERS = ("torchao", "bitsandbytes", "diffusers.quantizers", "torch.utils
 def main() -> None:
     import logging
 
+    import warnings
+
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # peft warns that torchao LoRA layers cannot be merged: lowvram never merges, it exports the LoRA separately.
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
     app()
 
 

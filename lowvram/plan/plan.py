@@ -472,6 +472,10 @@ def _train_candidates(
                 {"offload": "group", "group_blocks_per_group": g, "group_use_stream": st, "group_type": t}
                 for g, st, t in groups
             ]
+    if profile.vendor == "cpu" and kind is None:
+        # No accelerator: the "device" is host RAM, so offloading copies within the same memory and saves nothing.
+        offloads = [{"offload": "none"}]
+        act_offloads = [fixed.get("activation_offload", False)]
     out = []
     for precision, ckpt, act, off in itertools.product(precisions, ckpts, act_offloads, offloads):
         if act and not ckpt:
