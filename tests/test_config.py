@@ -142,3 +142,12 @@ def test_tiling_and_temporal_roll_together_keep_tiling_and_say_so(tmp_path):
         "memory.vae_temporal_roll is off: it cannot be combined with memory.vae_tiling, which keeps the smaller VAE "
         "encode peak (set vae_tiling = false to use the exact temporal roll instead)"
     ]
+
+
+def test_the_readme_example_config_is_valid(tmp_path):
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    cfg, notes = load_config(write(tmp_path, "run.toml", block))
+    assert cfg.model.family == "ltx2" and cfg.data.frames == 49 and cfg.memory.profile == "3090" and notes == []
