@@ -320,7 +320,6 @@ QUIET_LOGGERS = ("torchao", "bitsandbytes", "diffusers.quantizers", "torch.utils
 
 def main() -> None:
     import logging
-
     import warnings
 
     for name in QUIET_LOGGERS:
