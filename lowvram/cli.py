@@ -293,6 +293,33 @@ def train(
 # ---------------------------------------------------------------------------------------------------------------
 @app.command()
 @friendly
+def cache(
+    config: Path | None = typer.Option(None, "--config", help="Run config (TOML or SimpleTuner JSON); default: demo."),
+    profile: str | None = typer.Option(None, "--profile", help=PROFILE_HELP),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Run folder (caches go to OUTPUT/cache)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Folder of clips with same-name .txt captions."),
+    strict: bool | None = typer.Option(
+        None, "--strict/--skip-bad", help="A bad dataset item stops caching (default: skipped and listed at the end)."
+    ),
+) -> None:
+    """Build the text and latent caches only (portable: build them where Gemma3 and the VAE fit, train anywhere)."""
+    overrides = _overrides(output_dir=output_dir, dataset=dataset, strict=strict)
+    from lowvram.train.loop import run_cache
+
+    if config is None:
+        from lowvram.config import apply_overrides
+        from lowvram.demo import default_demo_config
+
+        cfg = apply_overrides(default_demo_config(overrides.get("output.output_dir", "output/demo")), overrides)
+    else:
+        cfg = _load(config, overrides)
+    hw = None if profile is None and cfg.model.family == "tiny" else _profile(profile or cfg.memory.profile)
+    raise typer.Exit(run_cache(cfg, profile=hw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@app.command()
+@friendly
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder holding memory.jsonl."),
     png: Path | None = typer.Option(None, "--png", help="Where to write the timeline (default RUN_DIR/memory.png)."),

@@ -8,7 +8,7 @@ import pytest
 def test_help_lists_every_command(cli):
     r = cli("--help")
     assert r.returncode == 0
-    for command in ("probe", "plan", "train", "report", "profiles"):
+    for command in ("probe", "plan", "train", "cache", "report", "profiles"):
         assert command in r.stdout
 
 
@@ -21,7 +21,7 @@ def test_help_does_not_import_torch():
     assert out == ["False", "False"]
 
 
-@pytest.mark.parametrize("command", ["probe", "plan", "train", "report", "profiles"])
+@pytest.mark.parametrize("command", ["probe", "plan", "train", "cache", "report", "profiles"])
 def test_every_command_explains_its_options(cli, command):
     r = cli(command, "--help")
     assert r.returncode == 0 and "Usage:" in r.stdout
@@ -77,3 +77,15 @@ def test_bad_config_is_one_line_exit_2(cli, tmp_path):
 def test_report_without_memory_file(cli, tmp_path):
     r = cli("report", str(tmp_path))
     assert r.returncode == 2 and "has no memory.jsonl" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cache_builds_the_caches_only_and_a_train_run_reuses_them(cli, tmp_path):
+    out = tmp_path / "run"
+    r = cli("cache", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "cache" / "index.json").is_file() and not (out / "lora.safetensors").exists()
+    phases = [line for line in (out / "memory.jsonl").read_text().splitlines() if '"type": "phase"' in line]
+    assert ['"text_cache"' in phases[0], '"latent_cache"' in phases[1]] == [True, True]
+    r = cli("train", "--output-dir", str(out), "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert "latents 0 written, 8 reused" in r.stdout and (out / "lora.safetensors").is_file()

@@ -307,6 +307,38 @@ def run_train(
     return run(cfg, profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc).exit_code
 
 
+def run_cache(cfg, *, profile=None) -> int:
+    """`lowvram cache`: build the text and latent caches only, in their startup phases, and stop.
+
+    The caches are portable files: a machine whose GPU cannot hold Gemma3 or the VAE can train from caches built
+    elsewhere. Memory settings for caching (VAE options, text-encoder streaming) come from the plan for `profile`;
+    whether training would fit there does not matter here. Returns the exit code.
+    """
+    from lowvram.console import make_console
+    from lowvram.device import get_backend
+    from lowvram.telemetry import MemoryMonitor
+
+    console = make_console()
+    run_dir = Path(cfg.output.output_dir).expanduser()
+    backend = get_backend("cpu" if cfg.model.family == "tiny" else "auto")
+    decision = decide_memory(cfg, profile, force=True, console=None, caching_only=True)
+    from lowvram.demo import is_demo, prepare_demo_dataset
+
+    if is_demo(decision.cfg):
+        prepare_demo_dataset(decision.cfg)
+    monitor = MemoryMonitor(run_dir, backend)
+    for phase in ("text_cache", "latent_cache"):
+        vram_bytes, ram_bytes = decision.predicted_peaks(phase)
+        monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
+    try:
+        batches = cache_dataset(decision.cfg, run_dir, backend, monitor=monitor, console=console,
+                                profile=decision.profile)  # fmt: skip
+    finally:
+        monitor.finish(console)
+    console.print(f"{len(batches.items)} cached items ready in {_cache_dir(decision.cfg, run_dir)}")
+    return 0
+
+
 def run(
     cfg,
     *,
@@ -712,6 +744,10 @@ def _quantize_in_memory(module: torch.nn.Module, component: str, precision: str)
         quantize_loaded(module, component, precision)
 
 
+def _cache_dir(cfg, run_dir: Path) -> Path:
+    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else run_dir / "cache"
+
+
 def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, profile=None) -> BatchSource:
     """Fill the text and latent caches (data/) in startup phases and return the resumable batch stream over them.
 
@@ -738,7 +774,7 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
         patch_conv=bool(m.vae_patch_conv),
         temporal_roll=bool(m.vae_temporal_roll),
     )
-    cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else run_dir / "cache"
+    cache_dir = _cache_dir(cfg, run_dir)
     if cfg.model.checkpoint is not None:
         from lowvram.models.ltx2_checkpoint import open_checkpoint
 
@@ -807,10 +843,12 @@ def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, ba
     return applied
 
 
-def decide_memory(cfg, profile, *, force: bool, console=None, gpus: int = 1) -> MemoryDecision:
+def decide_memory(
+    cfg, profile, *, force: bool, console=None, gpus: int = 1, caching_only: bool = False
+) -> MemoryDecision:
     """Settings the config leaves None are chosen by the planner for `profile` (None: the probed machine) and the
     run's real shapes; stated settings are evaluated as given. A run that would not fit is refused with what it
-    lacks, unless `force`.
+    lacks, unless `force` (or `caching_only`: only the caching phases' settings are wanted).
     """
     if cfg.model.family == "tiny" and profile is None:
         # The CPU demo: nothing to plan (checkpointing stays on, as everywhere).
@@ -832,7 +870,8 @@ def decide_memory(cfg, profile, *, force: bool, console=None, gpus: int = 1) -> 
             raise LowvramError(
                 f"{plan.reason or 'the run does not fit'} (profile '{profile.name}'; --force tries anyway)"
             )
-        _say(console, "[yellow]--force: training although the plan says it will not fit[/yellow]")
+        if not caching_only:
+            _say(console, "[yellow]--force: training although the plan says it will not fit[/yellow]")
     chosen = {k: v for k, v in plan.settings.items() if k.startswith("memory.")}
     cache_phases = [plan.phases[n] for n in ("text_cache", "latent_cache") if n in plan.phases]
     train_phase = plan.phases.get("train")
