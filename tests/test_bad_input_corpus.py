@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_data_bad_input import audio_only_mp4  # tests/ is on sys.path (rootdir conftest)
 
 from lowvram.errors import ConfigError, LowvramError, UsageError
 from lowvram.fsutil import TMP_PREFIX
@@ -325,17 +326,6 @@ def _write_video(path: Path, frames: int, size: int = 64, audio: bool = False) -
             c.mux(p)
 
 
-def _write_audio_only_mp4(path: Path) -> None:
-    with av.open(str(path), "w", format="mp4") as f:
-        s = f.add_stream("aac", rate=16000, layout="mono")
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for p in s.encode(frame):
-            f.mux(p)
-        for p in s.encode():
-            f.mux(p)
-
-
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory):
     from lowvram.data.synthetic import make_synthetic_dataset
@@ -354,7 +344,7 @@ def messy(tmp_path_factory):
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    _write_audio_only_mp4(folder / "no_video.mp4")
+    audio_only_mp4(folder / "no_video.mp4")
     _write_video(folder / "short.mp4", frames=9)
     for name in ("corrupt", "truncated", "zero", "notes", "clip", "no_video", "short"):
         (folder / f"{name}.txt").write_text("a red circle")

@@ -1,21 +1,11 @@
 """Resume is bit-identical: N steps straight == N/2 steps, a checkpoint, a fresh process state, N/2 more."""
 
-import pytest
 import torch
 
 from lowvram.config import RunConfig
 from lowvram.train.batches import CachedBatches, CachedSample
 from lowvram.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 from lowvram.train.loop import fit, read_metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads; on a shared, loaded machine two threads thrash (measured 7x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_transformer(seed: int = 0) -> torch.nn.Module:

@@ -7,15 +7,6 @@ from lowvram.device import get_backend
 from lowvram.device_sim import SimBackend, UseAfterOffloadError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: intra-op threads only contend (measured 0.07 s/step vs 2.5 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def sim() -> SimBackend:
     return get_backend("sim", budget_bytes=1_000_000)

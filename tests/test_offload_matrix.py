@@ -41,14 +41,6 @@ NUM_LAYERS = 4
 STEPS = 2  # the second step runs with the prefetch order and ring contents the first one left
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(precision: str, strategy_name: str, checkpointing: bool):
     transformer = tiny_lora_transformer(precision, num_layers=NUM_LAYERS)
     sim = get_backend("sim")

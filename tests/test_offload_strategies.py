@@ -23,15 +23,6 @@ from lowvram.offload.harness import lora_grads, lora_step, tiny_batch, tiny_lora
 from lowvram.offload.weights import tensor_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on a shared 2-core machine: intra-op threads only contend (measured 0.07 s/step vs 2.5 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(transformer, backend, batch, steps=2):
     backend.place_module(transformer)
     for _ in range(steps):

@@ -31,15 +31,6 @@ SHAPE = TrainShape(batch=2, latent_frames=3, latent_height=6, latent_width=8, au
 LORA = LoraSpec(rank=8, targets=("to_q", "to_k", "to_v", "to_out.0"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The real tiny steps are thousands of microsecond ops: extra threads only fight the other processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.cache
 def measured(checkpointing: bool, num_layers: int = 1, attention: str = "flash") -> dict:
     return measure_transformer_step(

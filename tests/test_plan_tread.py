@@ -7,7 +7,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from lowvram.config import apply_overrides, load_config
 from lowvram.plan import Settings, budget_settings, plan_run
@@ -20,14 +19,6 @@ from lowvram.profiles import load_profile
 B, F, H, W, A, TEXT = 2, 3, 4, 4, 9, 32
 ROUTE = [SimpleNamespace(selection_ratio=0.5, start_layer_idx=1, end_layer_idx=-2)]
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @functools.cache

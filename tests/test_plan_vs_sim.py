@@ -12,7 +12,6 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from lowvram.device import get_backend
 from lowvram.offload import apply_memory_plan
@@ -42,14 +41,6 @@ CASES = {
     "group_leaf_level": ("group_leaf_level", 4, True, 1.0),
     "activation_offload": ("activation_offload", 4, True, 1.0),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of microsecond ops: extra threads only fight the other processes
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

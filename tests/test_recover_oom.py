@@ -26,14 +26,6 @@ DROP_AFTER_STEP = 3
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
 def plan_outside_the_simulated_device(monkeypatch):
     """Planning is host work: its fake-tensor measurement must not be charged to the simulated device it plans for
     (a real GPU has no dispatch mode to step outside of). The wiring loop -> recover -> planner stays real."""

@@ -10,14 +10,6 @@ from lowvram.train.objective import ObjectiveConfig
 from lowvram.train.tread import TreadRouter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_transformer(seed: int = 0, lora: bool = True) -> torch.nn.Module:
     from lowvram.models.ltx2 import build_component, tiny_configs
     from lowvram.train.lora import inject_lora

@@ -14,14 +14,6 @@ from lowvram.train.recover import fit_with_recovery, smaller_memory_decision
 STEPS = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(run_dir, **memory) -> RunConfig:
     return RunConfig.model_validate(
         {
