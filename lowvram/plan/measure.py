@@ -338,6 +338,7 @@ def measure_transformer_step(
     With `tread_ratio` block 0 runs under the trainer's own TreadRouter (a route 0..0 at that share), so its
     sections hold what a routed block does: the kept share of video tokens, with its gathered per-token inputs.
     """
+    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
     from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
@@ -446,27 +447,23 @@ def measure_transformer_step(
             x_t.requires_grad_(not first_block)
             a_t = (audio_latents * (1 - sigma.view(b, 1, 1)) + audio_noise * sigma.view(b, 1, 1)).to(dtype)
             a_t.requires_grad_(not first_block)
-            text = torch.empty(b, length, cfg.caption_channels, dtype=dtype)
-            audio_text = torch.empty(b, length, cfg.caption_channels, dtype=dtype)
-            mask = torch.ones(b, length, dtype=torch.int64)
-            video_pred, audio_pred = model(
-                hidden_states=x_t,
-                audio_hidden_states=a_t,
-                encoder_hidden_states=text,
-                audio_encoder_hidden_states=audio_text,
-                encoder_attention_mask=mask,
-                audio_encoder_attention_mask=mask,
-                timestep=sigma.view(b, 1).expand(b, s_v) * 1000.0,
-                audio_timestep=sigma * 1000.0,
-                sigma=sigma * 1000.0,
-                audio_sigma=sigma * 1000.0,
-                num_frames=shape.latent_frames,
-                height=shape.latent_height,
-                width=shape.latent_width,
+            text = TextEmbeddings(
+                video=torch.empty(b, length, cfg.caption_channels, dtype=dtype),
+                audio=torch.empty(b, length, cfg.caption_channels, dtype=dtype),
+                mask=torch.ones(b, length, dtype=torch.int64),
+            )
+            # The trainer's own call, so what is measured is what trains.
+            video_pred, audio_pred = transformer_forward(
+                model,
+                video_tokens=x_t,
+                audio_tokens=a_t,
+                text=text,
+                video_sigma=sigma,
+                audio_sigma=sigma,
+                latent_frames=shape.latent_frames,
+                latent_height=shape.latent_height,
+                latent_width=shape.latent_width,
                 fps=25.0,
-                audio_num_frames=s_a,
-                use_cross_timestep=False,
-                return_dict=False,
             )
             loss = (video_pred.float() - (noise - latents).float()).pow(2).mean()
             loss = loss + (audio_pred.float() - (audio_noise - audio_latents).float()).pow(2).mean()
