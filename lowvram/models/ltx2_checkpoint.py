@@ -172,6 +172,24 @@ def diffusers_to_official(component: str, diffusers_keys: list[str]) -> dict[str
     return out
 
 
+def official_module_names(component: str, module_names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({module path: official module path}, [paths with no official name]) for modules that own a `.weight`.
+
+    Derived from the parameter layout above (a module is named as its weight is), and kept only where diffusers'
+    own converter reads the official weight key back to this module's weight: whatever that layout learns (a new
+    model version's keys) LoRA export follows without a list of its own.
+    """
+    official = {name: _to_official(component, f"{name}.weight") for name in module_names}
+    back = {v: k for k, v in official_to_diffusers(component, list(official.values())).items()}
+    mapped, unmapped = {}, []
+    for name, key in official.items():
+        if back.get(key) == f"{name}.weight":
+            mapped[name] = key.removesuffix(".weight")
+        else:
+            unmapped.append(name)
+    return mapped, unmapped
+
+
 def _to_official(component: str, key: str) -> str:
     if component == "transformer":
         for new, old in (("time_embed.", "adaln_single."), ("audio_time_embed.", "audio_adaln_single.")):
