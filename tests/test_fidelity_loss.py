@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowvram.models.ltx2 import TextEmbeddings
-from lowvram.train.distributed import DataParallel, DistEnv, rank_rows, rank_share
+from lowvram.train.distributed import DataParallel, DistEnv, rank_rows
 from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
 
 
@@ -63,6 +63,8 @@ def _text(b):
 
 @pytest.mark.parametrize(("batch", "world"), [(3, 2), (2, 2), (1, 2), (5, 3)])
 def test_rank_shares_add_up_to_the_per_sample_loss_and_its_gradient(batch, world):
+    from lowvram.train.distributed import rank_share
+
     conditioned = tuple(i % 2 == 0 for i in range(batch))
     x = _inputs(b=batch, conditioned=conditioned, audio_present=torch.tensor([i != 1 for i in range(batch)]))
     text = _text(batch)
