@@ -20,8 +20,8 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # Attention modules whose output only reaches the audio stream: left out when training video alone.
 AUDIO_ONLY_MODULES = ("audio_attn1", "audio_attn2", "video_to_audio_attn")
 LORA_FORMATS = ("comfy", "diffusers")
-# dtype of the exported file: bf16 as the official LTX-2 trainer saves (half the size of fp32; ComfyUI and
-# diffusers cast LoRA weights to the model's dtype on load anyway).
+# dtype of the exported file: bf16 by default, as the official LTX-2 trainer saves its LoRA (ltx-trainer config
+# `checkpoints.precision`, default "bfloat16", or "float32"): half the size of fp32.
 LORA_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_LORA_DTYPE = "bf16"
 ADAPTER = "default"
