@@ -173,6 +173,7 @@ def _overrides(**kw) -> dict:
         "seed": "train.seed",
         "resume": "checkpoint.resume",
         "lora_format": "lora.format",
+        "lora_dtype": "lora.dtype",
         "dataset": "data.dataset_dir",
         "checkpoint_path": "model.checkpoint",
         "margin": "memory.vram_safety_margin",
@@ -262,6 +263,9 @@ def train(
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     resume: str | None = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to continue from."),
     lora_format: str | None = typer.Option(None, "--lora-format", help="Exported key naming: comfy or diffusers."),
+    lora_dtype: str | None = typer.Option(
+        None, "--lora-dtype", help="Exported LoRA file dtype: bf16 (default, as the official trainer), fp16, fp32."
+    ),
     strict: bool | None = typer.Option(
         None, "--strict/--skip-bad", help="A bad dataset item stops caching (default: skipped and listed at the end)."
     ),
@@ -275,7 +279,8 @@ def train(
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
-                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict)
+                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict,
+                           lora_dtype=lora_dtype)
     from lowvram.train.loop import run_train
 
     if config is None:

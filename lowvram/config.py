@@ -163,6 +163,9 @@ class LoraSection(Section):
         description="module names or globs to adapt (all attention modules incl. audio and a/v cross by default)",
     )
     format: Literal["comfy", "diffusers"] = Field("comfy", description="exported key naming")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="dtype of the exported LoRA file (the adapter trains in its own dtype)"
+    )
 
 
 class OptimSection(Section):
@@ -183,6 +186,10 @@ class TreadRoute(Section):
     end_layer_idx: int = Field(description="last routed block (negative counts from the end)")
 
 
+# First-frame conditioning probability of each training task when none is stated (the official trainer's configs).
+TASK_CONDITIONING_P = {"t2v": 0.0, "i2v": 0.5}
+
+
 class TrainSection(Section):
     batch_size: int = Field(1, ge=1, description="clips per step")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -195,10 +202,32 @@ class TrainSection(Section):
     )
     fixed_shift: float = Field(1.0, gt=0, description="shift for sigma_sampling=fixed_shift")
     independent_audio_sigma: bool = Field(True, description="draw the audio sigma independently of the video's")
-    first_frame_conditioning_p: float = Field(0.5, ge=0, le=1, description="image-to-video conditioning probability")
+    task: Literal["t2v", "i2v"] = Field(
+        "t2v", description="t2v: text-to-video (no first-frame conditioning); i2v: image-to-video (first frame clean)"
+    )
+    first_frame_conditioning_p: float | None = Field(
+        None, ge=0, le=1, description="share of samples conditioned on a clean first frame (default: t2v 0, i2v 0.5)"
+    )
     audio_loss_weight: float = Field(1.0, ge=0, description="weight of the audio loss")
     tread_routes: list[TreadRoute] = Field(default_factory=list, description="TREAD token routing")
     mixed_precision: Literal["bf16", "fp32"] = Field("bf16", description="compute dtype of the transformer")
+
+    @model_validator(mode="after")
+    def _task(self) -> TrainSection:
+        if self.task == "i2v" and self.first_frame_conditioning_p == 0:
+            raise ValueError(
+                "train.task = 'i2v' with first_frame_conditioning_p = 0 never conditions on the first frame: "
+                "use task = 't2v' or a probability above 0"
+            )
+        return self
+
+    @property
+    def conditioning_p(self) -> float:
+        """The first-frame conditioning probability the run uses: the stated one, else the task's official default
+        (Lightricks' t2v_lora.yaml has no first-frame condition; i2v_lora.yaml uses probability 0.5)."""
+        if self.first_frame_conditioning_p is not None:
+            return self.first_frame_conditioning_p
+        return TASK_CONDITIONING_P[self.task]
 
 
 class CheckpointSection(Section):
@@ -349,6 +378,8 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "validation_seed": "validation.seed",
     "validation_steps": "validation.every_n_steps",
     "framerate": "data.fps",
+    "ltx_train_mode": "train.task",
+    "ltx_i2v_prob": "train.first_frame_conditioning_p",
     "frame_rate": "data.fps",
 }
 

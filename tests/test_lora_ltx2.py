@@ -115,7 +115,7 @@ def test_export_folds_alpha_into_b_and_has_no_alpha_keys(tmp_path):
     t = ltx2.build_tiny_components(seed=0).transformer
     lora.inject_lora(t, rank=4, alpha=3.0)
     _randomize_b(t)
-    path = lora.export_lora(t, tmp_path / "lora.safetensors")
+    path = lora.export_lora(t, tmp_path / "lora.safetensors", dtype="fp32")  # exactness, not the file dtype
     exported = load_file(str(path))
     raw = lora.lora_state_dict(t)
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in exported)
@@ -137,7 +137,7 @@ def test_exported_lora_changes_diffusers_pipeline_exactly_as_in_memory(tmp_path,
     _randomize_b(t)
     ours = _forward(t, text)
     assert not torch.allclose(ours[0], base[0]) and not torch.allclose(ours[1], base[1])
-    path = lora.export_lora(t, tmp_path / "lora.safetensors", lora_format=lora_format)
+    path = lora.export_lora(t, tmp_path / "lora.safetensors", lora_format=lora_format, dtype="fp32")
     if lora_format == "diffusers":
         assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(str(path)))
     theirs = _forward(_pipeline_with_lora(path).transformer, text)
@@ -149,7 +149,8 @@ def test_exported_lora_with_any_alpha_matches_closely(tmp_path, text):
     lora.inject_lora(t, rank=4, alpha=3.0)
     _randomize_b(t, seed=5)
     ours = _forward(t, text)
-    theirs = _forward(_pipeline_with_lora(lora.export_lora(t, tmp_path / "l.safetensors")).transformer, text)
+    path = lora.export_lora(t, tmp_path / "l.safetensors", dtype="fp32")
+    theirs = _forward(_pipeline_with_lora(path).transformer, text)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-6)
 

@@ -25,11 +25,11 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_token_count_shift_is_linear_from_1024_to_4096_and_capped():
+def test_token_count_shift_is_the_line_through_1024_and_4096_without_a_cap():
     assert token_count_shift(1024) == pytest.approx(0.95)
     assert token_count_shift(2560) == pytest.approx(0.95 + 1536 * 1.1 / 3072)
     assert token_count_shift(4096) == pytest.approx(2.05)
-    assert token_count_shift(100_000) == pytest.approx(2.05)
+    assert token_count_shift(100_000) == pytest.approx(0.95 + (100_000 - 1024) * 1.1 / 3072)
     assert token_count_shift(0) == pytest.approx(0.95 - 1024 * 1.1 / 3072)
 
 

@@ -399,6 +399,16 @@ def unpack_audio_latents(tokens: torch.Tensor, mel_bins: int) -> torch.Tensor:
 # The training forward
 
 
+# Where a built transformer records its family's a/v cross-attention timestep semantics (configs/<family>/forward.json,
+# set by the loaders): False, LTX-2.0's release semantics, when absent. The evidence is in ltx-2.0/forward.json.
+CROSS_TIMESTEP_ATTR = "lowvram_use_cross_timestep"
+
+
+def uses_cross_timestep(transformer) -> bool:
+    """True when the a/v cross-attention modulation reads the other modality's σ (diffusers use_cross_timestep)."""
+    return bool(getattr(transformer, CROSS_TIMESTEP_ATTR, False))
+
+
 def transformer_forward(
     transformer,
     *,
@@ -419,7 +429,8 @@ def transformer_forward(
 
     `video_sigma` / `audio_sigma` are per sample `[B]`; `video_token_sigma` `[B, S_v]` (and `audio_token_sigma`
     `[B, S_a]`) override them per token, e.g. 0 on clean first-frame tokens. diffusers does not scale timesteps
-    inside, so σ·1000 is passed; `use_cross_timestep=False` is LTX-2.0 behaviour (True is LTX-2.3's).
+    inside, so σ·1000 is passed. The a/v cross-attention timestep follows the model family (`uses_cross_timestep`:
+    False for LTX-2.0, as released).
     """
     b, s_v, _ = video_tokens.shape
     s_a = audio_tokens.shape[1]
@@ -451,7 +462,7 @@ def transformer_forward(
         fps=fps,
         audio_num_frames=s_a,
         isolate_modalities=isolate_modalities,
-        use_cross_timestep=False,
+        use_cross_timestep=uses_cross_timestep(transformer),
         return_dict=False,
     )
     return video_pred, audio_pred

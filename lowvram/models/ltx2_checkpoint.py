@@ -68,6 +68,24 @@ def family_configs(family: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def family_forward(family: str) -> dict[str, Any]:
+    """How the family's transformer is called (from its forward.json): today `use_cross_timestep`, the timestep the
+    a/v cross-attention modulation reads (False = each modality's own, True = the other modality's σ).
+
+    The tiny family and diffusers folders without a family use LTX-2.0's.
+    """
+    family = canonical_family(family)
+    folder = _CONFIG_DIR / (family if family in FAMILIES and family != "tiny" else "ltx-2.0")
+    cfg = json.loads((folder / "forward.json").read_text())
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def apply_family_forward(transformer: torch.nn.Module, family: str) -> torch.nn.Module:
+    """Record the family's forward semantics on a built transformer, where `ltx2.transformer_forward` reads them."""
+    setattr(transformer, ltx2.CROSS_TIMESTEP_ATTR, bool(family_forward(family)["use_cross_timestep"]))
+    return transformer
+
+
 def real_transformer_config() -> dict[str, Any]:
     return family_configs("ltx-2.0")["transformer"]
 
@@ -96,7 +114,8 @@ def build_on_meta(component: str, config: dict[str, Any] | None = None, family: 
     """The real class on the meta device (no memory): for planning and as the skeleton a load fills."""
     config = config if config is not None else family_configs(family)[component]
     with torch.device("meta"):
-        return ltx2.build_component(component, config)
+        module = ltx2.build_component(component, config)
+    return apply_family_forward(module, family) if component == "transformer" else module
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -170,6 +189,24 @@ def diffusers_to_official(component: str, diffusers_keys: list[str]) -> dict[str
         bad = sorted(set(out) ^ set(back.values()))[:3]
         raise AssertionError(f"official key layout for {component} does not round-trip: {bad}")
     return out
+
+
+def official_module_names(component: str, module_names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """({module path: official module path}, [paths with no official name]) for modules that own a `.weight`.
+
+    Derived from the parameter layout above (a module is named as its weight is), and kept only where diffusers'
+    own converter reads the official weight key back to this module's weight: whatever that layout learns (a new
+    model version's keys) LoRA export follows without a list of its own.
+    """
+    official = {name: _to_official(component, f"{name}.weight") for name in module_names}
+    back = {v: k for k, v in official_to_diffusers(component, list(official.values())).items()}
+    mapped, unmapped = {}, []
+    for name, key in official.items():
+        if back.get(key) == f"{name}.weight":
+            mapped[name] = key.removesuffix(".weight")
+        else:
+            unmapped.append(name)
+    return mapped, unmapped
 
 
 def _to_official(component: str, key: str) -> str:
@@ -463,7 +500,7 @@ def load_component(source: CheckpointSource, component: str, *, dtype: torch.dty
     """Build `component` on meta, check its keys against the checkpoint, then fill it tensor by tensor."""
     if component not in source.tensors:
         raise LowvramError(f"{source.path} has no {component} weights")
-    skeleton = build_on_meta(component, source.configs[component])
+    skeleton = build_on_meta(component, source.configs[component], family=source.family)
     check_keys(component, skeleton, source.tensors[component], source.path)
     wanted = set(skeleton.state_dict(keep_vars=True))
     for key, tensor in iter_component_tensors(source, component, dtype, only=wanted):
@@ -660,6 +697,8 @@ def load_component_quantized(
         raise LowvramError(f"{source.path} has no {component} weights")
     config = source.configs[component]
     skeleton = build_empty(lambda: ltx2.build_component(component, config))
+    if component == "transformer":
+        apply_family_forward(skeleton, source.family)
     check_keys(component, skeleton, source.tensors[component], source.path)
     wanted = set(skeleton.state_dict(keep_vars=True))
     with contextlib.closing(ComponentSource(source, component, wanted)) as tensors:

@@ -324,9 +324,10 @@ class LocalRows:
 class DataParallel:
     """Splits a step's noised global batch into this rank's rows and weights the loss to make gradients global.
 
-    FSDP2 averages gradients over ranks; a masked-MSE loss is a sum over counted tokens divided by their number, so
-    rank r's loss is scaled by `world × counted_r / counted_total` (one all-reduce of four numbers per micro-batch).
-    The loss values reported are the global ones.
+    FSDP2 averages gradients over ranks; the loss is the mean over the global batch of each sample's own masked MSE
+    (the official reduction, `objective.flow_loss`), so rank r's loss is its rows' summed per-sample losses scaled by
+    `world / rows_total` (one all-reduce of three numbers per micro-batch). The loss values reported are the global
+    ones.
     """
 
     def __init__(self, env: DistEnv):
@@ -342,24 +343,32 @@ class DataParallel:
         """flow_loss for this rank's rows, weighted so that the ranks' averaged gradient is the global batch's."""
         import torch.distributed as dist
 
-        from lowvram.train.objective import LossParts, masked_mse
+        return rank_share(video_pred, audio_pred, local, objective, self.env.world_size, dist.all_reduce)
 
-        inputs = local.inputs
-        video = masked_mse(video_pred, inputs.video_target, inputs.video_loss_mask)
-        audio = masked_mse(audio_pred, inputs.audio_target, inputs.audio_loss_mask)
-        keep = 1.0 if local.real else 0.0
-        counted = torch.stack([inputs.video_loss_mask.float().sum(), inputs.audio_loss_mask.float().sum()]) * keep
-        counted = counted.to(video.device)
-        stats = torch.cat([counted, counted * torch.stack([video.detach(), audio.detach()])])
-        dist.all_reduce(stats)  # [counted video, counted audio, summed video, summed audio] over all ranks
-        totals = stats[:2].clamp_min(1e-12)
-        weight = self.env.world_size * counted / totals
-        share = weight[0] * video + objective.audio_loss_weight * weight[1] * audio
-        video_all, audio_all = stats[2] / totals[0], stats[3] / totals[1]
-        global_total = video_all + objective.audio_loss_weight * audio_all
-        # The total's value is the global loss (what logs show); its gradient is this rank's weighted share.
-        total = share + (global_total - share).detach()
-        return LossParts(total=total, video=video_all, audio=audio_all)
+
+def rank_share(video_pred, audio_pred, local: LocalRows, objective, world_size: int, all_reduce):
+    """This rank's weighted share of the global per-sample loss; `all_reduce` sums a tensor over the ranks in place.
+
+    Summed over ranks and divided by `world_size` (what FSDP2 does to gradients), the shares' gradients are those of
+    `flow_loss` on the whole batch: mean over all rows of (video_b + audio_loss_weight · audio_b).
+    """
+    from lowvram.train.objective import LossParts, masked_mse_per_sample
+
+    inputs = local.inputs
+    video = masked_mse_per_sample(video_pred, inputs.video_target, inputs.video_loss_mask)  # [rows]
+    audio = masked_mse_per_sample(audio_pred, inputs.audio_target, inputs.audio_loss_mask)
+    keep = 1.0 if local.real else 0.0  # a borrowed row counts for nothing
+    video_sum, audio_sum = video.sum() * keep, audio.sum() * keep
+    rows = torch.tensor(float(video.shape[0]) * keep, device=video.device)
+    stats = torch.stack([rows, video_sum.detach(), audio_sum.detach()])
+    all_reduce(stats)  # [rows, summed video, summed audio] over all ranks
+    total_rows = stats[0].clamp_min(1.0)
+    share = world_size * (video_sum + objective.audio_loss_weight * audio_sum) / total_rows
+    video_all, audio_all = stats[1] / total_rows, stats[2] / total_rows
+    global_total = video_all + objective.audio_loss_weight * audio_all
+    # The total's value is the global loss (what logs show); its gradient is this rank's weighted share.
+    total = share + (global_total - share).detach()
+    return LossParts(total=total, video=video_all, audio=audio_all)
 
 
 def _select_rows(value, index: torch.Tensor, batch: int):

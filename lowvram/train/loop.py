@@ -390,6 +390,7 @@ def run(
             prepare_demo_dataset(cfg)
     if dry_run:
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
+    check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
 
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
     for phase in ("text_cache", "latent_cache", "train"):
@@ -821,6 +822,17 @@ def inject_lora(transformer: torch.nn.Module, cfg) -> None:
     if lora.lora_layers(transformer):
         return  # already added (a sharded run adds it while loading, before FSDP2 shards the module)
     lora.inject_lora(transformer, cfg.lora, include_audio=cfg.train.mode != "video")
+
+
+def check_lora_targets(cfg) -> None:
+    """Refuse in one line, before anything is cached or loaded, LoRA targets that select no module or have no name
+    in the configured export format (checked on the family's transformer built on meta: no memory)."""
+    from lowvram.models import ltx2
+    from lowvram.train import lora
+
+    skeleton = ltx2.build_on_meta("transformer", family=cfg.model.family)
+    spec = lora.as_spec(cfg.lora, include_audio=cfg.train.mode != "video")
+    lora.export_names(lora.target_modules(skeleton, spec), spec.lora_format)
 
 
 def export_lora(transformer: torch.nn.Module, path: Path, cfg) -> Path:

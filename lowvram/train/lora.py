@@ -1,7 +1,8 @@
 """LoRA on the LTX-2 transformer: peft injection on chosen modules, and export that ComfyUI and diffusers both load.
 
 Exported files carry `lora_A` / `lora_B` only, with alpha folded into B (diffusers' LTX-2 loader rejects `.alpha`
-keys). It does not train, schedule, or checkpoint optimizer state (loop.py and checkpoint.py do).
+keys), in bf16 unless asked otherwise (the official trainer's files are bf16); the adapter in memory keeps its
+training dtype. It does not train, schedule, or checkpoint optimizer state (loop.py and checkpoint.py do).
 """
 
 from __future__ import annotations
@@ -19,18 +20,25 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # Attention modules whose output only reaches the audio stream: left out when training video alone.
 AUDIO_ONLY_MODULES = ("audio_attn1", "audio_attn2", "video_to_audio_attn")
 LORA_FORMATS = ("comfy", "diffusers")
+# dtype of the exported file: bf16 by default, as the official LTX-2 trainer saves its LoRA (ltx-trainer config
+# `checkpoints.precision`, default "bfloat16", or "float32"): half the size of fp32.
+LORA_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_LORA_DTYPE = "bf16"
 ADAPTER = "default"
 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """What to adapt and how: rank, alpha (None = rank), dropout, target names/globs, and whether audio-only modules."""
+    """What to adapt and how: rank, alpha (None = rank), dropout, target names/globs, whether audio-only modules,
+    and how it is exported (key naming, file dtype)."""
 
     rank: int = 16
     alpha: float | None = None
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     include_audio: bool = True
+    lora_format: str = "comfy"
+    dtype: str = DEFAULT_LORA_DTYPE
 
     @property
     def scale(self) -> float:
@@ -43,12 +51,22 @@ def as_spec(obj, **overrides) -> LoraSpec:
         base = {}
     elif isinstance(obj, LoraSpec):
         base = dict(
-            rank=obj.rank, alpha=obj.alpha, dropout=obj.dropout, targets=obj.targets, include_audio=obj.include_audio
+            rank=obj.rank,
+            alpha=obj.alpha,
+            dropout=obj.dropout,
+            targets=obj.targets,
+            include_audio=obj.include_audio,
+            lora_format=obj.lora_format,
+            dtype=obj.dtype,
         )
     else:
         base = dict(rank=obj.rank, alpha=obj.alpha, dropout=obj.dropout, targets=tuple(obj.targets))
         if hasattr(obj, "include_audio"):
             base["include_audio"] = obj.include_audio
+        if getattr(obj, "format", None) is not None:
+            base["lora_format"] = obj.format
+        if getattr(obj, "dtype", None) is not None:
+            base["dtype"] = obj.dtype
     base.update(overrides)
     base["targets"] = tuple(base.get("targets", DEFAULT_TARGETS))
     return LoraSpec(**base)
@@ -92,6 +110,7 @@ def inject_lora(transformer: torch.nn.Module, spec=None, **overrides) -> list[st
 
     spec = as_spec(spec, **overrides)
     names = target_modules(transformer, spec)
+    export_names(names, spec.lora_format)  # a target the export could not name fails now, not after training
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
@@ -123,27 +142,52 @@ def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def exported_lora_tensors(
-    transformer: torch.nn.Module, lora_format: str = "comfy", dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """The export: alpha (peft's per-layer scaling) folded into B, keys in the official or diffusers naming."""
+def export_names(module_names: list[str], lora_format: str = "comfy") -> dict[str, str]:
+    """{module path: exported key prefix} (keys are `{prefix}.lora_A.weight` / `.lora_B.weight`).
+
+    "comfy": the official LTX-2 names (`diffusion_model.patchify_proj`, `diffusion_model.adaln_single.linear`, ...),
+    taken from the checkpoint layout map, which is what ComfyUI and ltx-core look up; "diffusers": `transformer.` +
+    the diffusers path. A module the official layout cannot name is a usage error (its weights would be skipped).
+    """
     if lora_format not in LORA_FORMATS:
         raise UsageError(f"unknown LoRA format {lora_format!r}: use one of {', '.join(LORA_FORMATS)}")
-    from lowvram.models.ltx2_checkpoint import diffusers_to_official
+    if lora_format == "diffusers":
+        return {n: "transformer." + n for n in module_names}
+    from lowvram.models.ltx2_checkpoint import official_module_names
 
+    official, unmapped = official_module_names("transformer", list(module_names))
+    if unmapped:
+        raise UsageError(
+            f"LoRA target {unmapped[0]!r} ({len(unmapped)} module(s)) has no official LTX-2 name, so ComfyUI and "
+            'ltx-core would skip it: leave it out of lora.targets or export with lora.format = "diffusers"'
+        )
+    return {n: "diffusion_model." + official[n].removeprefix("model.diffusion_model.") for n in module_names}
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """The exported file's dtype from its name ("bf16", "fp16", "fp32"); None is the default (bf16)."""
+    if isinstance(name, torch.dtype):
+        return name
+    name = DEFAULT_LORA_DTYPE if name is None else name
+    if name not in LORA_DTYPES:
+        raise UsageError(f"unknown LoRA dtype {name!r}: use one of {', '.join(LORA_DTYPES)}")
+    return LORA_DTYPES[name]
+
+
+def exported_lora_tensors(
+    transformer: torch.nn.Module, lora_format: str = "comfy", dtype: str | torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """The export: alpha (peft's per-layer scaling) folded into B in float32, then cast to `dtype` (default bf16);
+    keys in the official or diffusers naming. The adapter itself is not changed."""
+    out_dtype = resolve_dtype(dtype)
     layers = lora_layers(transformer)
     if not layers:
         raise UsageError("the transformer has no LoRA adapter to export: inject_lora() first")
-    if lora_format == "comfy":
-        official = {v: k for k, v in diffusers_to_official("transformer", list(layers)).items()}
-        prefix_of = {n: "diffusion_model." + official[n].removeprefix("model.diffusion_model.") for n in layers}
-    else:
-        prefix_of = {n: "transformer." + n for n in layers}
+    prefix_of = export_names(list(layers), lora_format)
     out = {}
     for name, layer in layers.items():
         a = layer.lora_A[ADAPTER].weight.detach()
-        b = layer.lora_B[ADAPTER].weight.detach() * layer.scaling[ADAPTER]
-        out_dtype = dtype or a.dtype
+        b = layer.lora_B[ADAPTER].weight.detach().float() * layer.scaling[ADAPTER]
         out[f"{prefix_of[name]}.lora_A.weight"] = a.to("cpu", out_dtype).contiguous()
         out[f"{prefix_of[name]}.lora_B.weight"] = b.to("cpu", out_dtype).contiguous()
     return out
@@ -155,12 +199,14 @@ def export_lora(
     spec=None,
     *,
     lora_format: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
-    """Write the LoRA atomically as safetensors. `lora_format` defaults to the spec's `format` ("comfy")."""
+    """Write the LoRA atomically as safetensors. `lora_format` / `dtype` default to the spec's (`format`, `dtype`),
+    else "comfy" and bf16."""
     from lowvram.fsutil import save_safetensors_atomic
 
-    fmt = lora_format or getattr(spec, "format", None) or "comfy"
+    fmt = lora_format or getattr(spec, "format", None) or getattr(spec, "lora_format", None) or "comfy"
+    dtype = dtype if dtype is not None else getattr(spec, "dtype", None)
     tensors = exported_lora_tensors(transformer, fmt, dtype)
     rank = next(iter(lora_layers(transformer).values())).r[ADAPTER]
     metadata = {"lowvram_lora_format": fmt, "lowvram_rank": str(rank), "lowvram_alpha_folded_into_b": "true"}

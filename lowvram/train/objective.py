@@ -1,12 +1,12 @@
 """The flow-matching objective of LTX-2 training: σ sampling, noisy inputs, velocity targets, masks and the loss.
 
 It follows the official LTX-2 trainer (stretched shifted logit-normal σ, per-token timesteps, first-frame
-conditioning, masked MSE). It never calls the transformer and never touches devices beyond the tensors it is given.
+conditioning, masked MSE per sample then the batch mean). It never calls the transformer and never touches devices
+beyond the tensors it is given.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,12 +17,19 @@ from lowvram.errors import ConfigError
 SigmaSampling = Literal["shifted_logit_normal", "uniform", "fixed_shift"]
 Mode = Literal["av", "video", "audio"]
 
-# Official trainer constants: the shift is interpolated between 1024 and 4096 tokens and capped above, because
-# without the cap both stretch percentiles saturate near 1 and the stretch divides by ~0 (NaN σ).
+# Official trainer constants (Lightricks/LTX-2 packages/ltx-trainer timestep_samplers.py): the shift is the line
+# through (1024 tokens, 0.95) and (4096 tokens, 2.05), extended both ways with no cap. A cap at 4096 exists only in
+# an unmerged pull-request commit (32ac2e1, 2026-06-08); the trainer's main branch (checked at 400fd31, 2026-08-16)
+# has none, so a 6144-token clip trains at μ 2.80, not 2.05.
 SHIFT_MIN_TOKENS = 1024
 SHIFT_MAX_TOKENS = 4096
 SHIFT_AT_MIN = 0.95
 SHIFT_AT_MAX = 2.05
+# Above this many tokens the official float32 arithmetic breaks down (measured against an exact float64 evaluation
+# of the same formula over 100k draws: max σ error 2.8e-4 at 24576 tokens, 5.7e-4 at 28672, 4e-3 at 30720, 0.18 at
+# 45000 where σ collapses to 1, NaN for every draw from ~53000 on): there, and only there, the same distribution is
+# evaluated through log-sigmoids in float64, finite for any token count.
+EXACT_STRETCH_ABOVE_TOKENS = 28672
 # Standard-normal quantiles the official trainer stretches between: 99.9th and 0.5th percentiles.
 NORMAL_Q999 = 3.0902
 NORMAL_Q005 = -2.5758
@@ -35,7 +42,7 @@ class ObjectiveConfig:
     sigma_sampling: SigmaSampling = "shifted_logit_normal"
     fixed_shift: float = 1.0
     independent_audio_sigma: bool = True
-    first_frame_conditioning_p: float = 0.5
+    first_frame_conditioning_p: float = 0.0  # text-to-video, as the official t2v config; i2v uses 0.5
     audio_loss_weight: float = 1.0
     mode: Mode = "av"
     logit_std: float = 1.0
@@ -49,7 +56,7 @@ class ObjectiveConfig:
             sigma_sampling=train.sigma_sampling,
             fixed_shift=train.fixed_shift,
             independent_audio_sigma=train.independent_audio_sigma,
-            first_frame_conditioning_p=train.first_frame_conditioning_p,
+            first_frame_conditioning_p=train.conditioning_p,
             audio_loss_weight=train.audio_loss_weight,
             mode=train.mode,
         )
@@ -101,20 +108,33 @@ class LossParts:
 
 
 def token_count_shift(seq_len: int) -> float:
-    """μ of the shifted logit-normal: 0.95 at 1024 tokens rising linearly by 1.1 per 3072 tokens, capped at 4096."""
-    n = min(seq_len, SHIFT_MAX_TOKENS)
+    """μ of the shifted logit-normal: 0.95 at 1024 tokens rising linearly by 1.1 per 3072 tokens, without a cap."""
     slope = (SHIFT_AT_MAX - SHIFT_AT_MIN) / (SHIFT_MAX_TOKENS - SHIFT_MIN_TOKENS)
-    return SHIFT_AT_MIN + (n - SHIFT_MIN_TOKENS) * slope
+    return slope * seq_len + (SHIFT_AT_MIN - slope * SHIFT_MIN_TOKENS)
 
 
-def stretch_logit_normal(normal: torch.Tensor, mu: float, std: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
+def stretch_logit_normal(
+    normal: torch.Tensor, mu: float, std: float = 1.0, eps: float = 1e-3, *, exact: bool = False
+) -> torch.Tensor:
     """Map draws of N(mu, std) to σ: sigmoid, stretch the [0.5%, 99.9%] percentiles to [0, 1], reflect below eps.
 
-    The stretch makes the distribution reach both ends of [0, 1] (plain sigmoid of N(mu, 1) rarely does).
+    The stretch makes the distribution reach both ends of [0, 1] (plain sigmoid of N(mu, 1) rarely does). By
+    default the official trainer's float32 arithmetic, step for step (so σ equals its σ for the same draws);
+    `exact` evaluates the same formula as `(s(-a) - s(-z)) / (s(-a) - s(-b))` with `s(-x) = 1 - sigmoid(x)`
+    through log-sigmoids in float64, which stays finite where the float32 form divides 0 by 0.
     """
-    lo = 1.0 / (1.0 + math.exp(-(mu + NORMAL_Q005 * std)))
-    hi = 1.0 / (1.0 + math.exp(-(mu + NORMAL_Q999 * std)))
-    raw = (torch.sigmoid(normal) - lo) / (hi - lo)
+    lo_x, hi_x = mu + NORMAL_Q005 * std, mu + NORMAL_Q999 * std
+    if exact:
+        f = torch.nn.functional.logsigmoid
+        z = normal.double()
+        log_lo = f(torch.tensor(-lo_x, dtype=torch.float64))
+        num = -torch.expm1(f(-z) - log_lo)
+        den = -torch.expm1(f(torch.tensor(-hi_x, dtype=torch.float64)) - log_lo)
+        raw = (num / den).to(normal.dtype)
+    else:
+        lo = torch.sigmoid(torch.tensor(lo_x, dtype=normal.dtype, device=normal.device))
+        hi = torch.sigmoid(torch.tensor(hi_x, dtype=normal.dtype, device=normal.device))
+        raw = (torch.sigmoid(normal) - lo) / (hi - lo)
     reflected = torch.where(raw >= eps, raw, 2 * eps - raw)
     return reflected.clamp(0.0, 1.0)
 
@@ -137,7 +157,7 @@ def sample_sigmas(batch_size: int, seq_len: int, cfg: ObjectiveConfig, generator
     mu = token_count_shift(seq_len)
     # Draw order is fixed (normal, uniform, coin) so a resumed run reproduces the same σ sequence.
     normal = torch.randn(batch_size, generator=generator) * cfg.logit_std + mu
-    stretched = stretch_logit_normal(normal, mu, cfg.logit_std, cfg.eps)
+    stretched = stretch_logit_normal(normal, mu, cfg.logit_std, cfg.eps, exact=seq_len > EXACT_STRETCH_ABOVE_TOKENS)
     uniform = (1.0 - cfg.eps) * torch.rand(batch_size, generator=generator) + cfg.eps
     coin = torch.rand(batch_size, generator=generator)
     # The uniform share keeps every noise level trained even at high token counts, where μ is large.
@@ -259,19 +279,29 @@ def prepare_inputs(
 # Loss
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`(err² · mask).mean() / mask.mean()` over [B, S, C] with a [B, S] mask, in float32; 0 when nothing counts."""
+def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B]: each sample's `(err² · mask).mean() / mask.mean()` over its [S, C], in float32; 0 where nothing counts.
+
+    The official trainer's reduction: each sample is normalised by its own mask, so a first-frame-conditioned clip
+    (fewer counted tokens) weighs as much in the batch as an unconditioned one.
+    """
     err = (pred.float() - target.float()).pow(2)
     m = mask.float().unsqueeze(-1)
-    # The clamp turns an all-masked batch into a zero loss (with a zero grad) instead of 0/0, without the host
-    # sync an `if` on the value would cost every step.
-    return (err * m).mean() / m.mean().clamp_min(1e-12)
+    # The clamp (the official trainer's 1e-8) turns an all-masked sample into a zero loss with a zero grad instead
+    # of 0/0, without the host sync an `if` on the value would cost every step.
+    return (err * m).mean(dim=(-2, -1)) / m.mean(dim=(-2, -1)).clamp_min(1e-8)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The batch mean of `masked_mse_per_sample` (the official per-sample masked mean, then the mean over B)."""
+    return masked_mse_per_sample(pred, target, mask).mean()
 
 
 def flow_loss(
     video_pred: torch.Tensor, audio_pred: torch.Tensor, inputs: FlowInputs, cfg: ObjectiveConfig
 ) -> LossParts:
-    """Video loss + `audio_loss_weight` × audio loss, each a masked MSE against the velocity target."""
+    """Video loss + `audio_loss_weight` × audio loss, each a per-sample masked MSE against the velocity target,
+    averaged over the batch (the official trainer's loss; its audio weight is 1)."""
     video = masked_mse(video_pred, inputs.video_target, inputs.video_loss_mask)
     audio = masked_mse(audio_pred, inputs.audio_target, inputs.audio_loss_mask)
     total = video + cfg.audio_loss_weight * audio

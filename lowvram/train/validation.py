@@ -19,6 +19,8 @@ def render_validation(cfg, components, transformer: torch.nn.Module, path: Path)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx2 import LTX2Pipeline
 
+    from lowvram.models import ltx2
+
     v = cfg.validation
     width, height = _wh(v.resolution)
     device = next(p.device for p in transformer.parameters() if p.device.type != "meta")
@@ -56,7 +58,7 @@ def render_validation(cfg, components, transformer: torch.nn.Module, path: Path)
             generator=torch.Generator().manual_seed(v.seed),
             output_type="np",
             max_sequence_length=min(cfg.data.max_text_tokens, components.tokenizer.model_max_length),
-            use_cross_timestep=False,  # LTX-2.0 (the pipeline's default True is LTX-2.3 behaviour)
+            use_cross_timestep=ltx2.uses_cross_timestep(transformer),  # the family's (LTX-2.0: False)
         )
     finally:
         for m in frozen:
