@@ -172,6 +172,7 @@ def _overrides(**kw) -> dict:
         "learning_rate": "optim.learning_rate",
         "seed": "train.seed",
         "resume": "checkpoint.resume",
+        "start_over": "checkpoint.start_over",
         "lora_format": "lora.format",
         "dataset": "data.dataset_dir",
         "checkpoint_path": "model.checkpoint",
@@ -261,6 +262,10 @@ def train(
     precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     resume: str | None = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to continue from."),
+    start_over: bool = typer.Option(
+        False, "--start-over", help="Start at step 0 although OUTPUT holds a run (with --resume latest: when none of "
+        "its checkpoints verifies); its files are moved to OUTPUT/previous-runs/, never deleted.",
+    ),
     lora_format: str | None = typer.Option(None, "--lora-format", help="Exported key naming: comfy or diffusers."),
     strict: bool | None = typer.Option(
         None, "--strict/--skip-bad", help="A bad dataset item stops caching (default: skipped and listed at the end)."
@@ -275,7 +280,8 @@ def train(
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
-                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict)
+                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict,
+                           start_over=start_over or None)
     from lowvram.train.loop import run_train
 
     if config is None:

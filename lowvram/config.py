@@ -205,6 +205,10 @@ class CheckpointSection(Section):
     every_n_steps: int = Field(100, ge=0, description="save a resumable checkpoint every N steps (0 = only at end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+    start_over: bool = Field(
+        False, description="start at step 0 although the folder holds a run (or none of its checkpoints verifies); "
+        "its files are moved to previous-runs/, not deleted"
+    )
 
 
 class ValidationSection(Section):

@@ -22,11 +22,8 @@ from lowvram.errors import LowvramError
 from lowvram.fsutil import atomic_write_text
 from lowvram.train.batches import BatchSource, DiskBatches, LatentBatch
 from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
+from lowvram.train.run_folder import LORA_FILE, METRICS_FILE
 from lowvram.train.tread import TreadRouter
-
-METRICS_FILE = "metrics.jsonl"
-LORA_FILE = "lora.safetensors"
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # One step
@@ -349,6 +346,37 @@ def run(
     nproc: int = 1,
     console=None,
 ) -> RunResult:
+    """The whole run, holding the run folder's lock; where it starts (resume or step 0) is decided first."""
+    from lowvram.console import make_console
+    from lowvram.paths import writable_dir
+    from lowvram.train import distributed
+    from lowvram.train.run_folder import choose_start, run_folder_lock
+
+    kwargs = dict(profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc)
+    if dry_run or distributed.current() is not None:
+        # A dry run writes nothing there; torchrun workers run under the lock their launcher holds.
+        return _run(cfg, console=console, **kwargs)
+    run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
+    console = console or make_console()
+    with run_folder_lock(run_dir, command="train"):
+        start = choose_start(run_dir, cfg.checkpoint.resume, start_over=cfg.checkpoint.start_over,
+                             say=lambda text: _say(console, text))  # fmt: skip
+        # The decision is made once, before any work: the rest of the run (and torchrun's workers) get it as is.
+        chosen = {"resume": None if start.resume is None else str(start.resume), "start_over": False}
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=chosen)})
+        return _run(cfg, console=console, **kwargs)
+
+
+def _run(
+    cfg,
+    *,
+    profile=None,
+    force: bool = False,
+    dry_run: bool = False,
+    auto_recover: bool = True,
+    nproc: int = 1,
+    console=None,
+) -> RunResult:
     from lowvram.console import make_console
     from lowvram.device import get_backend
     from lowvram.telemetry import MemoryMonitor
@@ -367,7 +395,7 @@ def run(
     from lowvram.paths import writable_dir
 
     writable_dir(run_dir, what="output_dir")  # a read-only output folder fails now, not after hours of caching
-    if env is None:
+    if env is None and not dry_run:
         clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
     # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
     device_name = "cpu" if cfg.model.family == "tiny" else "auto"
@@ -568,18 +596,23 @@ def fit(
     every = cfg.checkpoint.every_n_steps
 
     def save(step: int) -> None:
-        ckpt.save_checkpoint(
-            run_dir,
-            step=step,
-            model=transformer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generator=generator,
-            data_position=batches.position(),
-            keep_last=cfg.checkpoint.keep_last,
-            extra={"total_steps": total_steps},
-            backend=backend,
-        )
+        try:
+            ckpt.save_checkpoint(
+                run_dir,
+                step=step,
+                model=transformer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generator=generator,
+                data_position=batches.position(),
+                keep_last=cfg.checkpoint.keep_last,
+                extra={"total_steps": total_steps},
+                backend=backend,
+            )
+        except Exception as e:
+            if env is not None:
+                raise  # sharded: the export is collective, and the ranks are no longer in step
+            raise _checkpoint_failed(step, e, transformer, run_dir, cfg) from None
 
     peak_rss = [0]
     try:
@@ -621,6 +654,18 @@ def fit(
     finally:
         metrics.close()
     return results
+
+
+def _checkpoint_failed(step: int, err: Exception, transformer: torch.nn.Module, run_dir: Path, cfg) -> LowvramError:
+    """A checkpoint that cannot be written stops the run, but the LoRA trained so far is written first."""
+    detail = str(err) if isinstance(err, LowvramError) else f"{type(err).__name__}: {err}"
+    detail = (detail.splitlines() or [type(err).__name__])[0][:300]
+    try:
+        lora = export_lora(transformer, run_dir / LORA_FILE, cfg)
+        kept = f"the LoRA trained so far (step {step}) is in {lora}"
+    except Exception as e2:  # e.g. the disk that refused the checkpoint refuses the LoRA too
+        kept = f"the LoRA could not be written either ({(str(e2).splitlines() or [type(e2).__name__])[0][:200]})"
+    return LowvramError(f"the checkpoint of step {step} could not be saved ({detail}); {kept}")
 
 
 def describe_memory(cfg) -> str:
