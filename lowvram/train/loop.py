@@ -312,11 +312,19 @@ def run_cache(cfg, *, profile=None) -> int:
     whether training would fit there does not matter here. Returns the exit code.
     """
     from lowvram.console import make_console
+    from lowvram.paths import writable_dir
+    from lowvram.train.run_folder import run_folder_lock
+
+    console = make_console()
+    run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
+    with run_folder_lock(run_dir, command="cache"):  # a training there would share its caches and memory.jsonl
+        return _run_cache(cfg, profile, run_dir, console)
+
+
+def _run_cache(cfg, profile, run_dir: Path, console) -> int:
     from lowvram.device import get_backend
     from lowvram.telemetry import MemoryMonitor
 
-    console = make_console()
-    run_dir = Path(cfg.output.output_dir).expanduser()
     backend = get_backend("cpu" if cfg.model.family == "tiny" else "auto")
     decision = decide_memory(cfg, profile, force=True, console=None, caching_only=True)
     from lowvram.demo import is_demo, prepare_demo_dataset
