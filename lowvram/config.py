@@ -167,7 +167,7 @@ class LoraSection(Section):
 
 class OptimSection(Section):
     optimizer: Literal["adamw", "adamw_bf16", "adamw8bit"] = Field("adamw", description="optimizer")
-    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    learning_rate: float = Field(1e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
@@ -243,6 +243,8 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.model.family == "ltx2" and self.train.mode == "audio" and not self.data.audio:
             raise ValueError("train.mode='audio' needs data.audio=true")
+        if self.train.max_train_steps == 0 and self.train.num_train_epochs == 0:
+            raise ValueError("train.max_train_steps and train.num_train_epochs are both 0: set one of them above 0")
         return self
 
     def dotted(self) -> dict[str, Any]:

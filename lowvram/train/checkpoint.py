@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from lowvram.errors import LowvramError, UsageError
-from lowvram.fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, save_safetensors_atomic
+from lowvram.fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, make_temp_dir, save_safetensors_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -61,7 +60,7 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=root))
+    tmp = make_temp_dir(root, final.name)  # the user's umask, as every file lowvram writes
     try:
         save_safetensors_atomic(trainable_state(model), tmp / "lora.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
