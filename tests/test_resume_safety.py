@@ -200,3 +200,36 @@ def test_cli_damaged_only_checkpoint_exits_1_in_one_line(tmp_path, cli):
     assert len(lines) == 1 and lines[0].startswith("lowvram: error: --resume latest: no checkpoint in"), r.stderr
     assert "unreadable manifest" in lines[0] and "Traceback" not in r.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_resuming_with_another_optimizer_or_rank_is_refused_before_any_work(tmp_path, dataset):
+    train(config(tmp_path / "run", dataset))
+    before = snapshot(tmp_path / "run")
+    step4 = tmp_path / "run" / "checkpoints" / "step-00000004"
+    cfg = config(tmp_path / "run", dataset, resume="latest")
+    other = {"optim": cfg.optim.model_copy(update={"optimizer": "adamw_bf16"})}
+    with pytest.raises(LowvramError) as err:
+        train(cfg.model_copy(update=other))
+    assert str(err.value) == (
+        f'checkpoint {step4} was trained with optim.optimizer = "adamw" and this run sets "adamw_bf16": resume with '
+        'optim.optimizer = "adamw", or train into another --output-dir'
+    )
+    with pytest.raises(LowvramError, match='lora.rank = 4 and this run sets 8'):
+        train(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": 8})}))
+    assert snapshot(tmp_path / "run") == before  # memory.jsonl and metrics.jsonl included
+
+
+def test_a_resume_failing_while_loading_leaves_memory_and_metrics_as_they_were(tmp_path, dataset, monkeypatch):
+    from lowvram.train import checkpoint
+
+    train(config(tmp_path / "run", dataset))
+    before = snapshot(tmp_path / "run")
+
+    def unreadable(path, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict: size mismatch")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", unreadable)
+    with pytest.raises(LowvramError) as err:  # after caching: the phases had rewritten memory.jsonl
+        train(config(tmp_path / "run", dataset, resume="latest"))
+    assert str(err.value).endswith("step-00000004: RuntimeError: Error(s) in loading state_dict: size mismatch")
+    assert snapshot(tmp_path / "run") == before

@@ -29,6 +29,10 @@ READABLE_FORMATS = (1, 2)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
+class ResumeFailed(LowvramError):
+    """A checkpoint verified but cannot continue this run (another LoRA shape, another optimizer): exit 1."""
+
+
 @dataclass(frozen=True)
 class ResumeInfo:
     """What a loaded checkpoint tells the loop beyond the restored objects."""
@@ -171,6 +175,11 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's `state.json` (step, data position, what the run was trained with in `extra`)."""
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
 
 
 def load_checkpoint(

@@ -370,6 +370,8 @@ def run(
         start = choose_start(run_dir, cfg.checkpoint.resume, start_over=cfg.checkpoint.start_over,
                              say=lambda text: _say(console, text))  # fmt: skip
         # The decision is made once, before any work: the rest of the run (and torchrun's workers) get it as is.
+        if start.resume is not None:
+            check_resume_settings(start.resume, cfg)  # another rank or optimizer: refused before any work
         chosen = {"resume": None if start.resume is None else str(start.resume), "start_over": False}
         cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=chosen)})
         return _run(cfg, console=console, **kwargs)
@@ -387,8 +389,10 @@ def _run(
 ) -> RunResult:
     from lowvram.console import make_console
     from lowvram.device import get_backend
-    from lowvram.telemetry import MemoryMonitor
+    from lowvram.fsutil import atomic_write_bytes
+    from lowvram.telemetry import MEMORY_FILE, MemoryMonitor
     from lowvram.train import distributed
+    from lowvram.train.checkpoint import ResumeFailed
     from lowvram.train.recover import fit_with_recovery
     from lowvram.train.validation import render_validation
 
@@ -427,6 +431,8 @@ def _run(
     if dry_run:
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
 
+    memory_file = distributed.rank_dir(run_dir) / MEMORY_FILE
+    previous_memory = memory_file.read_bytes() if cfg.checkpoint.resume and memory_file.is_file() else None
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
     for phase in ("text_cache", "latent_cache", "train"):
         vram_bytes, ram_bytes = decision.predicted_peaks(phase)
@@ -479,6 +485,12 @@ def _run(
             with monitor.phase("validation"):
                 path = render_validation(cfg, validation_parts.get(), transformer, run_dir / "validation" / "final.mp4")
             console.print(f"validation clip written to {path}")
+    except ResumeFailed:
+        # A resume that did not resume leaves the run's memory.jsonl as it was (each phase rewrote it).
+        monitor.run_dir = None
+        if previous_memory is not None:
+            atomic_write_bytes(memory_file, previous_memory)
+        raise
     except torch.OutOfMemoryError as e:
         # Out of memory outside a training step (caching, loading, placing the model): one line, not a traceback.
         phase = monitor.phases[-1].name if monitor.phases else "startup"
@@ -576,14 +588,21 @@ def fit(
     start_step = 0
     resume_path = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
     if resume_path is not None:
-        info = ckpt.load_checkpoint(
-            resume_path,
-            model=transformer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generator=generator,
-            backend=backend,
-        )
+        check_resume_settings(resume_path, cfg)
+        try:
+            info = ckpt.load_checkpoint(
+                resume_path,
+                model=transformer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generator=generator,
+                backend=backend,
+            )
+        except LowvramError as e:
+            raise checkpoint.ResumeFailed(str(e)) from None
+        except Exception as e:  # e.g. torch refusing a state dict of another shape
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise checkpoint.ResumeFailed(f"cannot resume from {resume_path}: {type(e).__name__}: {first}") from None
         batches.seek(info.data_position)
         start_step = info.step
         for schedule in scheduler.lr_lambdas:  # a longer --max-steps stretches the decay from here on
@@ -614,7 +633,7 @@ def fit(
                 generator=generator,
                 data_position=batches.position(),
                 keep_last=cfg.checkpoint.keep_last,
-                extra={"total_steps": total_steps},
+                extra={"total_steps": total_steps, "settings": resume_settings(cfg)},
                 backend=backend,
             )
         except Exception as e:
@@ -662,6 +681,31 @@ def fit(
     finally:
         metrics.close()
     return results
+
+
+def resume_settings(cfg) -> dict[str, Any]:
+    """The settings a checkpoint's state belongs to: resuming under others would load into another LoRA or
+    optimizer (or silently train on with another one), so a resume with different values is refused."""
+    return {
+        "optim.optimizer": cfg.optim.optimizer,
+        "lora.rank": cfg.lora.rank,
+        "lora.alpha": cfg.lora.alpha,
+        "lora.targets": list(cfg.lora.targets),
+        "train.mode": cfg.train.mode,
+    }
+
+
+def check_resume_settings(path: Path, cfg) -> None:
+    """ResumeFailed (one line, exit 1) naming the first setting that differs from the checkpoint's run."""
+    from lowvram.train.checkpoint import ResumeFailed, read_state
+
+    trained = read_state(path).get("extra", {}).get("settings") or {}  # checkpoints before this check hold none
+    for key, now in resume_settings(cfg).items():
+        if key in trained and trained[key] != now:
+            raise ResumeFailed(
+                f"checkpoint {path} was trained with {key} = {json.dumps(trained[key])} and this run sets "
+                f"{json.dumps(now)}: resume with {key} = {json.dumps(trained[key])}, or train into another --output-dir"
+            )
 
 
 def _checkpoint_failed(step: int, err: Exception, transformer: torch.nn.Module, run_dir: Path, cfg) -> LowvramError:
