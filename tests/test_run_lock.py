@@ -86,3 +86,16 @@ def test_cli_second_train_into_a_held_folder_exits_1_in_one_line(holder, cli):
     assert len(lines) == 1 and lines[0].startswith(f"lowvram: error: {run_dir} is in use by another lowvram run")
     assert f"pid {proc.pid}" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+
+
+def test_caching_into_a_held_folder_is_refused_but_a_dry_run_is_not(holder):
+    from lowvram.train.loop import run, run_cache
+
+    run_dir, _ = holder
+    cfg = RunConfig.model_validate({"model": {"family": "tiny"}, "data": {"dataset_dir": str(run_dir / "clips")},
+                                    "output": {"output_dir": str(run_dir)}})  # fmt: skip
+    with pytest.raises(RunFolderLocked):
+        run_cache(cfg)
+    (run_dir / ".tmp-lora.safetensors.abcd").write_bytes(b"the live run's write in flight")
+    assert run(cfg, dry_run=True).exit_code == 0  # a dry run writes nothing there, so it needs no lock...
+    assert (run_dir / ".tmp-lora.safetensors.abcd").is_file()  # ...and leaves the live run's temp files alone
