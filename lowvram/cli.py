@@ -172,6 +172,7 @@ def _overrides(**kw) -> dict:
         "learning_rate": "optim.learning_rate",
         "seed": "train.seed",
         "resume": "checkpoint.resume",
+        "start_over": "checkpoint.start_over",
         "lora_format": "lora.format",
         "lora_dtype": "lora.dtype",
         "dataset": "data.dataset_dir",
@@ -180,6 +181,24 @@ def _overrides(**kw) -> dict:
         "strict": "data.strict",
     }
     return {mapping[k]: v for k, v in kw.items() if v is not None}
+
+
+def _check_run_flags(*, output_dir: str | None = None, max_steps: int | None = None,
+                     learning_rate: float | None = None, nproc: int | None = None) -> None:
+    """Flags checked where they enter, before any config is read, so the message names the flag, not a file."""
+    import math
+
+    from lowvram.errors import UsageError
+
+    if output_dir is not None and not output_dir.strip():
+        raise UsageError("--output-dir is empty: give the run folder, e.g. --output-dir runs/first")
+    if max_steps is not None and max_steps < 1:
+        raise UsageError(f"--max-steps {max_steps}: give 1 or more optimizer steps (to train by epochs instead, "
+                         "leave --max-steps out and set train.num_train_epochs)")  # fmt: skip
+    if learning_rate is not None and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise UsageError(f"--lr {learning_rate}: give a finite learning rate above 0, e.g. --lr 1e-4")
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc {nproc}: give 1 or more processes (one per GPU)")
 
 
 def _load(config: Path | None, overrides: dict, family_default: str | None = None):
@@ -262,6 +281,10 @@ def train(
     precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     resume: str | None = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to continue from."),
+    start_over: bool = typer.Option(
+        False, "--start-over", help="Start at step 0 although OUTPUT holds a run (with --resume latest: when none of "
+        "its checkpoints verifies); its files are moved to OUTPUT/previous-runs/, never deleted.",
+    ),
     lora_format: str | None = typer.Option(None, "--lora-format", help="Exported key naming: comfy or diffusers."),
     lora_dtype: str | None = typer.Option(
         None, "--lora-dtype", help="Exported LoRA file dtype: bf16 (default, as the official trainer), fp16, fp32."
@@ -277,10 +300,11 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) to launch with torchrun (FSDP2)."),
 ) -> None:
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
+    _check_run_flags(output_dir=output_dir, max_steps=max_steps, learning_rate=learning_rate, nproc=nproc)
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
                            precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict,
-                           lora_dtype=lora_dtype)
+                           lora_dtype=lora_dtype, start_over=start_over or None)
     from lowvram.train.loop import run_train
 
     if config is None:
@@ -308,6 +332,7 @@ def cache(
     ),
 ) -> None:
     """Build the text and latent caches only (portable: build them where Gemma3 and the VAE fit, train anywhere)."""
+    _check_run_flags(output_dir=output_dir)
     overrides = _overrides(output_dir=output_dir, dataset=dataset, strict=strict)
     from lowvram.train.loop import run_cache
 

@@ -170,7 +170,7 @@ class LoraSection(Section):
 
 class OptimSection(Section):
     optimizer: Literal["adamw", "adamw_bf16", "adamw8bit"] = Field("adamw", description="optimizer")
-    learning_rate: float = Field(1e-4, gt=0, description="peak learning rate")
+    learning_rate: float = Field(1e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
     beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2")
@@ -234,6 +234,10 @@ class CheckpointSection(Section):
     every_n_steps: int = Field(100, ge=0, description="save a resumable checkpoint every N steps (0 = only at end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept")
     resume: str | None = Field(None, description="'latest' or a checkpoint folder")
+    start_over: bool = Field(
+        False, description="start at step 0 although the folder holds a run (or none of its checkpoints verifies); "
+        "its files are moved to previous-runs/, not deleted"
+    )
 
 
 class ValidationSection(Section):
@@ -268,6 +272,8 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.model.family == "ltx2" and self.train.mode == "audio" and not self.data.audio:
             raise ValueError("train.mode='audio' needs data.audio=true")
+        if self.train.max_train_steps == 0 and self.train.num_train_epochs == 0:
+            raise ValueError("train.max_train_steps and train.num_train_epochs are both 0: set one of them above 0")
         return self
 
     def dotted(self) -> dict[str, Any]:

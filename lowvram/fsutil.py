@@ -9,7 +9,9 @@ import contextlib
 import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,13 +26,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+        tmp_path = _new_temp_file(path)
     except OSError as e:
         raise (_user_write_error(path, e) or e) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
+        created_mode = stat.S_IMODE(tmp_path.stat().st_mode)  # 0666 less the umask, as the kernel applied it
         yield tmp_path
+        if stat.S_IMODE(tmp_path.stat().st_mode) != created_mode:
+            os.chmod(tmp_path, created_mode)  # safetensors replaces the file with its own 0600 temporary
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -44,6 +47,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _new_temp_file(path: Path) -> Path:
+    """An empty new file beside `path`, created with mode 0666 so the kernel applies the user's umask (and a
+    folder's default ACL). `tempfile.mkstemp` creates 0600: a ComfyUI service running as another user could not
+    read the LoRA."""
+    for _ in range(100):
+        tmp = path.parent / f"{TMP_PREFIX}{path.name}.{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
+def make_temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new empty folder `.tmp-NAME.xxxx` in `parent`, mode 0777 less the umask (`tempfile.mkdtemp` makes 0700)."""
+    parent = Path(parent)
+    for _ in range(100):
+        tmp = parent / f"{TMP_PREFIX}{name}.{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir(mode=0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {parent}")
+
+
 # A full disk or a read-only folder is the user's to fix: one line, not a traceback (the temp file is gone already).
 _WRITE_ERRNOS = {
     errno.ENOSPC: "no space left on the device",
@@ -51,18 +81,27 @@ _WRITE_ERRNOS = {
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
+    errno.EFBIG: "the file is larger than this file system (or the process's file-size limit) allows",
 }
+_HINTS = {
+    errno.ENOSPC: "free disk space or choose another folder",
+    errno.EDQUOT: "free disk space or choose another folder",
+    # FAT32 caps a file at 4 GiB: a real LoRA checkpoint or latent cache passes that on a USB drive.
+    errno.EFBIG: "FAT32-formatted drives cap files at 4 GiB: write to an NTFS, exFAT, ext4 or APFS drive "
+    "(or raise `ulimit -f`)",
+}
+# safetensors (Rust) wraps the OS error in its own exception: "... File too large (os error 27)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def _user_write_error(path: Path, err: BaseException) -> LowvramError | None:
     code = getattr(err, "errno", None)
-    if code is None and "No space left on device" in str(err):  # safetensors wraps the OS error in its own
-        code = errno.ENOSPC
+    if code is None:
+        match = _RUST_OS_ERROR.search(str(err))
+        code = int(match.group(1)) if match else (errno.ENOSPC if "No space left on device" in str(err) else None)
     if code not in _WRITE_ERRNOS:
         return None
-    hint = "free disk space or choose another folder" if code in (errno.ENOSPC, errno.EDQUOT) else (
-        "choose a writable folder")
-    return LowvramError(f"cannot write {path}: {_WRITE_ERRNOS[code]}; {hint}")
+    return LowvramError(f"cannot write {path}: {_WRITE_ERRNOS[code]}; {_HINTS.get(code, 'choose a writable folder')}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,17 @@ from typing import Any
 import torch
 
 from lowvram.errors import LowvramError, UsageError
-from lowvram.fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, save_safetensors_atomic
+from lowvram.fsutil import TMP_PREFIX, atomic_write_json, fsync_dir, make_temp_dir, save_safetensors_atomic
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state stored as a tree (nested states); 1 (flat) is still read
+READABLE_FORMATS = (1, 2)
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+class ResumeFailed(LowvramError):
+    """A checkpoint verified but cannot continue this run (another LoRA shape, another optimizer): exit 1."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=root))
+    tmp = make_temp_dir(root, final.name)  # the user's umask, as every file lowvram writes
     try:
         save_safetensors_atomic(trainable_state(model), tmp / "lora.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
@@ -173,6 +177,11 @@ def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
 # Loading
 
 
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's `state.json` (step, data position, what the run was trained with in `extra`)."""
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -190,8 +199,10 @@ def load_checkpoint(
     if problem:
         raise LowvramError(f"checkpoint {path} is not usable: {problem}")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if state.get("format") != FORMAT_VERSION:
-        raise LowvramError(f"checkpoint {path} has format {state.get('format')}; this lowvram reads {FORMAT_VERSION}")
+    if state.get("format") not in READABLE_FORMATS:
+        raise LowvramError(
+            f"checkpoint {path} has format {state.get('format')}; this lowvram reads formats {READABLE_FORMATS}"
+        )
 
     lora = load_file(str(path / "lora.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -229,24 +240,50 @@ def load_checkpoint(
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict -> (tensors for safetensors, JSON tree with `{"tensor": name}` where each was).
+
+    Walked to any depth: bitsandbytes' 8-bit AdamW nests its quantized states and maps one level down
+    (`__bnb_optimizer_quant_state__`), which a flat per-parameter layout could not hold.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, pstate in sd["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "scalars": scalars}
+
+    def walk(value: Any, name: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().to("cpu").contiguous()
+            return {_TENSOR_REF: name}
+        if isinstance(value, dict):
+            return {str(k): walk(v, f"{name}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{name}/{i}") for i, v in enumerate(value)]
+        return _jsonable(value)
+
+    state = {str(idx): walk(pstate, str(idx)) for idx, pstate in sd["state"].items()}
+    return tensors, {"param_groups": _jsonable(sd["param_groups"]), "state": state}
+
+
+_TENSOR_REF = "__tensor__"
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
+    if "scalars" in meta:  # format 1: one level, tensors named "{index}.{key}"
+        state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            idx, key = name.split(".", 1)
+            state.setdefault(int(idx), {})[key] = value
+        for idx, values in meta["scalars"].items():
+            state.setdefault(int(idx), {}).update(values)
+    else:
+
+        def build(value: Any) -> Any:
+            if isinstance(value, dict):
+                if set(value) == {_TENSOR_REF}:
+                    return tensors[value[_TENSOR_REF]]
+                return {k: build(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [build(v) for v in value]
+            return value
+
+        state = {int(idx): build(pstate) for idx, pstate in meta["state"].items()}
     groups = meta["param_groups"]
     for g, live in zip(groups, optimizer.param_groups, strict=True):
         # JSON turns tuples into lists; give tuple-valued options (betas) back their type.

@@ -22,11 +22,8 @@ from lowvram.errors import LowvramError
 from lowvram.fsutil import atomic_write_text
 from lowvram.train.batches import BatchSource, DiskBatches, LatentBatch
 from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
+from lowvram.train.run_folder import LORA_FILE, METRICS_FILE
 from lowvram.train.tread import TreadRouter
-
-METRICS_FILE = "metrics.jsonl"
-LORA_FILE = "lora.safetensors"
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # One step
@@ -315,11 +312,19 @@ def run_cache(cfg, *, profile=None) -> int:
     whether training would fit there does not matter here. Returns the exit code.
     """
     from lowvram.console import make_console
+    from lowvram.paths import writable_dir
+    from lowvram.train.run_folder import run_folder_lock
+
+    console = make_console()
+    run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
+    with run_folder_lock(run_dir, command="cache"):  # a training there would share its caches and memory.jsonl
+        return _run_cache(cfg, profile, run_dir, console)
+
+
+def _run_cache(cfg, profile, run_dir: Path, console) -> int:
     from lowvram.device import get_backend
     from lowvram.telemetry import MemoryMonitor
 
-    console = make_console()
-    run_dir = Path(cfg.output.output_dir).expanduser()
     backend = get_backend("cpu" if cfg.model.family == "tiny" else "auto")
     decision = decide_memory(cfg, profile, force=True, console=None, caching_only=True)
     from lowvram.demo import is_demo, prepare_demo_dataset
@@ -349,10 +354,45 @@ def run(
     nproc: int = 1,
     console=None,
 ) -> RunResult:
+    """The whole run, holding the run folder's lock; where it starts (resume or step 0) is decided first."""
+    from lowvram.console import make_console
+    from lowvram.paths import writable_dir
+    from lowvram.train import distributed
+    from lowvram.train.run_folder import choose_start, run_folder_lock
+
+    kwargs = dict(profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc)
+    if dry_run or distributed.current() is not None:
+        # A dry run writes nothing there; torchrun workers run under the lock their launcher holds.
+        return _run(cfg, console=console, **kwargs)
+    run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
+    console = console or make_console()
+    with run_folder_lock(run_dir, command="train"):
+        start = choose_start(run_dir, cfg.checkpoint.resume, start_over=cfg.checkpoint.start_over,
+                             say=lambda text: _say(console, text))  # fmt: skip
+        # The decision is made once, before any work: the rest of the run (and torchrun's workers) get it as is.
+        if start.resume is not None:
+            check_resume_settings(start.resume, cfg)  # another rank or optimizer: refused before any work
+        chosen = {"resume": None if start.resume is None else str(start.resume), "start_over": False}
+        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=chosen)})
+        return _run(cfg, console=console, **kwargs)
+
+
+def _run(
+    cfg,
+    *,
+    profile=None,
+    force: bool = False,
+    dry_run: bool = False,
+    auto_recover: bool = True,
+    nproc: int = 1,
+    console=None,
+) -> RunResult:
     from lowvram.console import make_console
     from lowvram.device import get_backend
-    from lowvram.telemetry import MemoryMonitor
+    from lowvram.fsutil import atomic_write_bytes
+    from lowvram.telemetry import MEMORY_FILE, MemoryMonitor
     from lowvram.train import distributed
+    from lowvram.train.checkpoint import ResumeFailed
     from lowvram.train.recover import fit_with_recovery
     from lowvram.train.validation import render_validation
 
@@ -367,7 +407,7 @@ def run(
     from lowvram.paths import writable_dir
 
     writable_dir(run_dir, what="output_dir")  # a read-only output folder fails now, not after hours of caching
-    if env is None:
+    if env is None and not dry_run:
         clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
     # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
     device_name = "cpu" if cfg.model.family == "tiny" else "auto"
@@ -392,6 +432,8 @@ def run(
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
     check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
 
+    memory_file = distributed.rank_dir(run_dir) / MEMORY_FILE
+    previous_memory = memory_file.read_bytes() if cfg.checkpoint.resume and memory_file.is_file() else None
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
     for phase in ("text_cache", "latent_cache", "train"):
         vram_bytes, ram_bytes = decision.predicted_peaks(phase)
@@ -444,6 +486,12 @@ def run(
             with monitor.phase("validation"):
                 path = render_validation(cfg, validation_parts.get(), transformer, run_dir / "validation" / "final.mp4")
             console.print(f"validation clip written to {path}")
+    except ResumeFailed:
+        # A resume that did not resume leaves the run's memory.jsonl as it was (each phase rewrote it).
+        monitor.run_dir = None
+        if previous_memory is not None:
+            atomic_write_bytes(memory_file, previous_memory)
+        raise
     except torch.OutOfMemoryError as e:
         # Out of memory outside a training step (caching, loading, placing the model): one line, not a traceback.
         phase = monitor.phases[-1].name if monitor.phases else "startup"
@@ -541,14 +589,21 @@ def fit(
     start_step = 0
     resume_path = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
     if resume_path is not None:
-        info = ckpt.load_checkpoint(
-            resume_path,
-            model=transformer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generator=generator,
-            backend=backend,
-        )
+        check_resume_settings(resume_path, cfg)
+        try:
+            info = ckpt.load_checkpoint(
+                resume_path,
+                model=transformer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generator=generator,
+                backend=backend,
+            )
+        except LowvramError as e:
+            raise checkpoint.ResumeFailed(str(e)) from None
+        except Exception as e:  # e.g. torch refusing a state dict of another shape
+            first = (str(e).splitlines() or [""])[0][:300]
+            raise checkpoint.ResumeFailed(f"cannot resume from {resume_path}: {type(e).__name__}: {first}") from None
         batches.seek(info.data_position)
         start_step = info.step
         for schedule in scheduler.lr_lambdas:  # a longer --max-steps stretches the decay from here on
@@ -569,18 +624,23 @@ def fit(
     every = cfg.checkpoint.every_n_steps
 
     def save(step: int) -> None:
-        ckpt.save_checkpoint(
-            run_dir,
-            step=step,
-            model=transformer,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            generator=generator,
-            data_position=batches.position(),
-            keep_last=cfg.checkpoint.keep_last,
-            extra={"total_steps": total_steps},
-            backend=backend,
-        )
+        try:
+            ckpt.save_checkpoint(
+                run_dir,
+                step=step,
+                model=transformer,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generator=generator,
+                data_position=batches.position(),
+                keep_last=cfg.checkpoint.keep_last,
+                extra={"total_steps": total_steps, "settings": resume_settings(cfg)},
+                backend=backend,
+            )
+        except Exception as e:
+            if env is not None:
+                raise  # sharded: the export is collective, and the ranks are no longer in step
+            raise _checkpoint_failed(step, e, transformer, run_dir, cfg) from None
 
     peak_rss = [0]
     try:
@@ -622,6 +682,43 @@ def fit(
     finally:
         metrics.close()
     return results
+
+
+def resume_settings(cfg) -> dict[str, Any]:
+    """The settings a checkpoint's state belongs to: resuming under others would load into another LoRA or
+    optimizer (or silently train on with another one), so a resume with different values is refused."""
+    return {
+        "optim.optimizer": cfg.optim.optimizer,
+        "lora.rank": cfg.lora.rank,
+        "lora.alpha": cfg.lora.alpha,
+        "lora.targets": list(cfg.lora.targets),
+        "train.mode": cfg.train.mode,
+    }
+
+
+def check_resume_settings(path: Path, cfg) -> None:
+    """ResumeFailed (one line, exit 1) naming the first setting that differs from the checkpoint's run."""
+    from lowvram.train.checkpoint import ResumeFailed, read_state
+
+    trained = read_state(path).get("extra", {}).get("settings") or {}  # checkpoints before this check hold none
+    for key, now in resume_settings(cfg).items():
+        if key in trained and trained[key] != now:
+            raise ResumeFailed(
+                f"checkpoint {path} was trained with {key} = {json.dumps(trained[key])} and this run sets "
+                f"{json.dumps(now)}: resume with {key} = {json.dumps(trained[key])}, or train into another --output-dir"
+            )
+
+
+def _checkpoint_failed(step: int, err: Exception, transformer: torch.nn.Module, run_dir: Path, cfg) -> LowvramError:
+    """A checkpoint that cannot be written stops the run, but the LoRA trained so far is written first."""
+    detail = str(err) if isinstance(err, LowvramError) else f"{type(err).__name__}: {err}"
+    detail = (detail.splitlines() or [type(err).__name__])[0][:300]
+    try:
+        lora = export_lora(transformer, run_dir / LORA_FILE, cfg)
+        kept = f"the LoRA trained so far (step {step}) is in {lora}"
+    except Exception as e2:  # e.g. the disk that refused the checkpoint refuses the LoRA too
+        kept = f"the LoRA could not be written either ({(str(e2).splitlines() or [type(e2).__name__])[0][:200]})"
+    return LowvramError(f"the checkpoint of step {step} could not be saved ({detail}); {kept}")
 
 
 def describe_memory(cfg) -> str:

@@ -52,6 +52,15 @@ class AdamWBF16(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.seed = seed
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts loaded states to their parameter's dtype (the fp32 LoRA): a resumed run would hold fp32
+        # moments, twice the memory this optimizer exists to save. They were bf16 values, so this cast is exact.
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
