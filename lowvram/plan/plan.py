@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lowvram.config import RunConfig, apply_overrides
+from lowvram.config import MAX_PLANNED_FRAMES, RunConfig, apply_overrides, frames_limit_reason
 from lowvram.errors import LowvramError
 from lowvram.plan.budget import (
     CACHE_ITEM_BYTES,
@@ -259,6 +260,63 @@ def run_shape(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> TrainShap
     )
 
 
+def plan_shape(cfg: RunConfig, configs: ModelConfigs) -> tuple[RunConfig, list[str], list[str]]:
+    """`cfg` at the largest clip its data pipeline will cut (the bucket with the most tokens sets every peak), with
+    a line saying which one it is and assumptions where a bucket could not be read from the data.
+
+    A folder dataset crops to `data.resolution` x `data.frames` or shorter, so those are its largest clip; a
+    SimpleTuner multidatabackend names its own shapes per dataset (`video.num_frames`, `resolution`), which win.
+    """
+    from lowvram.data.shapes import data_shapes
+
+    path = cfg.data.data_backend_config
+    if not path:
+        return cfg, [], []
+    shapes = data_shapes(cfg)
+    here = f"{cfg.data.resolution}@{cfg.data.frames}"
+    if shapes is None:
+        return cfg, [], [f"{path} is not there: planned for data.resolution and data.frames ({here}) instead"]
+    if not shapes.clips:
+        return cfg, [], [f"{path} has no video or image dataset: planned for data.resolution and data.frames ({here})"]
+
+    def tokens(c) -> tuple[int, int]:
+        t = train_shape(configs, width=c.width, height=c.height, frames=c.frames, fps=c.fps, batch=1,
+                        text_tokens=cfg.data.max_text_tokens, audio=cfg.data.audio, mode=cfg.train.mode)  # fmt: skip
+        return t.video_tokens + t.audio_tokens, c.width * c.height * c.frames
+
+    largest = max(shapes.clips, key=tokens)
+    others = sorted({c.key for c in shapes.clips} - {largest.key})
+    also = f" (also {', '.join(others[:6])}{', ...' if len(others) > 6 else ''})" if others else ""
+    line = (
+        f"planned for the largest bucket the data pipeline will cut: {largest.key} at {largest.fps:g} fps, dataset "
+        f"'{largest.dataset}' of {path}{also}"
+    )
+    shaped = apply_overrides(
+        cfg, {"data.resolution": f"{largest.width}x{largest.height}", "data.frames": largest.frames,
+              "data.fps": largest.fps}
+    )  # fmt: skip
+    return shaped, [line], list(shapes.notes)
+
+
+def check_plan_request(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> None:
+    """Requests the planner refuses in one line before it measures anything (exit 2)."""
+    from lowvram.errors import UsageError
+
+    if gpus < 1:
+        raise UsageError(f"gpus = {gpus}: the number of GPUs the run is sharded over must be 1 or more")
+    n = configs.transformer.get("num_layers", 48)
+    swap = cfg.memory.blocks_to_swap
+    if swap is not None and swap > n:
+        raise UsageError(
+            f"memory.blocks_to_swap (SimpleTuner: musubi_blocks_to_swap) = {swap} but the {cfg.model.family} "
+            f"transformer has {n} blocks: use at most {n} (or leave it out and the planner chooses)"
+        )
+    if cfg.data.frames > MAX_PLANNED_FRAMES:
+        backend = cfg.data.data_backend_config
+        where = f"video.num_frames in {backend}" if backend else "data.frames"
+        raise UsageError(f"{where} = {cfg.data.frames}: {frames_limit_reason()}")
+
+
 def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
     configs = model_configs(cfg.model.family)
     shape = run_shape(cfg, configs, gpus)
@@ -492,6 +550,33 @@ def _train_candidates(
     return out
 
 
+def _stated_settings(cfg: RunConfig, fixed: dict[str, Any]) -> Settings:
+    """The settings as the config states them (for a refusal when no candidate can run)."""
+    names = {f.name for f in Settings.__dataclass_fields__.values()}
+    stated = {k: v for k, v in fixed.items() if k in names}
+    return Settings(precision=cfg.model.precision, optimizer=cfg.optim.optimizer, **stated)
+
+
+def _say_measuring(cfg: RunConfig):
+    """Progress on stderr while a measurement runs (each takes seconds to minutes, once: then it is cached)."""
+    what = {
+        "transformer-step": "one transformer block's forward and backward",
+        "video-encode": "the video VAE encode",
+        "audio-encode": "the audio VAE encode",
+        "text-encode": "the text encoder",
+    }
+
+    def say(kind: str, key: dict[str, Any]) -> None:
+        if kind in what:
+            shape = f"{cfg.data.resolution}@{cfg.data.frames}"
+            option = key.get("options")
+            extra = f" ({'+'.join(option) or 'no option'})" if isinstance(option, dict) else ""
+            print(f"lowvram: measuring {what[kind]} at {shape}{extra} on fake tensors (cached afterwards)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    return say
+
+
 def _refusal(s: Settings) -> str | None:
     """What the offload strategies would refuse to run (block swap or group offload without checkpointing, group
     offload's forward-order prefetch with checkpointing): such settings are never proposed."""
@@ -550,6 +635,7 @@ def plan_run(
     efficiency: float = DEFAULT_EFFICIENCY,
     gpus: int = 1,
     _suggest: bool = True,
+    _shape: bool = True,
 ) -> Plan:
     """Plan `cfg` on `profile` (per GPU; `gpus` > 1: FSDP2 over that many GPUs of this profile).
 
@@ -560,6 +646,12 @@ def plan_run(
     """
     from lowvram.quant.precision import check_backend_supported
 
+    configs = model_configs(cfg.model.family)
+    shape_lines: list[str] = []
+    shape_assumptions: list[str] = []
+    if _shape:
+        cfg, shape_lines, shape_assumptions = plan_shape(cfg, configs)
+    check_plan_request(cfg, configs, gpus)
     if not choose:
         check_backend_supported(cfg.model.precision, profile)
         check_backend_supported(cfg.model.text_encoder_precision, profile)
@@ -581,6 +673,7 @@ def plan_run(
             f"optim.optimizer 'adamw8bit' needs bitsandbytes, which profile '{profile.name}' lacks: use 'adamw_bf16'"
         )
     cache = MeasureCache(cache_dir)
+    cache.progress = _say_measuring(cfg) if sys.stderr.isatty() else None
     m = collect_measurements(cfg, profile, cache, gpus)
     opts = _budget_options(cfg, efficiency, gpus)
     margin = cfg.memory.vram_safety_margin
@@ -593,6 +686,10 @@ def plan_run(
         _evaluate(m, s, profile, opts, margin, ("train",))
         for s in _train_candidates(m, cfg, profile, choose, fixed, vram_ok)
     ]
+    if not train:
+        from lowvram.errors import UsageError
+
+        raise UsageError(f"no memory setup can run these settings: {_refusal(_stated_settings(cfg, fixed))}")
     fitting = [c for c in train if c.fits]
     assumptions = (
         f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
@@ -606,19 +703,20 @@ def plan_run(
         )
         if gpus > 1
         else ()
-    )
+    ) + tuple(shape_assumptions)
     if not fitting:
         best = min(train, key=lambda c: (_shortfall(c), c.time.seconds))
         chosen = _complete(m, best.settings, cfg, profile, opts, margin, fixed, choose)
         return _unfit_plan(
-            cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose
+            cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose,
+            shape_lines,
         )
     fitting.sort(key=_rank_key)
     winner = fitting[0]
     chosen = _complete(m, winner.settings, cfg, profile, opts, margin, fixed, choose)
     settings = {**cfg.dotted(), **chosen.settings.dotted()}
     settings["memory.profile"] = cfg.memory.profile or profile.name
-    explanation = _explain(m, chosen, train, profile, vram_ok, ram_ok, precision_chosen=choose)
+    explanation = shape_lines + _explain(m, chosen, train, profile, vram_ok, ram_ok, precision_chosen=choose)
     if m.tread is not None:
         explanation.append(_tread_line(m, chosen, profile, opts, margin))
     if chosen.settings.offload_during_startup and "offload_during_startup" not in fixed:
@@ -857,6 +955,7 @@ def _unfit_plan(
     suggest: bool,
     gpus: int,
     choose: bool,
+    shape_lines: list[str] = (),
 ) -> Plan:
     reason = _phase_shortfall(best, vram_ok, ram_ok, profile)
     settings = {**cfg.dotted(), **best.settings.dotted(), "memory.profile": cfg.memory.profile or profile.name}
@@ -870,7 +969,7 @@ def _unfit_plan(
         phases=best.phases,
         vram_usable_bytes=vram_ok,
         ram_usable_bytes=ram_ok,
-        explanation=(f"closest: {best.settings.describe()}",),
+        explanation=(*shape_lines, f"closest: {best.settings.describe()}"),
         reason=reason,
         assumptions=assumptions,
         step=best.time,
@@ -887,12 +986,17 @@ def _suggestion(cfg: RunConfig, profile: HardwareProfile, cache_dir, efficiency:
     if cfg.data.frames > fewer_frames:
         suffix = f" --batch {gpus}" if cfg.train.batch_size > gpus else ""
         trials.append((f"--frames {fewer_frames}{suffix}", {"data.frames": fewer_frames, "train.batch_size": gpus}))
+    backend = cfg.data.data_backend_config
     for flag, change in trials:
         smaller = apply_overrides(cfg, change)
         plan = plan_run(
-            smaller, profile, choose=choose, cache_dir=cache_dir, efficiency=efficiency, gpus=gpus, _suggest=False
+            smaller, profile, choose=choose, cache_dir=cache_dir, efficiency=efficiency, gpus=gpus, _suggest=False,
+            _shape=False,  # `cfg` is already at the data's largest bucket
         )
         if plan.fits:
+            if backend and "data.frames" in change:  # the frames come from the datasets' video.num_frames
+                flag = flag.replace(f"--frames {change['data.frames']}", f"video.num_frames = {change['data.frames']} "
+                                    f"in {backend}")  # fmt: skip
             return f"try {flag}"
     return "try a lower resolution or fewer frames, or a profile with more memory"
 
