@@ -52,16 +52,28 @@ from lowvram.plan.measure import (
 from lowvram.profiles import HardwareProfile
 
 PHASES = ("text_cache", "latent_cache", "train")
-# Quality order (text encoder options are tried in this order).
-QUALITY = {"fp32": 0, "bf16": 1, "fp8-torchao": 2, "int8-torchao": 3, "int8-quanto": 4, "nf4-bnb": 5}
-# Precision is a quality decision more than a speed knob: a lower precision must be this much faster to be chosen
-# (per-layer error measured here: int8 ~0.9%, 4-bit ~10%; fp8 e4m3 sits between bf16 and int8).
+# Output error of the tiny LTX-2 with lowvram's exclude list, per precision (`python -m lowvram.quant.exclude_report`,
+# README "Quantized base model"): fp8's is ~10x int8's, so fp8 ranks below both int8 backends.
+OUTPUT_ERROR_PCT = {
+    "fp32": 0.0,
+    "bf16": 0.0,
+    "int8-quanto": 0.26,
+    "int8-torchao": 0.28,
+    "fp8-torchao": 2.5,
+    "nf4-bnb": 7.4,
+}
+# Quality order, best first: by that error (the two int8 backends are equal within it; torchao is the maintained
+# one, quanto is in maintenance mode upstream). Ties in predicted speed go to the better one; text encoder options
+# are tried in this order.
+QUALITY = {"fp32": 0, "bf16": 1, "int8-torchao": 2, "int8-quanto": 3, "fp8-torchao": 4, "nf4-bnb": 5}
+# Precision is a quality decision more than a speed knob: a lower precision must be this much faster to be chosen,
+# growing with its error.
 QUALITY_COST = {
     "fp32": 1.0,
     "bf16": 1.0,
-    "fp8-torchao": 1.05,
     "int8-torchao": 1.10,
     "int8-quanto": 1.12,
+    "fp8-torchao": 1.15,
     "nf4-bnb": 1.50,
 }
 TRAIN_PRECISIONS = ("bf16", "fp8-torchao", "int8-torchao", "int8-quanto", "nf4-bnb")
@@ -159,22 +171,27 @@ class Plan:
         table.add_column("device")
         table.add_column("component")
         table.add_column("GiB", justify="right")
+        # One usable-VRAM figure everywhere in this output: the profile's VRAM less its reserve and the margin. The
+        # reserve is held back before it, so it is not listed as a component of any peak.
+        reserve = max((p.vram.get("reserve", 0) for p in self.phases.values()), default=0)
+        console.print(
+            f"usable VRAM {self.vram_usable_bytes / GIB:.2f} GiB (after the profile's {reserve / GIB:.2f} GiB reserve "
+            f"and the safety margin); usable host RAM {self.ram_usable_bytes / GIB:.2f} GiB"
+        )
         for name, phase in self.phases.items():
             for device, items, limit in (
-                ("VRAM", phase.vram, self.vram_usable_bytes),
+                ("VRAM", {k: v for k, v in phase.vram.items() if k != "reserve"}, self.vram_usable_bytes),
                 ("RAM", phase.ram, self.ram_usable_bytes),
             ):
                 for component, nbytes in items.items():
                     if nbytes:
                         table.add_row(name, device, component, f"{nbytes / 2**30:.2f}")
                 total = sum(items.values())
-                # The reserve is inside the total, so the limit shown includes it too: like is compared with like.
-                limit += items.get("reserve", 0)
                 style = "bold red" if total > limit else "bold"
                 table.add_row(
                     name,
                     device,
-                    f"[{style}]peak (limit {limit / 2**30:.2f})[/{style}]",
+                    f"[{style}]peak (usable {limit / 2**30:.2f})[/{style}]",
                     f"[{style}]{total / 2**30:.2f}[/{style}]",
                     end_section=device == "RAM",
                 )
@@ -197,9 +214,10 @@ class Plan:
         if self.runners_up:
             console.print("runners-up:")
             for r in self.runners_up:
+                why = f": not chosen: {r['why_not']}" if r.get("why_not") else ""
                 console.print(
                     f"  - {r['describe']}: {r['step_seconds']:.2f} s/step, train VRAM "
-                    f"{r['train_vram_bytes'] / 2**30:.1f} GiB"
+                    f"{(r['train_vram_bytes'] - reserve) / 2**30:.1f} GiB{why}"
                 )
         if self.reason:
             console.print(f"[red]{self.reason}[/red]")
@@ -617,6 +635,7 @@ def _rank_key(c: Candidate) -> tuple:
     """Fastest first, with each precision's quality cost as a time factor; then fewer bytes copied."""
     return (
         round(c.time.seconds * QUALITY_COST.get(c.settings.precision, 1.5), 4),
+        QUALITY.get(c.settings.precision, 9),  # at equal cost the better precision wins, before any byte count
         c.time.streamed_bytes,
         c.phases["train"].vram_peak_bytes,
     )
@@ -739,6 +758,7 @@ def plan_run(
                 "step_seconds": round(c.time.seconds, 3),
                 "train_vram_bytes": c.phases["train"].vram_peak_bytes,
                 "settings": c.settings.dotted(),
+                "why_not": _why_not(c, chosen),
             }
         )
     reason = None
@@ -840,6 +860,36 @@ def _complete(
     return _evaluate(m, s, profile, opts, margin)
 
 
+def _quality_words(precision: str) -> str:
+    err = OUTPUT_ERROR_PCT.get(precision)
+    return f"{precision} (output error {err:g}%)" if err is not None else precision
+
+
+def _why_not(c: Candidate, chosen: Candidate) -> str:
+    """Why a runner-up (which fits) was not chosen: one clause, in the terms `_rank_key` decided by."""
+    a, b = round(c.time.seconds, 2), round(chosen.time.seconds, 2)
+    p, q = c.settings.precision, chosen.settings.precision
+    if p != q and QUALITY.get(p, 9) > QUALITY.get(q, 9):
+        if a < b:
+            return (
+                f"{(b - a) / b:.0%} faster, but {_quality_words(p)} costs quality against {_quality_words(q)}: it "
+                f"must be over {QUALITY_COST.get(p, 1.5) / QUALITY_COST.get(q, 1.0) - 1:.0%} faster to be chosen"
+            )
+        if a == b and OUTPUT_ERROR_PCT.get(p, 99) <= OUTPUT_ERROR_PCT.get(q, 0):
+            # the two int8 backends: equal within the measurement, so the maintained backend is preferred
+            return (
+                f"as fast and as good ({_quality_words(p)} vs {_quality_words(q)}): {q} is preferred as the "
+                "maintained backend (quanto is in maintenance mode upstream)"
+            )
+        if a == b:
+            return f"as fast; {_quality_words(q)} wins the tie on quality over {_quality_words(p)}"
+    if a > b:
+        return f"slower ({a:.2f} vs {b:.2f} s/step)"
+    if c.time.streamed_bytes > chosen.time.streamed_bytes:
+        return f"as fast, but copies {(c.time.streamed_bytes - chosen.time.streamed_bytes) / GB:.1f} GB more per step"
+    return "as fast, with a higher VRAM peak"
+
+
 def _shortfall(c: Candidate) -> int:
     return max(c.over_vram_bytes, 0) + max(c.over_ram_bytes, 0)
 
@@ -864,8 +914,8 @@ def _explain(
     lines = [f"chosen: {s.describe()}: {t.seconds:.2f} s/step predicted ({t.compute_seconds:.2f} s compute{dequant})"]
     if precision_chosen and s.precision != "bf16" and s.precision in QUALITY_COST:
         lines.append(
-            f"{s.precision} costs quality, so it wins only by being over {QUALITY_COST[s.precision] - 1:.0%} "
-            "faster than the best fitting bf16 setup, or when no bf16 setup fits"
+            f"{_quality_words(s.precision)} costs quality, so it wins only by being over "
+            f"{QUALITY_COST[s.precision] - 1:.0%} faster than the best fitting bf16 setup, or when no bf16 setup fits"
         )
     if t.streamed_bytes:
         hidden = (
@@ -887,7 +937,8 @@ def _explain(
     closest: dict[tuple, Candidate] = {}
     for c in train:
         key = _strategy(c.settings)
-        if key in fitting_strategies or _rank_key(c) >= _rank_key(chosen):
+        # only what really is faster, at the precision shown (an option as fast is no reason to explain)
+        if key in fitting_strategies or round(c.time.seconds, 2) >= round(t.seconds, 2):
             continue
         if key not in closest or _shortfall(c) < _shortfall(closest[key]):
             closest[key] = c
@@ -897,10 +948,10 @@ def _explain(
         if c.over_vram_bytes > 0:
             why.append(
                 f"needs {(need.vram_peak_bytes - need.vram['reserve']) / GIB:.1f} GiB VRAM, "
-                f"{vram_ok / GIB:.1f} GiB usable"
+                f"{vram_ok / GIB:.2f} GiB usable"
             )
         if c.over_ram_bytes > 0:
-            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.1f} GiB usable")
+            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.2f} GiB usable")
         lines.append(
             f"would be faster but does not fit: {c.settings.describe()} ({c.time.seconds:.2f} s/step): "
             + "; ".join(why)
@@ -913,7 +964,7 @@ def _explain(
         )
         lines.append(
             f"without checkpointing the blocks would keep {per_block}{total / GIB:.1f} GiB of activations "
-            f"({vram_ok / GIB:.1f} GiB usable)"
+            f"({vram_ok / GIB:.2f} GiB usable)"
         )
     return lines
 
