@@ -30,10 +30,16 @@ def video(id_: str, resolution, frames: int, folder: str = "clips", **video) -> 
             "resolution": resolution, "video": {"num_frames": frames, **video}}  # fmt: skip
 
 
+# Memory settings stated, so each plan measures one setup (the shapes are the subject here, not the choice).
+FIXED = {"gradient_checkpointing": True, "musubi_blocks_to_swap": 0, "ramtorch": False, "enable_group_offload": False}
+DATASETS = (video("square", "640x640", 33), video("wide", "832x480", 49), video("short", "1024x576", 17))
+MEMORY = {"gradient_checkpointing": True, "blocks_to_swap": 0, "ramtorch": False, "group_offload": False}
+
+
 def simpletuner(tmp_path: Path, data: Path, family: str = "tiny", **keys) -> Path:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_family": family, "data_backend_config": str(data), "resolution": 480,
-                                "output_dir": str(tmp_path / "run"), **keys}))  # fmt: skip
+                                "output_dir": str(tmp_path / "run"), **FIXED, **keys}))  # fmt: skip
     return path
 
 
@@ -45,7 +51,7 @@ def test_a_multidatabackend_num_frames_is_planned_not_the_config_frames(tmp_path
     assert plan.settings["data.frames"] == 49 and plan.settings["data.resolution"] == "832x480"
     assert any("largest bucket" in line and "832x480@49" in line for line in plan.explanation)
     at_49, _ = load_config(None, {"model.family": "tiny", "data.resolution": "832x480", "data.frames": 49,
-                                  "output.output_dir": str(tmp_path / "run")})  # fmt: skip
+                                  **{f"memory.{k}": v for k, v in MEMORY.items()}})  # fmt: skip
     at_17 = at_49.model_copy(update={"data": at_49.data.model_copy(update={"frames": 17})})
     direct = plan_run(at_49, load_profile("3090"), choose=False, cache_dir=cache_dir)
     short = plan_run(at_17, load_profile("3090"), choose=False, cache_dir=cache_dir)
@@ -54,14 +60,14 @@ def test_a_multidatabackend_num_frames_is_planned_not_the_config_frames(tmp_path
 
 
 def test_the_largest_bucket_of_every_dataset_sets_the_peak(tmp_path, cache_dir):
-    # 832x480@17 is 26 x 15 x 3 = 1170 video tokens; 512x512@49 is 16 x 16 x 7 = 1792: the second sets the peak.
-    data = backend(tmp_path, video("wide", "832x480", 17), video("long", "512x512", 49, frame_rate=24))
+    # video tokens: 640x640@33 is 20 x 20 x 5 = 2000; 832x480@49 is 26 x 15 x 7 = 2730; 1024x576@17 is 32 x 18 x 3 =
+    # 1728. Neither the first dataset nor the largest frame nor the largest picture: the most tokens set the peak.
+    data = backend(tmp_path, *DATASETS)
     cfg, _ = load_config(simpletuner(tmp_path, data))
     plan = plan_run(cfg, load_profile("3090"), choose=False, cache_dir=cache_dir)
-    assert (plan.settings["data.resolution"], plan.settings["data.frames"], plan.settings["data.fps"]) == (
-        "512x512", 49, 24.0)  # fmt: skip
+    assert (plan.settings["data.resolution"], plan.settings["data.frames"]) == ("832x480", 49)
     line = next(line for line in plan.explanation if "largest bucket" in line)
-    assert "512x512@49" in line and "'long'" in line and "also 832x480@17" in line
+    assert "832x480@49" in line and "'wide'" in line and "also 1024x576@17, 640x640@33" in line
 
 
 def test_area_resolution_buckets_come_from_the_clips_as_caching_cuts_them(tmp_path, cache_dir):
@@ -109,9 +115,11 @@ def capture_plans(monkeypatch) -> list:
 def test_train_dry_run_and_plan_config_give_the_same_plan_for_the_same_file(tmp_path, monkeypatch, cache_dir):
     from lowvram.cli import app
 
-    monkeypatch.setenv("LOWVRAM_CACHE_DIR", str(cache_dir))  # the CLI plans with the default cache folder
-    data = backend(tmp_path, video("wide", "832x480", 17), video("long", "512x512", 49))
-    path = simpletuner(tmp_path, data, musubi_blocks_to_swap=0)
+    import lowvram.plan.measure
+
+    monkeypatch.setattr(lowvram.plan.measure, "default_cache_dir", lambda: cache_dir)  # the CLI's cache folder
+    data = backend(tmp_path, *DATASETS)
+    path = simpletuner(tmp_path, data)
     plans = capture_plans(monkeypatch)
     runner = CliRunner()
     planned = runner.invoke(app, ["plan", "--profile", "3090", "--config", str(path), "--json"])
