@@ -52,7 +52,8 @@ def test_simpletuner_seed_config_maps_every_key(tmp_path):
     nested, _ = from_simpletuner(both)
     assert nested["memory"]["blocks_to_swap"] == 4 and nested["memory"]["group_offload"] is True
     # lowvram runs one weight offload at a time (three at once are refused: tests/test_bad_input_round2_plans.py)
-    path = write(tmp_path, "config.json", json.dumps({**both, "musubi_blocks_to_swap": 0, "enable_group_offload": False}))
+    one = {**both, "musubi_blocks_to_swap": 0, "enable_group_offload": False}
+    path = write(tmp_path, "config.json", json.dumps(one))
     cfg, notes = load_config(path)
     assert cfg.model.family == "ltx2" and cfg.model.precision == "int8-quanto"
     assert cfg.memory.ramtorch is True and cfg.memory.ramtorch_text_encoder is True

@@ -44,7 +44,7 @@ def simpletuner(tmp_path: Path, data: Path, family: str = "tiny", **keys) -> Pat
 
 
 def test_a_multidatabackend_num_frames_is_planned_not_the_config_frames(tmp_path, cache_dir):
-    """The issue's case: SimpleTuner's dataset says 49 frames; the config's data.frames (17) is not what caching cuts."""
+    """The issue's case: SimpleTuner's dataset says 49 frames; the config's data.frames (17) is not what is cut."""
     cfg, _ = load_config(simpletuner(tmp_path, backend(tmp_path, video("clips", "832x480", 49))))
     assert cfg.data.frames == 17  # the run config's own default, which the data pipeline does not use
     plan = plan_run(cfg, load_profile("3090"), choose=False, cache_dir=cache_dir)
@@ -113,9 +113,8 @@ def capture_plans(monkeypatch) -> list:
 
 
 def test_train_dry_run_and_plan_config_give_the_same_plan_for_the_same_file(tmp_path, monkeypatch, cache_dir):
-    from lowvram.cli import app
-
     import lowvram.plan.measure
+    from lowvram.cli import app
 
     monkeypatch.setattr(lowvram.plan.measure, "default_cache_dir", lambda: cache_dir)  # the CLI's cache folder
     data = backend(tmp_path, *DATASETS)
