@@ -574,6 +574,12 @@ def _check_memory_combination(cfg: RunConfig, source: str, *, simpletuner: bool)
             f"{source}: {said(on[0])} needs gradient checkpointing, but {said('gradient_checkpointing')}: {why}; "
             f"set {name('gradient_checkpointing')} = true"
         )
+    if m.activation_offload and m.gradient_checkpointing is False:
+        raise ConfigError(
+            f"{source}: memory.activation_offload = true moves the checkpointed block inputs to the host, so it needs "
+            f"gradient checkpointing, but {said('gradient_checkpointing')}: set {name('gradient_checkpointing')} = "
+            "true or memory.activation_offload = false"
+        )
     if m.group_offload_use_stream:
         raise ConfigError(
             f"{source}: {said('group_offload_use_stream')} cannot train: its prefetch follows the forward order, which "

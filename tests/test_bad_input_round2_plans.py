@@ -53,6 +53,13 @@ CONFIG_CASES = {
         "offload frees no memory in training without it (diffusers has no backward hooks); set "
         "gradient_checkpointing = true",
     ),
+    "activation offload without gradient checkpointing": (
+        "run.toml",
+        "[memory]\nactivation_offload = true\ngradient_checkpointing = false\n",
+        "{p}: memory.activation_offload = true moves the checkpointed block inputs to the host, so it needs gradient "
+        "checkpointing, but memory.gradient_checkpointing = false: set memory.gradient_checkpointing = true or "
+        "memory.activation_offload = false",
+    ),
     "group offload stream in a native config": (
         "run.toml",
         "[memory]\ngroup_offload = true\ngroup_offload_use_stream = true\n",

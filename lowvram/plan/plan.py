@@ -708,7 +708,8 @@ def plan_run(
     if not train:
         from lowvram.errors import UsageError
 
-        raise UsageError(f"no memory setup can run these settings: {_refusal(_stated_settings(cfg, fixed))}")
+        why = _refusal(_stated_settings(cfg, fixed)) or "the stated memory settings exclude every setup"
+        raise UsageError(f"no memory setup can run these settings: {why}")
     fitting = [c for c in train if c.fits]
     assumptions = (
         f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
