@@ -244,11 +244,20 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Memory-budget dry run for the real 19B LTX-2: does it fit, with which settings, how fast (no weights needed)."""
+    if gpus < 1:
+        from lowvram.errors import UsageError
+
+        raise UsageError(f"--gpus {gpus}: the number of GPUs the run is sharded over must be 1 or more")
+    from lowvram.config import MAX_PLANNED_FRAMES, frames_limit_reason
+
+    if frames is not None and frames > MAX_PLANNED_FRAMES:
+        from lowvram.errors import UsageError
+
+        raise UsageError(f"--frames {frames}: {frames_limit_reason()}")
     overrides = _overrides(resolution=resolution, frames=frames, batch=batch, audio=audio, rank=rank,
                            precision=precision, margin=margin)
+    # The real model unless a config names the tiny one: then the plan is the one `train --dry-run` makes for it.
     cfg = _load(config, overrides, family_default="ltx2")
-    if cfg.model.family != "ltx2":
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": "ltx2"})})
     hw = _profile(profile or cfg.memory.profile)
     from lowvram.plan import plan_run
 

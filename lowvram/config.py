@@ -27,15 +27,12 @@ from pydantic import (
 from lowvram.errors import ConfigError
 
 PRECISIONS = ("bf16", "fp32", "int8-quanto", "int8-torchao", "nf4-bnb", "fp8-torchao")
-# SimpleTuner spellings of the same precisions.
-PRECISION_ALIASES = {
-    "no_change": "bf16",
-    "int8-torchao": "int8-torchao",
-    "int8-quanto": "int8-quanto",
-    "nf4-bnb": "nf4-bnb",
-    "fp8-torchao": "fp8-torchao",
-    "fp8-quanto": "fp8-torchao",
-    "int4-quanto": "nf4-bnb",
+# SimpleTuner spellings of the same precisions ("no_change" keeps the checkpoint's dtype: bf16 for LTX-2).
+PRECISION_ALIASES = {"no_change": "bf16"}
+# SimpleTuner precisions lowvram trains with a different method: mapped only in a SimpleTuner import, and said so.
+SIMPLETUNER_PRECISION_MAPPINGS = {
+    "fp8-quanto": ("fp8-torchao", "lowvram's fp8 weights are torchao's (same e4m3 format, another backend)"),
+    "int4-quanto": ("nf4-bnb", "lowvram's 4-bit method is bitsandbytes nf4 (no quanto int4)"),
 }
 
 
@@ -46,6 +43,19 @@ def check_frames(frames: int) -> int:
         hi = lo + 8
         raise ValueError(f"LTX-2 needs 8k+1 frames: use {lo} or {hi}")
     return frames
+
+
+# LTX-2 generates clips of up to 20 s (Lightricks' API: 20 s at 25 fps is its longest): a longer clip is almost
+# always a typo, and measuring the VAE's frame-chunked options on it takes minutes of fake-tensor work (2001
+# frames: 151 s of a 177 s plan, measured here). 8k+1 at most 20 s x 25 fps.
+MAX_PLANNED_FRAMES = 497
+
+
+def frames_limit_reason() -> str:
+    return (
+        f"lowvram plans clips of at most {MAX_PLANNED_FRAMES} frames (20 s at 25 fps, the longest LTX-2 clips); use "
+        "fewer frames (8k+1, e.g. 121, 241 or 497)"
+    )
 
 
 def parse_resolution(value: str | int) -> tuple[int, int]:
@@ -86,7 +96,8 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    family: Literal["ltx2", "tiny"] = Field("tiny", description="ltx2 = the real 19B model; tiny = CPU demo/test model")
+    # A config means the real model: the toy one only when asked for (the demo sets it itself).
+    family: Literal["ltx2", "tiny"] = Field("ltx2", description="ltx2 = the real 19B model; tiny = CPU demo/test model")
     flavour: Literal["dev", "dev-fp8", "dev-fp4"] = Field("dev", description="official checkpoint flavour")
     checkpoint: str | None = Field(
         None, description="official combined .safetensors file or a diffusers-format folder (ltx2 family)"
@@ -100,6 +111,9 @@ class ModelSection(Section):
     @classmethod
     def _precision(cls, v: Any) -> str:
         v = PRECISION_ALIASES.get(str(v), str(v))
+        if v in SIMPLETUNER_PRECISION_MAPPINGS:
+            other, why = SIMPLETUNER_PRECISION_MAPPINGS[v]
+            raise ValueError(f"precision '{v}' is not supported: {why}; use '{other}'")
         if v not in PRECISIONS:
             close = difflib.get_close_matches(v, PRECISIONS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -441,7 +455,27 @@ def from_simpletuner(raw: dict[str, Any], source: str = "config.json") -> tuple[
                 _set(out, target, value)
         except ValueError as e:
             raise ConfigError(f"{source}: '{key}': {e}") from None
+    _st_methods_said(raw, out, notes)
     return out, notes
+
+
+def _st_methods_said(raw: dict[str, Any], out: dict[str, Any], notes: list[str]) -> None:
+    """Where lowvram trains a SimpleTuner setting with another method, the import says so (never silently)."""
+    model = out.get("model", {})
+    for st_key, key in (("base_model_precision", "precision"), ("text_encoder_1_precision", "text_encoder_precision")):
+        value = str(model.get(key))
+        if value in SIMPLETUNER_PRECISION_MAPPINGS:
+            other, why = SIMPLETUNER_PRECISION_MAPPINGS[value]
+            model[key] = other
+            notes.append(f"'{st_key}': '{value}' is trained as '{other}': {why}")
+    memory = out.get("memory", {})
+    if memory.get("group_offload_use_stream") is True and memory.get("gradient_checkpointing") is not False:
+        # SimpleTuner does the same under gradient checkpointing (its group offload turns the stream off).
+        memory["group_offload_use_stream"] = False
+        notes.append(
+            "'group_offload_use_stream': true is trained as false, as SimpleTuner itself does under gradient "
+            "checkpointing: the stream prefetches in forward order, which the checkpoint recompute breaks"
+        )
 
 
 def _check_keys(raw: dict[str, Any], model: type[BaseModel], source: str, prefix: str = "") -> None:
@@ -519,7 +553,75 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise _unknown_key_error(dotted, all_dotted_keys(), "command line")
         _set(nested, dotted, value)
     cfg = _validate(nested, source)
+    _check_memory_combination(cfg, source, simpletuner=path is not None and Path(path).suffix.lower() == ".json")
     return _resolve_vae_options(cfg, notes), notes
+
+
+# The SimpleTuner names of the memory keys, so a refusal names the key the user wrote.
+_ST_MEMORY_NAMES = {
+    "ramtorch": "ramtorch",
+    "blocks_to_swap": "musubi_blocks_to_swap",
+    "group_offload": "enable_group_offload",
+    "gradient_checkpointing": "gradient_checkpointing",
+    "group_offload_use_stream": "group_offload_use_stream",
+}
+
+
+def _ramtorch_on(value: Any) -> bool:
+    if value is None or value is False:
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value > 0
+    return value is True or bool(str(value).strip(", "))
+
+
+def _check_memory_combination(cfg: RunConfig, source: str, *, simpletuner: bool) -> None:
+    """Memory settings that cannot train together are refused here, naming the keys as the user wrote them (the
+    planner would otherwise have to drop one of them: a stated setting is honoured or refused, never dropped)."""
+    m = cfg.memory
+
+    def name(key: str) -> str:
+        return _ST_MEMORY_NAMES[key] if simpletuner else f"memory.{key}"
+
+    def said(key: str) -> str:
+        return f"{name(key)} = {json.dumps(getattr(m, key))}"
+
+    on = [
+        key
+        for key, active in (
+            ("ramtorch", _ramtorch_on(m.ramtorch)),
+            ("blocks_to_swap", (m.blocks_to_swap or 0) > 0),
+            ("group_offload", bool(m.group_offload)),
+        )
+        if active
+    ]
+    if len(on) > 1:
+        off = {"ramtorch": "false", "blocks_to_swap": "0", "group_offload": "false"}
+        raise ConfigError(
+            f"{source}: {' and '.join(said(k) for k in on)} each move the transformer's weights off the GPU and "
+            f"lowvram runs one of them: keep one (e.g. {name(on[1])} = {off[on[1]]})"
+        )
+    no_ckpt = m.gradient_checkpointing is False and not m.activation_offload
+    if on and on[0] in ("blocks_to_swap", "group_offload") and no_ckpt:
+        why = {
+            "blocks_to_swap": "without it autograd keeps every swapped block's weights alive for backward",
+            "group_offload": "group offload frees no memory in training without it (diffusers has no backward hooks)",
+        }[on[0]]
+        raise ConfigError(
+            f"{source}: {said(on[0])} needs gradient checkpointing, but {said('gradient_checkpointing')}: {why}; "
+            f"set {name('gradient_checkpointing')} = true"
+        )
+    if m.activation_offload and m.gradient_checkpointing is False:
+        raise ConfigError(
+            f"{source}: memory.activation_offload = true moves the checkpointed block inputs to the host, so it needs "
+            f"gradient checkpointing, but {said('gradient_checkpointing')}: set {name('gradient_checkpointing')} = "
+            "true or memory.activation_offload = false"
+        )
+    if m.group_offload_use_stream:
+        raise ConfigError(
+            f"{source}: {said('group_offload_use_stream')} cannot train: its prefetch follows the forward order, which "
+            f"the gradient checkpoint recompute breaks; set {name('group_offload_use_stream')} = false"
+        )
 
 
 def _resolve_vae_options(cfg: RunConfig, notes: list[str]) -> RunConfig:

@@ -89,7 +89,7 @@ def test_the_plan_is_printed(planner):
 
 def test_the_tiny_demo_without_a_profile_needs_no_plan(planner):
     calls = planner(FakePlan(False, {}))
-    decision = decide_memory(RunConfig(), None, force=False)
+    decision = decide_memory(RunConfig.model_validate({"model": {"family": "tiny"}}), None, force=False)
     assert decision.fits and calls == {}
 
 

@@ -131,6 +131,7 @@ class MeasureCache:
         self._memory: dict[str, dict] = {}
         self.hits = 0
         self.misses = 0
+        self.progress: Callable[[str, dict[str, Any]], None] | None = None  # told before each measurement runs
 
     def get(self, kind: str, key: dict[str, Any], compute: Callable[[], dict]) -> dict:
         blob = json.dumps({"kind": kind, "key": key, "versions": _versions()}, sort_keys=True, default=str)
@@ -143,6 +144,8 @@ class MeasureCache:
             self.hits += 1
         except (OSError, ValueError, KeyError):
             self.misses += 1
+            if self.progress is not None:
+                self.progress(kind, key)
             value = compute()
             try:
                 atomic_write_json(path, {"kind": kind, "key": json.loads(blob), "value": value})

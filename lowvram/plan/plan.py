@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lowvram.config import RunConfig, apply_overrides
+from lowvram.config import MAX_PLANNED_FRAMES, RunConfig, apply_overrides, frames_limit_reason
 from lowvram.errors import LowvramError
 from lowvram.plan.budget import (
     CACHE_ITEM_BYTES,
@@ -51,16 +52,28 @@ from lowvram.plan.measure import (
 from lowvram.profiles import HardwareProfile
 
 PHASES = ("text_cache", "latent_cache", "train")
-# Quality order (text encoder options are tried in this order).
-QUALITY = {"fp32": 0, "bf16": 1, "fp8-torchao": 2, "int8-torchao": 3, "int8-quanto": 4, "nf4-bnb": 5}
-# Precision is a quality decision more than a speed knob: a lower precision must be this much faster to be chosen
-# (per-layer error measured here: int8 ~0.9%, 4-bit ~10%; fp8 e4m3 sits between bf16 and int8).
+# Output error of the tiny LTX-2 with lowvram's exclude list, per precision (`python -m lowvram.quant.exclude_report`,
+# README "Quantized base model"): fp8's is ~10x int8's, so fp8 ranks below both int8 backends.
+OUTPUT_ERROR_PCT = {
+    "fp32": 0.0,
+    "bf16": 0.0,
+    "int8-quanto": 0.26,
+    "int8-torchao": 0.28,
+    "fp8-torchao": 2.5,
+    "nf4-bnb": 7.4,
+}
+# Quality order, best first: by that error (the two int8 backends are equal within it; torchao is the maintained
+# one, quanto is in maintenance mode upstream). Ties in predicted speed go to the better one; text encoder options
+# are tried in this order.
+QUALITY = {"fp32": 0, "bf16": 1, "int8-torchao": 2, "int8-quanto": 3, "fp8-torchao": 4, "nf4-bnb": 5}
+# Precision is a quality decision more than a speed knob: a lower precision must be this much faster to be chosen,
+# growing with its error.
 QUALITY_COST = {
     "fp32": 1.0,
     "bf16": 1.0,
-    "fp8-torchao": 1.05,
     "int8-torchao": 1.10,
     "int8-quanto": 1.12,
+    "fp8-torchao": 1.15,
     "nf4-bnb": 1.50,
 }
 TRAIN_PRECISIONS = ("bf16", "fp8-torchao", "int8-torchao", "int8-quanto", "nf4-bnb")
@@ -158,22 +171,27 @@ class Plan:
         table.add_column("device")
         table.add_column("component")
         table.add_column("GiB", justify="right")
+        # One usable-VRAM figure everywhere in this output: the profile's VRAM less its reserve and the margin. The
+        # reserve is held back before it, so it is not listed as a component of any peak.
+        reserve = max((p.vram.get("reserve", 0) for p in self.phases.values()), default=0)
+        console.print(
+            f"usable VRAM {self.vram_usable_bytes / GIB:.2f} GiB (after the profile's {reserve / GIB:.2f} GiB reserve "
+            f"and the safety margin); usable host RAM {self.ram_usable_bytes / GIB:.2f} GiB"
+        )
         for name, phase in self.phases.items():
             for device, items, limit in (
-                ("VRAM", phase.vram, self.vram_usable_bytes),
+                ("VRAM", {k: v for k, v in phase.vram.items() if k != "reserve"}, self.vram_usable_bytes),
                 ("RAM", phase.ram, self.ram_usable_bytes),
             ):
                 for component, nbytes in items.items():
                     if nbytes:
                         table.add_row(name, device, component, f"{nbytes / 2**30:.2f}")
                 total = sum(items.values())
-                # The reserve is inside the total, so the limit shown includes it too: like is compared with like.
-                limit += items.get("reserve", 0)
                 style = "bold red" if total > limit else "bold"
                 table.add_row(
                     name,
                     device,
-                    f"[{style}]peak (limit {limit / 2**30:.2f})[/{style}]",
+                    f"[{style}]peak (usable {limit / 2**30:.2f})[/{style}]",
                     f"[{style}]{total / 2**30:.2f}[/{style}]",
                     end_section=device == "RAM",
                 )
@@ -196,9 +214,10 @@ class Plan:
         if self.runners_up:
             console.print("runners-up:")
             for r in self.runners_up:
+                why = f": not chosen: {r['why_not']}" if r.get("why_not") else ""
                 console.print(
                     f"  - {r['describe']}: {r['step_seconds']:.2f} s/step, train VRAM "
-                    f"{r['train_vram_bytes'] / 2**30:.1f} GiB"
+                    f"{(r['train_vram_bytes'] - reserve) / 2**30:.1f} GiB{why}"
                 )
         if self.reason:
             console.print(f"[red]{self.reason}[/red]")
@@ -257,6 +276,63 @@ def run_shape(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> TrainShap
         audio=cfg.data.audio,
         mode=cfg.train.mode,
     )
+
+
+def plan_shape(cfg: RunConfig, configs: ModelConfigs) -> tuple[RunConfig, list[str], list[str]]:
+    """`cfg` at the largest clip its data pipeline will cut (the bucket with the most tokens sets every peak), with
+    a line saying which one it is and assumptions where a bucket could not be read from the data.
+
+    A folder dataset crops to `data.resolution` x `data.frames` or shorter, so those are its largest clip; a
+    SimpleTuner multidatabackend names its own shapes per dataset (`video.num_frames`, `resolution`), which win.
+    """
+    from lowvram.data.shapes import data_shapes
+
+    path = cfg.data.data_backend_config
+    if not path:
+        return cfg, [], []
+    shapes = data_shapes(cfg)
+    here = f"{cfg.data.resolution}@{cfg.data.frames}"
+    if shapes is None:
+        return cfg, [], [f"{path} is not there: planned for data.resolution and data.frames ({here}) instead"]
+    if not shapes.clips:
+        return cfg, [], [f"{path} has no video or image dataset: planned for data.resolution and data.frames ({here})"]
+
+    def tokens(c) -> tuple[int, int]:
+        t = train_shape(configs, width=c.width, height=c.height, frames=c.frames, fps=c.fps, batch=1,
+                        text_tokens=cfg.data.max_text_tokens, audio=cfg.data.audio, mode=cfg.train.mode)  # fmt: skip
+        return t.video_tokens + t.audio_tokens, c.width * c.height * c.frames
+
+    largest = max(shapes.clips, key=tokens)
+    others = sorted({c.key for c in shapes.clips} - {largest.key})
+    also = f" (also {', '.join(others[:6])}{', ...' if len(others) > 6 else ''})" if others else ""
+    line = (
+        f"planned for the largest bucket the data pipeline will cut: {largest.key} at {largest.fps:g} fps, dataset "
+        f"'{largest.dataset}' of {path}{also}"
+    )
+    shaped = apply_overrides(
+        cfg, {"data.resolution": f"{largest.width}x{largest.height}", "data.frames": largest.frames,
+              "data.fps": largest.fps}
+    )  # fmt: skip
+    return shaped, [line], list(shapes.notes)
+
+
+def check_plan_request(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> None:
+    """Requests the planner refuses in one line before it measures anything (exit 2)."""
+    from lowvram.errors import UsageError
+
+    if gpus < 1:
+        raise UsageError(f"gpus = {gpus}: the number of GPUs the run is sharded over must be 1 or more")
+    n = configs.transformer.get("num_layers", 48)
+    swap = cfg.memory.blocks_to_swap
+    if swap is not None and swap > n:
+        raise UsageError(
+            f"memory.blocks_to_swap (SimpleTuner: musubi_blocks_to_swap) = {swap} but the {cfg.model.family} "
+            f"transformer has {n} blocks: use at most {n} (or leave it out and the planner chooses)"
+        )
+    if cfg.data.frames > MAX_PLANNED_FRAMES:
+        backend = cfg.data.data_backend_config
+        where = f"video.num_frames in {backend}" if backend else "data.frames"
+        raise UsageError(f"{where} = {cfg.data.frames}: {frames_limit_reason()}")
 
 
 def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
@@ -492,6 +568,33 @@ def _train_candidates(
     return out
 
 
+def _stated_settings(cfg: RunConfig, fixed: dict[str, Any]) -> Settings:
+    """The settings as the config states them (for a refusal when no candidate can run)."""
+    names = {f.name for f in Settings.__dataclass_fields__.values()}
+    stated = {k: v for k, v in fixed.items() if k in names}
+    return Settings(precision=cfg.model.precision, optimizer=cfg.optim.optimizer, **stated)
+
+
+def _say_measuring(cfg: RunConfig):
+    """Progress on stderr while a measurement runs (each takes seconds to minutes, once: then it is cached)."""
+    what = {
+        "transformer-step": "one transformer block's forward and backward",
+        "video-encode": "the video VAE encode",
+        "audio-encode": "the audio VAE encode",
+        "text-encode": "the text encoder",
+    }
+
+    def say(kind: str, key: dict[str, Any]) -> None:
+        if kind in what:
+            shape = f"{cfg.data.resolution}@{cfg.data.frames}"
+            option = key.get("options")
+            extra = f" ({'+'.join(option) or 'no option'})" if isinstance(option, dict) else ""
+            print(f"lowvram: measuring {what[kind]} at {shape}{extra} on fake tensors (cached afterwards)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    return say
+
+
 def _refusal(s: Settings) -> str | None:
     """What the offload strategies would refuse to run (block swap or group offload without checkpointing, group
     offload's forward-order prefetch with checkpointing): such settings are never proposed."""
@@ -532,6 +635,7 @@ def _rank_key(c: Candidate) -> tuple:
     """Fastest first, with each precision's quality cost as a time factor; then fewer bytes copied."""
     return (
         round(c.time.seconds * QUALITY_COST.get(c.settings.precision, 1.5), 4),
+        QUALITY.get(c.settings.precision, 9),  # at equal cost the better precision wins, before any byte count
         c.time.streamed_bytes,
         c.phases["train"].vram_peak_bytes,
     )
@@ -550,6 +654,7 @@ def plan_run(
     efficiency: float = DEFAULT_EFFICIENCY,
     gpus: int = 1,
     _suggest: bool = True,
+    _shape: bool = True,
 ) -> Plan:
     """Plan `cfg` on `profile` (per GPU; `gpus` > 1: FSDP2 over that many GPUs of this profile).
 
@@ -560,6 +665,12 @@ def plan_run(
     """
     from lowvram.quant.precision import check_backend_supported
 
+    configs = model_configs(cfg.model.family)
+    shape_lines: list[str] = []
+    shape_assumptions: list[str] = []
+    if _shape:
+        cfg, shape_lines, shape_assumptions = plan_shape(cfg, configs)
+    check_plan_request(cfg, configs, gpus)
     if not choose:
         check_backend_supported(cfg.model.precision, profile)
         check_backend_supported(cfg.model.text_encoder_precision, profile)
@@ -581,6 +692,7 @@ def plan_run(
             f"optim.optimizer 'adamw8bit' needs bitsandbytes, which profile '{profile.name}' lacks: use 'adamw_bf16'"
         )
     cache = MeasureCache(cache_dir)
+    cache.progress = _say_measuring(cfg) if sys.stderr.isatty() else None
     m = collect_measurements(cfg, profile, cache, gpus)
     opts = _budget_options(cfg, efficiency, gpus)
     margin = cfg.memory.vram_safety_margin
@@ -593,6 +705,11 @@ def plan_run(
         _evaluate(m, s, profile, opts, margin, ("train",))
         for s in _train_candidates(m, cfg, profile, choose, fixed, vram_ok)
     ]
+    if not train:
+        from lowvram.errors import UsageError
+
+        why = _refusal(_stated_settings(cfg, fixed)) or "the stated memory settings exclude every setup"
+        raise UsageError(f"no memory setup can run these settings: {why}")
     fitting = [c for c in train if c.fits]
     assumptions = (
         f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
@@ -606,19 +723,20 @@ def plan_run(
         )
         if gpus > 1
         else ()
-    )
+    ) + tuple(shape_assumptions)
     if not fitting:
         best = min(train, key=lambda c: (_shortfall(c), c.time.seconds))
         chosen = _complete(m, best.settings, cfg, profile, opts, margin, fixed, choose)
         return _unfit_plan(
-            cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose
+            cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose,
+            shape_lines,
         )
     fitting.sort(key=_rank_key)
     winner = fitting[0]
     chosen = _complete(m, winner.settings, cfg, profile, opts, margin, fixed, choose)
     settings = {**cfg.dotted(), **chosen.settings.dotted()}
     settings["memory.profile"] = cfg.memory.profile or profile.name
-    explanation = _explain(m, chosen, train, profile, vram_ok, ram_ok, precision_chosen=choose)
+    explanation = shape_lines + _explain(m, chosen, train, profile, vram_ok, ram_ok, precision_chosen=choose)
     if m.tread is not None:
         explanation.append(_tread_line(m, chosen, profile, opts, margin))
     if chosen.settings.offload_during_startup and "offload_during_startup" not in fixed:
@@ -641,6 +759,7 @@ def plan_run(
                 "step_seconds": round(c.time.seconds, 3),
                 "train_vram_bytes": c.phases["train"].vram_peak_bytes,
                 "settings": c.settings.dotted(),
+                "why_not": _why_not(c, chosen),
             }
         )
     reason = None
@@ -742,6 +861,36 @@ def _complete(
     return _evaluate(m, s, profile, opts, margin)
 
 
+def _quality_words(precision: str) -> str:
+    err = OUTPUT_ERROR_PCT.get(precision)
+    return f"{precision} (output error {err:g}%)" if err is not None else precision
+
+
+def _why_not(c: Candidate, chosen: Candidate) -> str:
+    """Why a runner-up (which fits) was not chosen: one clause, in the terms `_rank_key` decided by."""
+    a, b = round(c.time.seconds, 2), round(chosen.time.seconds, 2)
+    p, q = c.settings.precision, chosen.settings.precision
+    if p != q and QUALITY.get(p, 9) > QUALITY.get(q, 9):
+        if a < b:
+            return (
+                f"{(b - a) / b:.0%} faster, but {_quality_words(p)} costs quality against {_quality_words(q)}: it "
+                f"must be over {QUALITY_COST.get(p, 1.5) / QUALITY_COST.get(q, 1.0) - 1:.0%} faster to be chosen"
+            )
+        if a == b and OUTPUT_ERROR_PCT.get(p, 99) <= OUTPUT_ERROR_PCT.get(q, 0):
+            # the two int8 backends: equal within the measurement, so the maintained backend is preferred
+            return (
+                f"as fast and as good ({_quality_words(p)} vs {_quality_words(q)}): {q} is preferred as the "
+                "maintained backend (quanto is in maintenance mode upstream)"
+            )
+        if a == b:
+            return f"as fast; {_quality_words(q)} wins the tie on quality over {_quality_words(p)}"
+    if a > b:
+        return f"slower ({a:.2f} vs {b:.2f} s/step)"
+    if c.time.streamed_bytes > chosen.time.streamed_bytes:
+        return f"as fast, but copies {(c.time.streamed_bytes - chosen.time.streamed_bytes) / GB:.1f} GB more per step"
+    return "as fast, with a higher VRAM peak"
+
+
 def _shortfall(c: Candidate) -> int:
     return max(c.over_vram_bytes, 0) + max(c.over_ram_bytes, 0)
 
@@ -766,8 +915,8 @@ def _explain(
     lines = [f"chosen: {s.describe()}: {t.seconds:.2f} s/step predicted ({t.compute_seconds:.2f} s compute{dequant})"]
     if precision_chosen and s.precision != "bf16" and s.precision in QUALITY_COST:
         lines.append(
-            f"{s.precision} costs quality, so it wins only by being over {QUALITY_COST[s.precision] - 1:.0%} "
-            "faster than the best fitting bf16 setup, or when no bf16 setup fits"
+            f"{_quality_words(s.precision)} costs quality, so it wins only by being over "
+            f"{QUALITY_COST[s.precision] - 1:.0%} faster than the best fitting bf16 setup, or when no bf16 setup fits"
         )
     if t.streamed_bytes:
         hidden = (
@@ -789,7 +938,8 @@ def _explain(
     closest: dict[tuple, Candidate] = {}
     for c in train:
         key = _strategy(c.settings)
-        if key in fitting_strategies or _rank_key(c) >= _rank_key(chosen):
+        # only what really is faster, at the precision shown (an option as fast is no reason to explain)
+        if key in fitting_strategies or round(c.time.seconds, 2) >= round(t.seconds, 2):
             continue
         if key not in closest or _shortfall(c) < _shortfall(closest[key]):
             closest[key] = c
@@ -799,10 +949,10 @@ def _explain(
         if c.over_vram_bytes > 0:
             why.append(
                 f"needs {(need.vram_peak_bytes - need.vram['reserve']) / GIB:.1f} GiB VRAM, "
-                f"{vram_ok / GIB:.1f} GiB usable"
+                f"{vram_ok / GIB:.2f} GiB usable"
             )
         if c.over_ram_bytes > 0:
-            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.1f} GiB usable")
+            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.2f} GiB usable")
         lines.append(
             f"would be faster but does not fit: {c.settings.describe()} ({c.time.seconds:.2f} s/step): "
             + "; ".join(why)
@@ -815,7 +965,7 @@ def _explain(
         )
         lines.append(
             f"without checkpointing the blocks would keep {per_block}{total / GIB:.1f} GiB of activations "
-            f"({vram_ok / GIB:.1f} GiB usable)"
+            f"({vram_ok / GIB:.2f} GiB usable)"
         )
     return lines
 
@@ -857,6 +1007,7 @@ def _unfit_plan(
     suggest: bool,
     gpus: int,
     choose: bool,
+    shape_lines: list[str] = (),
 ) -> Plan:
     reason = _phase_shortfall(best, vram_ok, ram_ok, profile)
     settings = {**cfg.dotted(), **best.settings.dotted(), "memory.profile": cfg.memory.profile or profile.name}
@@ -870,7 +1021,7 @@ def _unfit_plan(
         phases=best.phases,
         vram_usable_bytes=vram_ok,
         ram_usable_bytes=ram_ok,
-        explanation=(f"closest: {best.settings.describe()}",),
+        explanation=(*shape_lines, f"closest: {best.settings.describe()}"),
         reason=reason,
         assumptions=assumptions,
         step=best.time,
@@ -887,12 +1038,17 @@ def _suggestion(cfg: RunConfig, profile: HardwareProfile, cache_dir, efficiency:
     if cfg.data.frames > fewer_frames:
         suffix = f" --batch {gpus}" if cfg.train.batch_size > gpus else ""
         trials.append((f"--frames {fewer_frames}{suffix}", {"data.frames": fewer_frames, "train.batch_size": gpus}))
+    backend = cfg.data.data_backend_config
     for flag, change in trials:
         smaller = apply_overrides(cfg, change)
         plan = plan_run(
-            smaller, profile, choose=choose, cache_dir=cache_dir, efficiency=efficiency, gpus=gpus, _suggest=False
+            smaller, profile, choose=choose, cache_dir=cache_dir, efficiency=efficiency, gpus=gpus, _suggest=False,
+            _shape=False,  # `cfg` is already at the data's largest bucket
         )
         if plan.fits:
+            if backend and "data.frames" in change:  # the frames come from the datasets' video.num_frames
+                flag = flag.replace(f"--frames {change['data.frames']}", f"video.num_frames = {change['data.frames']} "
+                                    f"in {backend}")  # fmt: skip
             return f"try {flag}"
     return "try a lower resolution or fewer frames, or a profile with more memory"
 
