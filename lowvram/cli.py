@@ -114,9 +114,13 @@ def probe(
         from lowvram.config import config_to_toml
 
         atomic_write_text(settings_out, config_to_toml(picked[0]))
+    from lowvram.hub import default_model_needs, download_estimate
+
+    # What training the default model by hub id would fetch into the HF cache (sizes only; nothing is downloaded).
+    download = download_estimate(needs=default_model_needs())
     if as_json:
         out = result.to_json()
-        print(json.dumps(out))
+        print(json.dumps({**out, "download": download.to_json()}))
         return
     console = _console()
     from rich.table import Table
@@ -136,6 +140,9 @@ def probe(
     table.add_row("free disk", f"{_gib(result.disk_free_bytes)} at {result.disk_path}")
     table.add_row("profile", f"{result.profile} ({result.profile_reason})")
     console.print(table)
+    console.print(f"Training {default_model_needs()[0].ref.text} by hub id (flavour dev, with Gemma3) downloads:")
+    for line in download.lines():
+        console.print(f"  {line}", markup=False, highlight=False)
     if picked is not None:
         console.print(f"Auto-picked settings for {resolution}, {frames} frames, batch {batch}: {picked[1]}")
     if write is not None:
@@ -233,10 +240,15 @@ def plan(
     from lowvram.plan import plan_run
 
     result = plan_run(cfg, hw, choose=config is None, gpus=gpus)
+    from lowvram.hub import download_estimate
+
+    download = download_estimate(cfg)  # hub ids: what the run will fetch (sizes only; nothing is downloaded)
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), **({"download": download.to_json()} if download.items else {})}))
     else:
         result.render(_console())
+        for line in download.lines():
+            print(line)
     if not result.fits:
         raise typer.Exit(1)
 

@@ -322,6 +322,9 @@ def run_cache(cfg, *, profile=None) -> int:
     run_dir = Path(cfg.output.output_dir).expanduser()
     backend = get_backend("cpu" if cfg.model.family == "tiny" else "auto")
     decision = decide_memory(cfg, profile, force=True, console=None, caching_only=True)
+    from lowvram.hub import resolve_model_paths
+
+    decision = replace(decision, cfg=resolve_model_paths(decision.cfg, console))
     from lowvram.demo import is_demo, prepare_demo_dataset
 
     if is_demo(decision.cfg):
@@ -390,6 +393,11 @@ def run(
             prepare_demo_dataset(cfg)
     if dry_run:
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
+    from lowvram.hub import resolve_model_paths
+
+    with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
+        cfg = resolve_model_paths(cfg, console)
+    decision = replace(decision, cfg=cfg)
 
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
     for phase in ("text_cache", "latent_cache", "train"):
@@ -682,7 +690,8 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
 
     if cfg.model.checkpoint is None:
         if cfg.model.family != "tiny":
-            raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file (--checkpoint)")
+            raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file or a hub id "
+                               "such as Lightricks/LTX-2 (--checkpoint)")
         loaded = ltx2.build_tiny_components(seed=0)
         for name in ("transformer", *(n for n in ENCODER_PARTS if n not in parts)):
             setattr(loaded, name, None)
