@@ -333,23 +333,36 @@ def cache(
 @app.command()
 @friendly
 def report(
-    run_dir: Path = typer.Argument(..., help="A run folder holding memory.jsonl."),
-    png: Path | None = typer.Option(None, "--png", help="Where to write the timeline (default RUN_DIR/memory.png)."),
+    run_dir: Path = typer.Argument(..., help="A run folder (its --output-dir); it may still be training."),
+    png: Path | None = typer.Option(
+        None, "--png", help="Where to write the dashboard PNG (default RUN_DIR/memory.png)."
+    ),
 ) -> None:
-    """Show a run's memory per phase (measured beside predicted) and write a PNG memory timeline."""
+    """Summarize a run (plan, predicted vs measured peaks, speed, ETA, loss) and plot memory, loss and lr to a PNG."""
     from lowvram.errors import UsageError
-    from lowvram.telemetry import MEMORY_FILE, read_memory_file, render_timeline, summary_table
+    from lowvram.telemetry import (
+        check_png_destination,
+        load_run,
+        phases_with_live_train,
+        render_timeline,
+        run_summary,
+        summary_table,
+    )
 
-    path = run_dir / MEMORY_FILE
-    if not path.is_file():
-        raise UsageError(f"{run_dir} has no {MEMORY_FILE}: pass the folder of a run (its --output-dir)")
+    if png is not None:
+        png = check_png_destination(png)  # a folder or an unwritable path: one line, exit 2, before any work
+    view = load_run(run_dir)
+    console = _console()
+    for line in run_summary(view):
+        console.print(line, markup=False, highlight=False)
+    phases = phases_with_live_train(view)
+    if phases:
+        console.print(summary_table(phases))
     try:
-        phases, _ = read_memory_file(path)
-    except (ValueError, KeyError) as e:
-        raise LowvramError(f"{path} is not a lowvram memory file: {e}") from None
-    _console().print(summary_table(phases))
-    out = render_timeline(run_dir, png)
-    print(f"timeline written to {out}")
+        out = render_timeline(run_dir, png)
+    except LowvramError as e:  # the destination became unwritable after the check
+        raise UsageError(str(e)) from None
+    print(f"dashboard written to {out}")
 
 
 # Import-time chatter of optional kernels that CPU and ROCm builds lack (torchao's CUDA .so files, bitsandbytes'

@@ -104,7 +104,7 @@ def needed_files(ref: HubRef, *, flavour: str = "dev", with_text_encoder: bool =
     known = sorted({f for (repo, f) in OFFICIAL_FILES if repo == ref.repo_id})
     if known:
         raise UsageError(
-            f"{ref.key} '{ref.text}' has no '{flavour}' file (model.flavour): use one of {', '.join(known)}, "
+            f"{ref.key} '{ref.text}' has no '{flavour}' file: set model.flavour to one of {', '.join(known)}, "
             f"or name the file as {ref.repo_id}:FILE.safetensors"
         )
     parts = _DIFFUSERS_PARTS + (_TEXT_PARTS if with_text_encoder else ())
@@ -135,8 +135,10 @@ def offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it once at import; a test or wrapper may set it later)."""
     from huggingface_hub import constants
 
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def cache_dir_of(cfg) -> Path:
@@ -258,7 +260,8 @@ def _hub_error(need: Needed, e: Exception, cache_dir: str | None) -> LowvramErro
         )
     if isinstance(e, errors.RevisionNotFoundError):
         return UsageError(f"{where}: revision '{ref.revision}' does not exist in {need.repo_id}: check the '@...' part")
-    if isinstance(e, errors.RemoteEntryNotFoundError | errors.EntryNotFoundError):
+    local_miss = isinstance(e, errors.LocalEntryNotFoundError)  # online: the hub did not answer (generic below)
+    if not local_miss and isinstance(e, errors.RemoteEntryNotFoundError | errors.EntryNotFoundError):
         return UsageError(f"{where}: {need.repo_id} has no file {need.filename}: check the name or model.flavour")
     if isinstance(e, errors.RepositoryNotFoundError):
         hint = "" if get_token() else " (a private repo needs `hf auth login` or HF_TOKEN)"

@@ -370,6 +370,9 @@ def run(
     from lowvram.paths import writable_dir
 
     writable_dir(run_dir, what="output_dir")  # a read-only output folder fails now, not after hours of caching
+    from lowvram import tracking
+
+    tracking.check_installed(cfg)  # a tracker asked for but not installed: refused before any work
     if env is None:
         clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
     # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
@@ -403,9 +406,13 @@ def run(
     for phase in ("text_cache", "latent_cache", "train"):
         vram_bytes, ram_bytes = decision.predicted_peaks(phase)
         monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
+    mirror = tracking.RunMirror(run_dir, [])  # trackers follow the run folder; the loop only says "a step ended"
     try:
         with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
             batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console, profile=decision.profile)
+        if distributed.is_main():
+            mirror = tracking.start(cfg, run_dir, plan=decision.plan, total_steps=resolve_total_steps(cfg, batches),
+                                    metrics_dir=distributed.rank_dir(run_dir), console=console)  # fmt: skip
         # Validation renders with the encoders and VAEs again: loaded on the host when first needed, not kept.
         validation_parts = _Lazy(lambda: load_encoders(cfg)) if cfg.validation.enabled else None
         with monitor.phase("load_transformer"), distributed.in_turn():
@@ -438,6 +445,7 @@ def run(
                 auto_recover=auto_recover and env is None,
                 validate=validate,
                 on_new_transformer=lambda t: holder.update(transformer=t),
+                after_step=mirror.sync,
             )
         with monitor.phase("export"):
             with distributed.whole_lora(transformer) as writer:
@@ -461,6 +469,7 @@ def run(
         ) from None
     finally:
         monitor.finish(console)
+        mirror.close()  # after the last phase and the final clip are written
         if env is not None:
             distributed.stop()
     return RunResult(exit_code=0, run_dir=run_dir, lora_path=lora_path, steps=result)
