@@ -264,7 +264,7 @@ def train(
     output_dir: str | None = typer.Option(None, "--output-dir", help="Run folder (LoRA, checkpoints, metrics)."),
     dataset: str | None = typer.Option(None, "--dataset", help="Folder of clips with same-name .txt captions."),
     checkpoint_path: str | None = typer.Option(
-        None, "--checkpoint", help="Official LTX-2 .safetensors file or diffusers folder."
+        None, "--checkpoint", help="Official LTX-2 .safetensors file, diffusers folder, or hub id (Lightricks/LTX-2)."
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps."),
     batch: int | None = typer.Option(None, "--batch", help="Clips per step."),
