@@ -265,7 +265,10 @@ def _hub_error(need: Needed, e: Exception, cache_dir: str | None) -> LowvramErro
         return UsageError(f"{where}: {need.repo_id} has no file {need.filename}: check the name or model.flavour")
     if isinstance(e, errors.RepositoryNotFoundError):
         hint = "" if get_token() else " (a private repo needs `hf auth login` or HF_TOKEN)"
-        return UsageError(f"{where}: no model repo {need.repo_id} on the hub{hint}: check the id")
+        return UsageError(
+            f"{where}: no model repo {need.repo_id} on the hub{hint}: check the id (no local path of that name "
+            "exists either)"
+        )
     if isinstance(e, errors.HFValidationError):
         return UsageError(f"{where}: not a valid hub id or path: {str(e).splitlines()[0]}")
     detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

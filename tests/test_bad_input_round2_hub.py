@@ -86,7 +86,7 @@ HUB_CASES = [
         "a repo that does not exist",
         {"checkpoint": "Lightricks/LTX-9:ltx.safetensors"}, False, None, not_found, 2,
         "model.checkpoint 'Lightricks/LTX-9:ltx.safetensors': no model repo Lightricks/LTX-9 on the hub (a private "
-        "repo needs `hf auth login` or HF_TOKEN): check the id",
+        "repo needs `hf auth login` or HF_TOKEN): check the id (no local path of that name exists either)",
     ),
     (
         "online but the hub does not answer",

@@ -169,3 +169,19 @@ def test_training_from_hub_ids_offline(hub_cache, tmp_path, offline):
     finally:
         torch.set_num_threads(threads)
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+
+
+def test_train_dry_run_reports_the_download_and_fetches_nothing(hub_cache, tmp_path, offline):
+    from rich.console import Console
+
+    from lowvram.profiles import load_profile
+    from lowvram.train.loop import run
+
+    cfg = apply_overrides(default_demo_config(tmp_path / "out"), {
+        "model.checkpoint": "Lightricks/LTX-2", "model.flavour": "distilled", "model.cache_dir": str(hub_cache)})
+    console = Console(record=True, width=200)
+    run(cfg, profile=load_profile("3090"), dry_run=True, console=console)
+    text = console.export_text()
+    assert "Lightricks/LTX-2:ltx-2-19b-distilled.safetensors: size unknown (not cached" in text
+    assert "cannot know the download size offline" in text
+    assert not (tmp_path / "out" / "lora.safetensors").exists()

@@ -394,9 +394,12 @@ def run(
     if is_demo(cfg) and not dry_run:
         with distributed.main_first():
             prepare_demo_dataset(cfg)
+    from lowvram.hub import download_estimate, resolve_model_paths
+
     if dry_run:
+        for line in download_estimate(cfg).lines():  # hub ids: what the run would fetch; nothing is downloaded
+            _say(console, line)
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
-    from lowvram.hub import resolve_model_paths
 
     with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
         cfg = resolve_model_paths(cfg, console)
