@@ -373,6 +373,9 @@ def run(
     from lowvram import tracking
 
     tracking.check_installed(cfg)  # a tracker asked for but not installed: refused before any work
+    from lowvram.hub import model_refs
+
+    model_refs(cfg)  # a malformed hub id or a flavour its repo lacks: refused before planning (no network)
     if env is None:
         clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
     # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
