@@ -114,9 +114,13 @@ def probe(
         from lowvram.config import config_to_toml
 
         atomic_write_text(settings_out, config_to_toml(picked[0]))
+    from lowvram.hub import default_model_needs, download_estimate
+
+    # What training the default model by hub id would fetch into the HF cache (sizes only; nothing is downloaded).
+    download = download_estimate(needs=default_model_needs())
     if as_json:
         out = result.to_json()
-        print(json.dumps(out))
+        print(json.dumps({**out, "download": download.to_json()}))
         return
     console = _console()
     from rich.table import Table
@@ -136,6 +140,9 @@ def probe(
     table.add_row("free disk", f"{_gib(result.disk_free_bytes)} at {result.disk_path}")
     table.add_row("profile", f"{result.profile} ({result.profile_reason})")
     console.print(table)
+    console.print(f"Training {default_model_needs()[0].ref.text} by hub id (flavour dev, with Gemma3) downloads:")
+    for line in download.lines():
+        console.print(f"  {line}", markup=False, highlight=False)
     if picked is not None:
         console.print(f"Auto-picked settings for {resolution}, {frames} frames, batch {batch}: {picked[1]}")
     if write is not None:
@@ -262,10 +269,15 @@ def plan(
     from lowvram.plan import plan_run
 
     result = plan_run(cfg, hw, choose=config is None, gpus=gpus)
+    from lowvram.hub import download_estimate
+
+    download = download_estimate(cfg)  # hub ids: what the run will fetch (sizes only; nothing is downloaded)
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), **({"download": download.to_json()} if download.items else {})}))
     else:
         result.render(_console())
+        for line in download.lines():
+            print(line)
     if not result.fits:
         raise typer.Exit(1)
 
@@ -281,7 +293,7 @@ def train(
     output_dir: str | None = typer.Option(None, "--output-dir", help="Run folder (LoRA, checkpoints, metrics)."),
     dataset: str | None = typer.Option(None, "--dataset", help="Folder of clips with same-name .txt captions."),
     checkpoint_path: str | None = typer.Option(
-        None, "--checkpoint", help="Official LTX-2 .safetensors file or diffusers folder."
+        None, "--checkpoint", help="Official LTX-2 .safetensors file, diffusers folder, or hub id (Lightricks/LTX-2)."
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Optimizer steps."),
     batch: int | None = typer.Option(None, "--batch", help="Clips per step."),
@@ -360,23 +372,36 @@ def cache(
 @app.command()
 @friendly
 def report(
-    run_dir: Path = typer.Argument(..., help="A run folder holding memory.jsonl."),
-    png: Path | None = typer.Option(None, "--png", help="Where to write the timeline (default RUN_DIR/memory.png)."),
+    run_dir: Path = typer.Argument(..., help="A run folder (its --output-dir); it may still be training."),
+    png: Path | None = typer.Option(
+        None, "--png", help="Where to write the dashboard PNG (default RUN_DIR/memory.png)."
+    ),
 ) -> None:
-    """Show a run's memory per phase (measured beside predicted) and write a PNG memory timeline."""
+    """Summarize a run (plan, predicted vs measured peaks, speed, ETA, loss) and plot memory, loss and lr to a PNG."""
     from lowvram.errors import UsageError
-    from lowvram.telemetry import MEMORY_FILE, read_memory_file, render_timeline, summary_table
+    from lowvram.telemetry import (
+        check_png_destination,
+        load_run,
+        phases_with_live_train,
+        render_timeline,
+        run_summary,
+        summary_table,
+    )
 
-    path = run_dir / MEMORY_FILE
-    if not path.is_file():
-        raise UsageError(f"{run_dir} has no {MEMORY_FILE}: pass the folder of a run (its --output-dir)")
+    if png is not None:
+        png = check_png_destination(png)  # a folder or an unwritable path: one line, exit 2, before any work
+    view = load_run(run_dir)
+    console = _console()
+    for line in run_summary(view):
+        console.print(line, markup=False, highlight=False)
+    phases = phases_with_live_train(view)
+    if phases:
+        console.print(summary_table(phases))
     try:
-        phases, _ = read_memory_file(path)
-    except (ValueError, KeyError) as e:
-        raise LowvramError(f"{path} is not a lowvram memory file: {e}") from None
-    _console().print(summary_table(phases))
-    out = render_timeline(run_dir, png)
-    print(f"timeline written to {out}")
+        out = render_timeline(run_dir, png)
+    except LowvramError as e:  # the destination became unwritable after the check
+        raise UsageError(str(e)) from None
+    print(f"dashboard written to {out}")
 
 
 # Import-time chatter of optional kernels that CPU and ROCm builds lack (torchao's CUDA .so files, bitsandbytes'

@@ -98,11 +98,14 @@ class Section(BaseModel):
 class ModelSection(Section):
     # A config means the real model: the toy one only when asked for (the demo sets it itself).
     family: Literal["ltx2", "tiny"] = Field("ltx2", description="ltx2 = the real 19B model; tiny = CPU demo/test model")
-    flavour: Literal["dev", "dev-fp8", "dev-fp4"] = Field("dev", description="official checkpoint flavour")
-    checkpoint: str | None = Field(
-        None, description="official combined .safetensors file or a diffusers-format folder (ltx2 family)"
+    flavour: Literal["dev", "dev-fp8", "dev-fp4", "distilled", "distilled-fp8"] = Field(
+        "dev", description="official checkpoint flavour (picks the file of a hub id such as Lightricks/LTX-2)"
     )
-    text_encoder_path: str | None = Field(None, description="local Gemma3 folder (weights + tokenizer)")
+    checkpoint: str | None = Field(
+        None, description="official .safetensors file, a diffusers folder, or a hub id (Lightricks/LTX-2, repo:file)"
+    )
+    text_encoder_path: str | None = Field(None, description="Gemma3 folder (weights + tokenizer) or a hub id")
+    cache_dir: str | None = Field(None, description="Hugging Face cache for hub ids (default: the standard HF cache)")
     precision: str = Field("bf16", description=f"base transformer precision: {', '.join(PRECISIONS)}")
     text_encoder_precision: str = Field("bf16", description="text encoder precision (same names)")
     quantized_cache_dir: str | None = Field(None, description="where quantized weights are cached (default: output)")
@@ -265,8 +268,27 @@ class ValidationSection(Section):
     seed: int = Field(42, description="validation seed")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def _trackers(value: Any) -> list[str]:
+    # SimpleTuner writes one string ("wandb", "tensorboard,wandb", "none"); TOML writes a list.
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value or [])
+    items = [v for v in items if v and v != "none"]
+    for v in items:
+        if v not in TRACKERS:
+            hint = " (name them)" if v == "all" else ""
+            raise ValueError(f"unknown tracker '{v}'{hint}; valid: {', '.join(TRACKERS)} or none")
+    return list(dict.fromkeys(items))
+
+
 class OutputSection(Section):
     output_dir: str = Field("output", description="run folder: LoRA, checkpoints, metrics.jsonl, memory.jsonl")
+    report_to: Annotated[list[str], BeforeValidator(_trackers)] = Field(
+        default_factory=list, description="experiment trackers mirroring metrics.jsonl: tensorboard, wandb, trackio"
+    )
+    tracker_project_name: str = Field("lowvram", min_length=1, description="tracker project (wandb/trackio)")
+    tracker_run_name: str | None = Field(None, description="tracker run name (default: the output folder's name)")
 
 
 class RunConfig(Section):
@@ -397,6 +419,10 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "validation_guidance": "validation.guidance",
     "validation_seed": "validation.seed",
     "validation_steps": "validation.every_n_steps",
+    "report_to": "output.report_to",
+    "tracker_project_name": "output.tracker_project_name",
+    "tracker_run_name": "output.tracker_run_name",
+    "pretrained_gemma_model_name_or_path": "model.text_encoder_path",
     "framerate": "data.fps",
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
@@ -407,9 +433,6 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
 SIMPLETUNER_IGNORED: dict[str, str] = {
     "hub_model_id": "lowvram never uploads; push the LoRA yourself",
     "push_to_hub": "lowvram never uploads; push the LoRA yourself",
-    "report_to": "metrics go to OUTPUT/metrics.jsonl and memory.jsonl",
-    "tracker_project_name": "no external trackers",
-    "tracker_run_name": "no external trackers",
     "lycoris_config": "LyCORIS is not supported; plain LoRA is trained",
     "disable_benchmark": "cudnn benchmark is chosen by lowvram",
     "dynamo_mode": "torch.compile is not used",

@@ -211,13 +211,30 @@ class MemoryMonitor:
         return self.phases
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file another process may be appending to: a partial last line is left out (it is
+    still being written); a broken line before it raises ValueError naming the line."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines):  # no newline after it yet: the writer is mid-line
+                break
+            raise ValueError(f"line {i} is not JSON") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"line {i} is not a JSON object")
+        out.append(rec)
+    return out
+
+
 def read_memory_file(path: Path) -> tuple[list[dict], list[dict]]:
     """(phases, samples) from a run's memory.jsonl."""
     phases, samples = [], []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_jsonl(path):
         (phases if rec.get("type") == "phase" else samples).append(rec)
     return phases, samples
 
@@ -252,18 +269,172 @@ def summary_table(phases: list[dict]):
     return table
 
 
-def render_timeline(run_dir: Path, out_png: Path | None = None) -> Path:
-    """Plot memory over time with phases shaded and predicted peaks dashed; returns the PNG path."""
-    import matplotlib
+# --------------------------------------------------------------------------------------------------------------------
+# `lowvram report`: the run folder as a dashboard (works while the run is still writing it)
 
-    matplotlib.use("Agg")
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+
+
+@dataclass
+class RunView:
+    """What a run folder holds right now: run.json (settings, plan, total steps), phases, samples, step metrics."""
+
+    run_dir: Path
+    info: dict
+    phases: list[dict]
+    samples: list[dict]
+    metrics: list[dict]
+    metrics_age_s: float | None = None  # seconds since metrics.jsonl last grew
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.info.get("total_steps")
+
+    @property
+    def last_step(self) -> int:
+        return int(self.metrics[-1]["step"]) if self.metrics else 0
+
+    @property
+    def finished(self) -> bool:
+        ended = any(p["name"] == "train" and p.get("end_s") is not None for p in self.phases)
+        return ended or (self.total_steps is not None and self.last_step >= self.total_steps)
+
+
+def load_run(run_dir: Path) -> RunView:
+    """Read a run folder (UsageError when it holds no run; LowvramError when a file in it is damaged)."""
+    from lowvram.errors import LowvramError, UsageError
+
+    run_dir = Path(run_dir)
+    memory, metrics, info = run_dir / MEMORY_FILE, run_dir / METRICS_FILE, run_dir / RUN_FILE
+    if not memory.is_file() and not metrics.is_file():
+        raise UsageError(f"{run_dir} has no {MEMORY_FILE}: pass the folder of a run (its --output-dir)")
+    try:
+        phases, samples = read_memory_file(memory) if memory.is_file() else ([], [])
+    except (ValueError, KeyError) as e:
+        raise LowvramError(f"{memory} is not a lowvram memory file: {e}") from None
+    try:
+        steps = [r for r in read_jsonl(metrics) if isinstance(r.get("step"), int)] if metrics.is_file() else []
+    except ValueError as e:
+        raise LowvramError(f"{metrics} is not a lowvram metrics file: {e}") from None
+    try:
+        run_info = json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
+    except ValueError:
+        run_info = {}  # written atomically by lowvram: damaged only by hand; the report works without it
+    age = time.time() - metrics.stat().st_mtime if metrics.is_file() else None
+    return RunView(run_dir, run_info if isinstance(run_info, dict) else {}, phases, samples, steps, age)
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled to 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def run_summary(view: RunView, recent: int = 20) -> list[str]:
+    """One screen of text: progress, plan, speed (predicted vs measured), ETA while running, loss."""
+    lines = []
+    total, step = view.total_steps, view.last_step
+    if view.finished:
+        state = f"finished at step {step}" + (f"/{total}" if total else "")
+    elif view.metrics:
+        pct = f" ({100 * step / total:.0f}%)" if total else ""
+        age = f", last step {_fmt_s(view.metrics_age_s)} ago" if view.metrics_age_s is not None else ""
+        state = f"in progress (or stopped): step {step}" + (f"/{total}" if total else "") + pct + age
+    else:
+        state = "no training step yet" + (f" ({view.phases[-1]['name']} done)" if view.phases else "")
+    lines.append(f"run {view.run_dir}: {state}")
+    plan = view.info.get("plan")
+    cfg = view.info.get("config") or {}
+    if cfg:
+        d, t, m = cfg.get("data", {}), cfg.get("train", {}), cfg.get("model", {})
+        lines.append(
+            f"settings: {m.get('family')} {m.get('precision')}, {d.get('resolution')} x {d.get('frames')} frames, "
+            f"batch {t.get('batch_size')}, LoRA rank {cfg.get('lora', {}).get('rank')}"
+        )
+    predicted_sps = None
+    if plan:
+        verdict = "fits" if plan.get("fits") else "does NOT fit"
+        chosen = {k.removeprefix("memory."): v for k, v in (plan.get("settings") or {}).items()
+                  if k.startswith("memory.") and v not in (None, False, 0)}  # fmt: skip
+        lines.append(f"plan: {verdict} profile '{plan.get('profile')}'; memory: "
+                     + (", ".join(f"{k}={v}" for k, v in chosen.items()) or "defaults"))  # fmt: skip
+        predicted_sps = plan.get("step_seconds_estimate")
+    elif view.info:
+        lines.append("plan: none (tiny model on CPU)")
+    if view.metrics:
+        tail = [r["s_per_step"] for r in view.metrics[-recent:] if isinstance(r.get("s_per_step"), (int, float))]
+        if tail:
+            mean = sum(tail) / len(tail)
+            pred = f" (plan predicted {predicted_sps:.2f} s/step)" if predicted_sps else ""
+            lines.append(f"speed: {mean:.2f} s/step = {1 / mean if mean else 0:.2f} steps/s over the last "
+                         f"{len(tail)} steps{pred}")  # fmt: skip
+            if total and not view.finished:
+                lines.append(f"ETA: {_fmt_s(mean * max(0, total - step))} for {max(0, total - step)} steps left")
+        losses = [float(r["loss"]) for r in view.metrics if isinstance(r.get("loss"), (int, float))]
+        if losses:
+            ema = smoothed(losses)
+            lines.append(f"loss: {losses[0]:.4f} at step {view.metrics[0]['step']} -> {losses[-1]:.4f} now "
+                         f"(smoothed {ema[-1]:.4f}); lr {view.metrics[-1].get('lr', 0):.3g}")  # fmt: skip
+    return lines
+
+
+def phases_with_live_train(view: RunView) -> list[dict]:
+    """The phases of memory.jsonl, plus the running train phase from metrics.jsonl (peaks so far) while it runs."""
+    phases = list(view.phases)
+    if view.metrics and not any(p["name"] == "train" for p in phases):
+        vram = [r["peak_vram_bytes"] for r in view.metrics if r.get("peak_vram_bytes")]
+        rss = [r["rss_bytes"] for r in view.metrics if r.get("rss_bytes")]
+        train = ((view.info.get("plan") or {}).get("phases") or {}).get("train") or {}
+        phases.append({
+            "name": "train (so far)", "start_s": 0.0, "end_s": None, "rss_baseline_bytes": min(rss, default=0),
+            "rss_peak_bytes": max(rss, default=0), "device_max_allocated_bytes": max(vram) if vram else None,
+            "predicted_vram_bytes": train.get("vram_peak_bytes"), "predicted_ram_bytes": train.get("ram_peak_bytes"),
+        })  # fmt: skip
+    return phases
+
+
+def check_png_destination(png: Path) -> Path:
+    """Refuse (UsageError, one line) a --png that is a folder, not a .png, or cannot be written, before any work."""
+    import errno
+    import os
+    import tempfile
+
+    from lowvram.errors import UsageError
+
+    png = Path(png).expanduser()
+    if png.is_dir():
+        raise UsageError(f"--png {png} is a folder: give a file name such as {png}/memory.png")
+    if png.suffix.lower() != ".png":
+        raise UsageError(f"--png {png}: the timeline is a PNG: give a name ending in .png")
+    folder = png.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {png}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "read-only file system"}.get(e.errno, (e.strerror or str(e)).lower())  # fmt: skip
+        raise UsageError(f"cannot write {png}: {reason}; choose a writable folder") from None
+    return png
+
+
+def _plot_memory(ax, phases: list[dict], samples: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
-    from lowvram.fsutil import atomic_path
-
-    phases, samples = read_memory_file(Path(run_dir) / MEMORY_FILE)
-    out_png = Path(out_png) if out_png else Path(run_dir) / "memory.png"
-    fig, ax = plt.subplots(figsize=(10, 4.5))
     t = [s["t_s"] for s in samples]
     ax.plot(t, [s["rss_bytes"] / 2**30 for s in samples], label="host RSS", color="tab:blue")
     if any(s.get("device_reserved_bytes") is not None for s in samples):
@@ -283,8 +454,48 @@ def render_timeline(run_dir: Path, out_png: Path | None = None) -> Path:
                 ax.hlines(p[key] / 2**30, p["start_s"], end, colors=color, linestyles="dashed")
     ax.set_xlabel("seconds")
     ax.set_ylabel("GiB")
-    ax.set_title(f"lowvram memory timeline: {Path(run_dir).name} (dashed: plan's predicted peaks)")
+    ax.set_title("memory (dashed: plan's predicted peaks)")
     ax.legend(loc="upper left")
+
+
+def _plot_training(ax, metrics: list[dict]) -> None:
+    steps = [r["step"] for r in metrics if isinstance(r.get("loss"), (int, float))]
+    losses = [float(r["loss"]) for r in metrics if isinstance(r.get("loss"), (int, float))]
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="loss")
+    ax.plot(steps, smoothed(losses), color="tab:blue", lw=2, label="loss (smoothed)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    lr_steps = [r["step"] for r in metrics if isinstance(r.get("lr"), (int, float))]
+    lr_ax = ax.twinx()
+    lr_ax.plot(lr_steps, [r["lr"] for r in metrics if isinstance(r.get("lr"), (int, float))], color="tab:green",
+               lw=1.5, label="lr")
+    lr_ax.set_ylabel("learning rate")
+    handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    ax.set_title("training (raw and smoothed loss, learning rate)")
+
+
+def render_timeline(run_dir: Path, out_png: Path | None = None) -> Path:
+    """Plot memory over time (phases shaded, predicted peaks dashed) and, once steps are logged, loss (raw and
+    smoothed) and learning rate over steps beside it; returns the PNG path. Reads what is there (a run may be live).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lowvram.fsutil import atomic_path
+
+    view = load_run(Path(run_dir))
+    out_png = Path(out_png) if out_png else Path(run_dir) / "memory.png"
+    panels = [p for p, present in (("memory", view.samples or view.phases), ("training", view.metrics)) if present]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "memory":
+            _plot_memory(ax, view.phases, view.samples)
+        else:
+            _plot_training(ax, view.metrics)
+    fig.suptitle(f"lowvram run: {Path(run_dir).name}")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

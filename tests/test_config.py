@@ -66,7 +66,10 @@ def test_simpletuner_seed_config_maps_every_key(tmp_path):
     assert cfg.validation.enabled is False and cfg.validation.num_frames == 81
     assert cfg.train.tread_routes[0].selection_ratio == 0.5
     ignored = {n.split("'")[1] for n in notes if n.startswith("ignored")}
-    assert {"hub_model_id", "report_to", "lycoris_config"} <= ignored
+    assert {"hub_model_id", "lycoris_config"} <= ignored
+    # Trackers are mapped (issue 20): "none" is no tracker, the project and run names are kept.
+    assert cfg.output.report_to == [] and cfg.output.tracker_project_name == "lora-training"
+    assert cfg.output.tracker_run_name == "example-training-run"
     assert all(k in SIMPLETUNER_KEYS or k in SIMPLETUNER_IGNORED for k in SEED_7900XTX)
 
 

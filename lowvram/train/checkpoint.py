@@ -113,7 +113,12 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     steps = sorted(list_checkpoints(run_dir), key=lambda p: p.name)
     for old in steps[: max(0, len(steps) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Out of sight first (one atomic rename), then deleted: a kill during rmtree must not leave a checkpoint-named
+        # folder with some files gone (tests/test_faults_resume.py caught one without its manifest).
+        doomed = root / f"{TMP_PREFIX}pruned-{old.name}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

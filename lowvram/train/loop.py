@@ -327,6 +327,9 @@ def _run_cache(cfg, profile, run_dir: Path, console) -> int:
 
     backend = get_backend("cpu" if cfg.model.family == "tiny" else "auto")
     decision = decide_memory(cfg, profile, force=True, console=None, caching_only=True)
+    from lowvram.hub import resolve_model_paths
+
+    decision = replace(decision, cfg=resolve_model_paths(decision.cfg, console))
     from lowvram.demo import is_demo, prepare_demo_dataset
 
     if is_demo(decision.cfg):
@@ -407,6 +410,12 @@ def _run(
     from lowvram.paths import writable_dir
 
     writable_dir(run_dir, what="output_dir")  # a read-only output folder fails now, not after hours of caching
+    from lowvram import tracking
+
+    tracking.check_installed(cfg)  # a tracker asked for but not installed: refused before any work
+    from lowvram.hub import model_refs
+
+    model_refs(cfg)  # a malformed hub id or a flavour its repo lacks: refused before planning (no network)
     if env is None and not dry_run:
         clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
     # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
@@ -428,9 +437,17 @@ def _run(
     if is_demo(cfg) and not dry_run:
         with distributed.main_first():
             prepare_demo_dataset(cfg)
+    from lowvram.hub import download_estimate, resolve_model_paths
+
     if dry_run:
+        for line in download_estimate(cfg).lines():  # hub ids: what the run would fetch; nothing is downloaded
+            _say(console, line)
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
     check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
+
+    with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
+        cfg = resolve_model_paths(cfg, console)
+    decision = replace(decision, cfg=cfg)
 
     memory_file = distributed.rank_dir(run_dir) / MEMORY_FILE
     previous_memory = memory_file.read_bytes() if cfg.checkpoint.resume and memory_file.is_file() else None
@@ -438,9 +455,13 @@ def _run(
     for phase in ("text_cache", "latent_cache", "train"):
         vram_bytes, ram_bytes = decision.predicted_peaks(phase)
         monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
+    mirror = tracking.RunMirror(run_dir, [])  # trackers follow the run folder; the loop only says "a step ended"
     try:
         with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
             batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console, profile=decision.profile)
+        if distributed.is_main():
+            mirror = tracking.start(cfg, run_dir, plan=decision.plan, total_steps=resolve_total_steps(cfg, batches),
+                                    metrics_dir=distributed.rank_dir(run_dir), console=console)  # fmt: skip
         # Validation renders with the encoders and VAEs again: loaded on the host when first needed, not kept.
         validation_parts = _Lazy(lambda: load_encoders(cfg)) if cfg.validation.enabled else None
         with monitor.phase("load_transformer"), distributed.in_turn():
@@ -473,6 +494,7 @@ def _run(
                 auto_recover=auto_recover and env is None,
                 validate=validate,
                 on_new_transformer=lambda t: holder.update(transformer=t),
+                after_step=mirror.sync,
             )
         with monitor.phase("export"):
             with distributed.whole_lora(transformer) as writer:
@@ -502,6 +524,7 @@ def _run(
         ) from None
     finally:
         monitor.finish(console)
+        mirror.close()  # after the last phase and the final clip are written
         if env is not None:
             distributed.stop()
     return RunResult(exit_code=0, run_dir=run_dir, lora_path=lora_path, steps=result)
@@ -780,7 +803,8 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
 
     if cfg.model.checkpoint is None:
         if cfg.model.family != "tiny":
-            raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file (--checkpoint)")
+            raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file or a hub id "
+                               "such as Lightricks/LTX-2 (--checkpoint)")
         loaded = ltx2.build_tiny_components(seed=0)
         for name in ("transformer", *(n for n in ENCODER_PARTS if n not in parts)):
             setattr(loaded, name, None)
