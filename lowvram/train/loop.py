@@ -449,8 +449,9 @@ def _run(
         cfg = resolve_model_paths(cfg, console)
     decision = replace(decision, cfg=cfg)
 
-    memory_file = distributed.rank_dir(run_dir) / MEMORY_FILE
-    previous_memory = memory_file.read_bytes() if cfg.checkpoint.resume and memory_file.is_file() else None
+    # Files each start rewrites (the phases' memory.jsonl, the trackers' run.json): a resume that fails puts them back.
+    rewritten = (distributed.rank_dir(run_dir) / MEMORY_FILE, run_dir / tracking.RUN_FILE)
+    previous = {f: f.read_bytes() for f in rewritten if cfg.checkpoint.resume and f.is_file()}
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
     for phase in ("text_cache", "latent_cache", "train"):
         vram_bytes, ram_bytes = decision.predicted_peaks(phase)
@@ -509,10 +510,10 @@ def _run(
                 path = render_validation(cfg, validation_parts.get(), transformer, run_dir / "validation" / "final.mp4")
             console.print(f"validation clip written to {path}")
     except ResumeFailed:
-        # A resume that did not resume leaves the run's memory.jsonl as it was (each phase rewrote it).
+        # A resume that did not resume leaves the run's memory.jsonl and run.json as they were.
         monitor.run_dir = None
-        if previous_memory is not None:
-            atomic_write_bytes(memory_file, previous_memory)
+        for path, content in previous.items():
+            atomic_write_bytes(path, content)
         raise
     except torch.OutOfMemoryError as e:
         # Out of memory outside a training step (caching, loading, placing the model): one line, not a traceback.
