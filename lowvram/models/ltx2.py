@@ -341,8 +341,10 @@ def text_embedding_widths(transformer_config: Any) -> tuple[int, int]:
     connectors project per modality to the attention widths (4096 / 2048) and the transformer reads them as they are
     (diffusers LTX2VideoTransformer3DModel.forward step 4, LTX2TextConnectors per_modality_projections).
     """
-    get = transformer_config.get if isinstance(transformer_config, dict) else (
-        lambda k, d=None: getattr(transformer_config, k, d)
+    get = (
+        transformer_config.get
+        if isinstance(transformer_config, dict)
+        else (lambda k, d=None: getattr(transformer_config, k, d))
     )
     if get("use_prompt_embeddings", True):
         return get("caption_channels"), get("caption_channels")

@@ -143,8 +143,11 @@ def official_to_diffusers(component: str, official_keys: list[str]) -> dict[str,
             # LTX-2.3/2.5's decoder has a fourth up block: official up_blocks.7 (its upsampler) and .8 (its resnets),
             # as LTX_2_3_VIDEO_VAE_RENAME_DICT in diffusers' conversion script; 0.42.1's converter stops at .6.
             mapped = {
-                re.sub(r"^decoder\.up_blocks\.8\.", "decoder.up_blocks.3.", re.sub(
-                    r"^decoder\.up_blocks\.7\.", "decoder.up_blocks.3.upsamplers.0.", k)): v
+                re.sub(
+                    r"^decoder\.up_blocks\.8\.",
+                    "decoder.up_blocks.3.",
+                    re.sub(r"^decoder\.up_blocks\.7\.", "decoder.up_blocks.3.upsamplers.0.", k),
+                ): v
                 for k, v in mapped.items()
             }
             # diffusers' conversion script (newer than 0.42.1's single-file converter) also renames the decoder's
@@ -805,7 +808,7 @@ def load_text_encoder_quantized(
         # GEMMA3_EXCLUDE and the key renames below are Gemma 3's; they are not checked on Gemma 4 yet.
         raise LowvramError(
             f"{folder} is {model_type}: quantizing it while loading is supported for Gemma 3 only; set "
-            "model.text_encoder_precision = \"bf16\" (or build the text cache where it fits)"
+            'model.text_encoder_precision = "bf16" (or build the text cache where it fits)'
         )
     config_cls, model_cls = ltx2.text_encoder_classes(model_type)
     try:

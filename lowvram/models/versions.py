@@ -215,16 +215,14 @@ def resolve_checkpoint_version(
         if requested not in common:
             raise LowvramError(
                 f"model.version is {requested} but {where} is LTX-{'/'.join(sorted(common))}: set model.version = "
-                f"\"{sorted(common)[-1] if stated is None else stated}\" or give an LTX-{requested} checkpoint"
+                f'"{sorted(common)[-1] if stated is None else stated}" or give an LTX-{requested} checkpoint'
             )
         return requested
     if stated is not None:
         return stated
     if len(common) > 1:
         # Only a file with none of the transformer's weights leaves this open (e.g. a VAE-only file).
-        raise LowvramError(
-            f"{where} could be LTX-{' or '.join(sorted(common))}: set model.version to say which"
-        )
+        raise LowvramError(f"{where} could be LTX-{' or '.join(sorted(common))}: set model.version to say which")
     return next(iter(common))
 
 
@@ -234,5 +232,5 @@ def check_resume_version(saved: str | None, current: str, where: str) -> None:
     if saved is not None and saved != current:
         raise LowvramError(
             f"{where} was trained on LTX-{saved}; this run is LTX-{current}: resume it with model.version = "
-            f"\"{saved}\" or start a new output_dir"
+            f'"{saved}" or start a new output_dir'
         )
