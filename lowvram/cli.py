@@ -177,6 +177,7 @@ def _overrides(**kw) -> dict:
         "checkpoint_path": "model.checkpoint",
         "margin": "memory.vram_safety_margin",
         "strict": "data.strict",
+        "model_version": "model.version",
     }
     return {mapping[k]: v for k, v in kw.items() if v is not None}
 
@@ -221,11 +222,15 @@ def plan(
     precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
     margin: float | None = typer.Option(None, "--margin", help="Share of usable VRAM kept free (default 0.10)."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs the run is sharded over (FSDP2)."),
+    model_version: str | None = typer.Option(
+        None, "--model-version", help="LTX-2 release to plan: 2.0 (19B), 2.3 or 2.5 (22B); default 2.0."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Memory-budget dry run for the real 19B LTX-2: does it fit, with which settings, how fast (no weights needed)."""
+    """Memory-budget dry run for the real LTX-2 (19B 2.0, 22B 2.3/2.5): does it fit, with which settings, how fast
+    (no weights needed)."""
     overrides = _overrides(resolution=resolution, frames=frames, batch=batch, audio=audio, rank=rank,
-                           precision=precision, margin=margin)
+                           precision=precision, margin=margin, model_version=model_version)
     cfg = _load(config, overrides, family_default="ltx2")
     if cfg.model.family != "ltx2":
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": "ltx2"})})
@@ -271,11 +276,15 @@ def train(
         True, "--auto-recover/--no-auto-recover", help="On out-of-memory, save, re-plan with less VRAM and resume."
     ),
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) to launch with torchrun (FSDP2)."),
+    model_version: str | None = typer.Option(
+        None, "--model-version", help="LTX-2 release (2.0, 2.3, 2.5); default: read from the checkpoint."
+    ),
 ) -> None:
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
-                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict)
+                           precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict,
+                           model_version=model_version)
     from lowvram.train.loop import run_train
 
     if config is None:

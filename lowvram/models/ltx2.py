@@ -410,14 +410,16 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_TEXT_TOKENS):
     )
 
 
-def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32, version: str = "2.0") -> LTX2Components:
+def build_tiny_components(
+    seed: int = 0, dtype: torch.dtype = torch.float32, version: str | None = None
+) -> LTX2Components:
     """The tiny family member: every real class at toy size, deterministic for a given seed, on CPU.
 
     Each component draws from its own seed so adding one never changes another's weights. The global RNG is left
     untouched. VAE latent statistics are set to non-trivial values so normalization is exercised. `version` picks
     the LTX-2 release whose flags the tiny model has.
     """
-    cfgs = tiny_configs(version)
+    cfgs = tiny_configs(version or "2.0")
     built: dict[str, Any] = {}
     for i, name in enumerate(("transformer", "video_vae", "audio_vae", "vocoder", "text_encoder", "connectors")):
         with torch.random.fork_rng(devices=[]):

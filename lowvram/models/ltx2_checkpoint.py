@@ -446,6 +446,15 @@ def open_checkpoint(path: str | Path, family: str | None = None, version: str | 
     return CheckpointSource("single_file", path, family, version, tensors, raw, configs)
 
 
+def run_model_version(model: Any) -> str:
+    """The LTX-2 version a run trains: `model.version` (checked against the checkpoint when there is one), else
+    what the checkpoint's weights say, else 2.0. `model` is the config's [model] section."""
+    checkpoint = getattr(model, "checkpoint", None)
+    if checkpoint and Path(checkpoint).expanduser().exists():
+        return open_checkpoint(Path(checkpoint).expanduser(), version=model.version).version
+    return model.version or versions.DEFAULT_VERSION
+
+
 def _open_diffusers_folder(path: Path, family: str | None, version: str | None = None) -> CheckpointSource:
     tensors, configs = {}, {}
     for name in CHECKPOINT_COMPONENTS:

@@ -260,7 +260,9 @@ def run_shape(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> TrainShap
 
 
 def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
-    configs = model_configs(cfg.model.family)
+    from lowvram.models.ltx2_checkpoint import run_model_version
+
+    configs = model_configs(cfg.model.family, run_model_version(cfg.model))
     shape = run_shape(cfg, configs, gpus)
     dtype = _compute_dtype(cfg)
     attention = "flash" if profile.supports.flash_attention else "math"
@@ -333,8 +335,10 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         lambda: measure_audio_vae_encode(configs, mel_frames, batch=1, compute_dtype=dtype),
     )
 
-    caption = configs.transformer["caption_channels"]
-    text_item = 2 * shape.text_tokens * caption * CACHE_ITEM_BYTES + shape.text_tokens  # video + audio + mask
+    from lowvram.models.ltx2 import text_embedding_widths
+
+    caption = sum(text_embedding_widths(configs.transformer))  # video + audio widths: 2 x 3840 (2.0), 4096 + 2048
+    text_item = shape.text_tokens * caption * CACHE_ITEM_BYTES + shape.text_tokens  # video + audio + mask
     latent_channels = configs.video_vae["latent_channels"]
     audio_features = configs.transformer["audio_in_channels"]
     latent_item = (latent_channels * shape.video_tokens + audio_features * shape.audio_tokens) * CACHE_ITEM_BYTES
