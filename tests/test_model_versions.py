@@ -406,3 +406,24 @@ def test_exported_names_are_official_for_the_real_size_model(version):
     back = _convert_non_diffusers_ltx2_lora_to_diffusers(comfy)
     assert {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in back} == set(names)
     assert len(names) == 48 * 6 * 4
+
+
+@pytest.mark.parametrize("version", ("2.3", "2.5"))
+def test_validation_renders_a_clip_with_each_release(tmp_path, tiny, version):
+    import av
+
+    from lowvram.config import RunConfig
+    from lowvram.train.validation import render_validation
+
+    comps = tiny[version]
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"family": "tiny", "version": version},
+            "data": {"max_text_tokens": 32},
+            "validation": {"resolution": "64x64", "num_frames": 9, "num_inference_steps": 2, "prompt": "a red circle"},
+        }
+    )
+    path = render_validation(cfg, comps, comps.transformer, tmp_path / "v.mp4")
+    with av.open(str(path)) as f:
+        rates = [s.rate for s in f.streams.audio]
+    assert rates == [comps.vocoder.config.output_sampling_rate] == [48000]  # the BWE vocoder's rate

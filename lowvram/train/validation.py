@@ -19,6 +19,8 @@ def render_validation(cfg, components, transformer: torch.nn.Module, path: Path)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx2 import LTX2Pipeline
 
+    from lowvram.models.versions import forward_semantics
+
     v = cfg.validation
     width, height = _wh(v.resolution)
     device = next(p.device for p in transformer.parameters() if p.device.type != "meta")
@@ -56,7 +58,8 @@ def render_validation(cfg, components, transformer: torch.nn.Module, path: Path)
             generator=torch.Generator().manual_seed(v.seed),
             output_type="np",
             max_sequence_length=min(cfg.data.max_text_tokens, components.tokenizer.model_max_length),
-            use_cross_timestep=False,  # LTX-2.0 (the pipeline's default True is LTX-2.3 behaviour)
+            # The release's own a/v cross-attention timestep (False for 2.0; the pipeline's default True is 2.3/2.5's).
+            use_cross_timestep=forward_semantics(transformer.config).use_cross_timestep,
         )
     finally:
         for m in frozen:

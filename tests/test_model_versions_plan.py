@@ -1,0 +1,77 @@
+"""The planner on each LTX-2 version's real classes at full size (fake tensors; measurements cached in .pytest_cache):
+every built-in profile fits 832x480x17 batch 1 or says exactly what it lacks; the cache and the text cache are per
+version; `lowvram plan --model-version` reaches it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowvram.config import load_config
+from lowvram.plan import plan_run
+from lowvram.plan.measure import model_configs
+from lowvram.profiles import builtin_profile_names, load_profile
+
+VERSIONS = ("2.0", "2.3", "2.5")
+
+
+@pytest.fixture(scope="module")
+def cache_root(request):
+    # Measurements are keyed by config, shapes and library versions: reusing them across runs is exact.
+    return request.config.cache.mkdir("lowvram-version-plans")
+
+
+def ltx(version: str, batch: int = 1, **overrides):
+    values = {
+        "model.family": "ltx2",
+        "model.version": version,
+        "data.resolution": "832x480",
+        "data.frames": 17,
+        "train.batch_size": batch,
+    }
+    cfg, _ = load_config(None, {**values, **overrides})
+    return cfg
+
+
+def test_measurements_are_keyed_by_version():
+    real = {v: model_configs("ltx2", v) for v in VERSIONS}
+    assert len({c.family for c in real.values()}) == 3
+    assert real["2.0"].family == "ltx2"  # 2.0 keeps its key: measurements cached before versions stay valid
+    assert real["2.3"].transformer["gated_attn"] and real["2.5"].text_encoder["model_type"] == "gemma4_unified"
+    assert len({model_configs("tiny", v).family for v in VERSIONS}) == 3
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", builtin_profile_names())
+def test_every_builtin_profile_fits_each_version_at_batch_1_or_says_what_it_lacks(name, version, cache_root):
+    plan = plan_run(ltx(version), load_profile(name), choose=True, cache_dir=cache_root / "plan")
+    if plan.fits:
+        for phase in plan.phases.values():
+            assert phase.vram_peak_bytes - phase.vram["reserve"] <= plan.vram_usable_bytes
+            assert phase.ram_peak_bytes <= plan.ram_usable_bytes
+        assert plan.step_seconds_estimate > 0
+    else:
+        assert "needs" in plan.reason and "GiB more" in plan.reason
+        assert "\n" not in plan.reason
+
+
+def test_text_cache_bytes_per_caption_follow_the_connector_widths(cache_root):
+    per_item = {}
+    for v in VERSIONS:
+        plan = plan_run(ltx(v), load_profile("4090"), choose=True, cache_dir=cache_root / "plan")
+        per_item[v] = plan.phases["text_cache"].disk_bytes_per_item
+    # 1024 tokens x (video + audio width) x 2 B (bf16) + the 1024-byte mask
+    assert per_item["2.0"] == 1024 * (3840 + 3840) * 2 + 1024
+    assert per_item["2.3"] == per_item["2.5"] == 1024 * (4096 + 2048) * 2 + 1024
+
+
+def test_plan_cli_takes_model_version(cli, cache_root):
+    result = cli("plan", "--model-version", "2.3", "--profile", "4090", "--json",
+                 env={"LOWVRAM_CACHE_DIR": str(cache_root)})  # fmt: skip
+    assert result.returncode in (0, 1), result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    assert out["settings"]["model.version"] == "2.3"
+    bad = cli("plan", "--model-version", "2.4", "--profile", "4090")
+    assert bad.returncode == 2
+    assert "valid versions are 2.0, 2.3, 2.5" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
