@@ -427,3 +427,17 @@ def test_validation_renders_a_clip_with_each_release(tmp_path, tiny, version):
     with av.open(str(path)) as f:
         rates = [s.rate for s in f.streams.audio]
     assert rates == [comps.vocoder.config.output_sampling_rate] == [48000]  # the BWE vocoder's rate
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int8-torchao"])
+def test_the_gemma4_text_encoder_quantizes_while_loading(tmp_path, tiny, precision):
+    ck.save_text_encoder(tiny["2.5"], tmp_path / "g4")
+    te, result = ck.load_text_encoder_quantized(tmp_path / "g4", precision, dtype=torch.float32)
+    assert type(te).__name__ == "Gemma4UnifiedForConditionalGeneration"
+    assert any(".self_attn.q_proj" in n for n in result.quantized_modules)
+    assert not any("embed_tokens" in n or "lm_head" in n for n in result.quantized_modules)
+    ids = torch.randint(4, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny["2.5"].text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        got = te(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert float((want - got).abs().max() / want.abs().max()) < 0.1  # int8 at a 16-wide toy size

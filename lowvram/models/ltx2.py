@@ -466,7 +466,11 @@ def encode_prompt_hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gemma3 on left-padded captions; returns all hidden states stacked `[B, L, hidden*(layers+1)]` and the mask.
 
-    This is what diffusers' LTX2Pipeline feeds its connectors (embeddings + every layer, stacked on the last axis).
+    This is what diffusers' LTX2Pipeline feeds its connectors (embeddings + every layer, stacked on the last axis), for
+    Gemma 3 (LTX-2.0/2.3) and Gemma 4 (2.5) alike: `_get_gemma_prompt_embeds` stacks `hidden_states` whatever the
+    encoder, and ltx-core sizes the feature extractor as hidden_size x (num_hidden_layers + 1) for either
+    (encoder_configurator._create_feature_extractor). The connectors then normalise per layer (2.0) or per token
+    (2.3/2.5, `per_modality_projections`): that difference lives in the connectors' config, not here.
     """
     if tokenizer.padding_side != "left":
         # LTX-2's connectors normalise assuming left padding; right padding silently shifts the registers.

@@ -800,7 +800,8 @@ def gemma_key(key: str) -> str:
 def load_text_encoder_quantized(
     folder: str | Path, precision, *, dtype: torch.dtype, cache_dir: str | Path | None = None
 ) -> tuple[torch.nn.Module, LoadResult]:
-    """Gemma3ForConditionalGeneration from a local folder, built on meta and quantized while read (GEMMA3_EXCLUDE;
+    """Gemma3 (or LTX-2.5's Gemma 4 unified, by config.json's model_type: same Linear names, same tied head) from a
+    local folder, built on meta and quantized while read (GEMMA3_EXCLUDE;
     the lm_head/embedding tie is kept: the tied pair is left unquantized and loaded once)."""
     from lowvram.quant.backends import prepare_for_peft
     from lowvram.quant.exclude import GEMMA3_EXCLUDE
@@ -813,12 +814,6 @@ def load_text_encoder_quantized(
         what = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
         raise LowvramError(f"{folder} has {what}; lowvram loads Gemma3 from safetensors only")
     model_type = text_encoder_model_type(folder)
-    if model_type != "gemma3":
-        # GEMMA3_EXCLUDE and the key renames below are Gemma 3's; they are not checked on Gemma 4 yet.
-        raise LowvramError(
-            f"{folder} is {model_type}: quantizing it while loading is supported for Gemma 3 only; set "
-            'model.text_encoder_precision = "bf16" (or build the text cache where it fits)'
-        )
     config_cls, model_cls = ltx2.text_encoder_classes(model_type)
     try:
         config = config_cls.from_pretrained(str(folder), local_files_only=True)
