@@ -71,7 +71,7 @@ def test_plan_cli_takes_model_version(cli, cache_root):
                  env={"LOWVRAM_CACHE_DIR": str(cache_root)})  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-2000:]
     out = json.loads(result.stdout)
-    assert out["settings"]["model.version"] == "2.3"
+    assert out["assumptions"][0].startswith("model: LTX-2.3")
     bad = cli("plan", "--model-version", "2.4", "--profile", "4090")
     assert bad.returncode == 2
     assert "valid versions are 2.0, 2.3, 2.5" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -371,6 +371,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         onload_first_block=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True, first_block=True)),
         nonleaf_params=nonleaf["block_nonleaf_params"] + nonleaf["rest_nonleaf_params"],
         tread=tread,
+        model_version=configs.version,
     )
 
 
@@ -599,6 +600,7 @@ def plan_run(
     ]
     fitting = [c for c in train if c.fits]
     assumptions = (
+        f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)",
         f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
