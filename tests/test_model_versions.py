@@ -441,3 +441,16 @@ def test_the_gemma4_text_encoder_quantizes_while_loading(tmp_path, tiny, precisi
         want = tiny["2.5"].text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         got = te(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     assert float((want - got).abs().max() / want.abs().max()) < 0.1  # int8 at a 16-wide toy size
+
+
+@pytest.mark.parametrize("version", ("2.3", "2.5"))
+def test_diffusers_folder_of_each_release_is_detected_and_loads_back(tmp_path, tiny, version):
+    ck.save_diffusers_folder(tiny[version], tmp_path)
+    assert ck.open_checkpoint(tmp_path).version == version
+    loaded = ck.load_components(tmp_path, dtype=torch.float32)
+    assert type(loaded.text_encoder).__name__ == type(tiny[version].text_encoder).__name__
+    for name in (*ck.CHECKPOINT_COMPONENTS, "text_encoder"):
+        want, got = getattr(tiny[version], name).state_dict(), getattr(loaded, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    with pytest.raises(LowvramError, match="model.version is 2.0"):
+        ck.open_checkpoint(tmp_path, version="2.0")
