@@ -454,3 +454,17 @@ def test_diffusers_folder_of_each_release_is_detected_and_loads_back(tmp_path, t
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
     with pytest.raises(LowvramError, match="model.version is 2.0"):
         ck.open_checkpoint(tmp_path, version="2.0")
+
+
+@pytest.mark.parametrize("version", ("2.3", "2.5"))
+def test_the_demo_trains_each_release_end_to_end(tmp_path, version):
+    """Caption -> Gemma 3/4 -> connectors -> text cache on disk; clips -> VAE -> latent cache; LoRA steps; export."""
+    from lowvram.config import apply_overrides
+    from lowvram.demo import default_demo_config
+    from lowvram.train.loop import run
+
+    cfg = default_demo_config(str(tmp_path))
+    cfg = apply_overrides(cfg, {"model.version": version, "train.max_train_steps": 2, "validation.enabled": False})
+    assert run(cfg).exit_code == 0
+    exported = load_file(str(tmp_path / "lora.safetensors"))
+    assert exported and all(k.startswith("diffusion_model.transformer_blocks.") for k in exported)
