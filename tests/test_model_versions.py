@@ -468,3 +468,23 @@ def test_the_demo_trains_each_release_end_to_end(tmp_path, version):
     assert run(cfg).exit_code == 0
     exported = load_file(str(tmp_path / "lora.safetensors"))
     assert exported and all(k.startswith("diffusion_model.transformer_blocks.") for k in exported)
+
+
+def test_an_fp8_release_file_is_detected_and_dequantized(tmp_path, tiny):
+    """The fp8 variants (e.g. ltx-2.3-22b-dev-fp8) keep the layout and add scales beside the weights."""
+    path = tmp_path / "t.safetensors"
+    ck.save_single_file(tiny["2.3"], path, family="tiny")
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.startswith("model.diffusion_model.transformer_blocks.") and
+                k.endswith(("to_q.weight", "to_gate_logits.weight", "ff.net.0.proj.weight"))]:  # fmt: skip
+        w = tensors[key]
+        scale = w.abs().max() / 448.0
+        tensors[key] = (w / scale).to(torch.float8_e4m3fn)
+        tensors[key.replace(".weight", ".weight_scale")] = scale.reshape(())
+    save_file(tensors, str(tmp_path / "fp8.safetensors"), metadata={"lowvram_family": "tiny"})
+    assert ck.open_checkpoint(tmp_path / "fp8.safetensors").version == "2.3"
+    t = ck.load_components(tmp_path / "fp8.safetensors", components=("transformer",), dtype=torch.float32).transformer
+    got = t.transformer_blocks[0].attn1.to_gate_logits.weight
+    want = tiny["2.3"].transformer.transformer_blocks[0].attn1.to_gate_logits.weight
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=float(want.abs().max()) / 8, rtol=0.07)
