@@ -488,3 +488,16 @@ def test_an_fp8_release_file_is_detected_and_dequantized(tmp_path, tiny):
     want = tiny["2.3"].transformer.transformer_blocks[0].attn1.to_gate_logits.weight
     assert not torch.equal(got, want)
     torch.testing.assert_close(got, want, atol=float(want.abs().max()) / 8, rtol=0.07)
+
+
+def test_a_kv_cacheable_checkpoint_without_the_prompt_adaln_mlp_loads(tmp_path):
+    cfg = {**ltx2.tiny_configs("2.5")["transformer"], "use_prompt_adaln_single": False}
+    comps = ltx2.build_tiny_components(seed=0, version="2.5")
+    comps.transformer = ltx2.build_component("transformer", cfg).eval()
+    path = tmp_path / "kv.safetensors"
+    ck.save_single_file(comps, path, family="tiny")
+    assert not any("prompt_adaln_single." in k for k in load_file(str(path)))
+    t = ck.load_components(path, components=("transformer",), dtype=torch.float32).transformer
+    assert t.config.use_prompt_adaln_single is False
+    want = comps.transformer.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in t.state_dict().items())

@@ -439,10 +439,18 @@ def open_checkpoint(path: str | Path, family: str | None = None, version: str | 
     # LTX-2 VAEs exist with and without decoder timestep conditioning; the weights say which this one is.
     if any("time_embedder" in k or "scale_shift_table" in k for k in tensors["video_vae"]):
         configs["video_vae"] = {**configs["video_vae"], "timestep_conditioning": True}
-    # LTX-2.5.0 has no keyframe embedding, 2.5.1+ has one (diffusers' conversion script): the weights say which.
-    if configs["transformer"].get("use_keyframes_abs_pos_embedding") and tensors["transformer"]:
-        has_keyframes = "keyframes_abs_pos_embedding" in tensors["transformer"]
+    # LTX-2.5.0 has no keyframe embedding, 2.5.1+ has one (diffusers' conversion script); KV-cacheable checkpoints
+    # drop the prompt AdaLN MLP (ltx-core model_configurator: use_prompt_adaln_single=false). The weights say which.
+    t_keys = tensors["transformer"]
+    if configs["transformer"].get("use_keyframes_abs_pos_embedding") and t_keys:
+        has_keyframes = "keyframes_abs_pos_embedding" in t_keys
         configs["transformer"] = {**configs["transformer"], "use_keyframes_abs_pos_embedding": has_keyframes}
+    if (
+        configs["transformer"].get("cross_attn_mod")
+        and t_keys
+        and not any(k.startswith("prompt_adaln.") for k in t_keys)
+    ):
+        configs["transformer"] = {**configs["transformer"], "use_prompt_adaln_single": False}
     return CheckpointSource("single_file", path, family, version, tensors, raw, configs)
 
 
