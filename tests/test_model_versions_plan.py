@@ -75,3 +75,32 @@ def test_plan_cli_takes_model_version(cli, cache_root):
     bad = cli("plan", "--model-version", "2.4", "--profile", "4090")
     assert bad.returncode == 2
     assert "valid versions are 2.0, 2.3, 2.5" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("version", ("2.3", "2.5"))
+def test_one_block_of_each_release_composes_to_a_full_fake_run_within_2_percent(version):
+    """The planner measures one block and composes 48: the 2.3/2.5 blocks (gates, prompt AdaLN) compose as 2.0's."""
+    from lowvram.models.ltx2 import tiny_configs
+    from lowvram.plan.budget import StepMeasure
+    from lowvram.plan.measure import LoraSpec, TrainShape, measure_transformer_step
+
+    flags = {k: v for k, v in tiny_configs(version)["transformer"].items() if k in (
+        "gated_attn", "cross_attn_mod", "audio_gated_attn", "audio_cross_attn_mod", "use_prompt_embeddings",
+        "perturbed_attn", "ff_bias", "use_keyframes_abs_pos_embedding")}  # fmt: skip
+    reduced = dict(
+        in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128,
+        audio_in_channels=16, audio_out_channels=16, audio_num_attention_heads=4, audio_attention_head_dim=16,
+        audio_cross_attention_dim=64, caption_channels=64, rope_type="split", **flags,
+    )  # fmt: skip
+    shape = TrainShape(batch=2, latent_frames=3, latent_height=6, latent_width=8, audio_tokens=9, text_tokens=64)
+    lora = LoraSpec(rank=8, targets=("to_q", "to_k", "to_v", "to_out.0"))
+
+    def run(layers):
+        return measure_transformer_step(reduced, shape, lora, compute_dtype="fp32", checkpointing=True,
+                                        num_layers=layers)  # fmt: skip
+
+    one, full = run(1), run(3)
+    step = StepMeasure(one["marks"], one["peaks"], one["flops"], one["lora_params_per_block"])
+    predicted = step.activation_peak_bytes(3, one["lora_params_per_block"] * 4)
+    assert predicted == pytest.approx(full["peak_bytes"], rel=0.02)
+    assert full["lora_params_total"] == 3 * one["lora_params_per_block"]
