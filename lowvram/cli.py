@@ -17,7 +17,8 @@ from lowvram.errors import LowvramError
 
 app = typer.Typer(
     name="lowvram",
-    help="LoRA training for LTX-2 (19B audio+video) on one consumer GPU, with a memory manager that proves it fits.",
+    help="LoRA training for LTX-2 (19B 2.0, 22B 2.3/2.5; audio+video) on one consumer GPU, with a memory manager "
+    "that proves it fits.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
