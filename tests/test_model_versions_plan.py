@@ -104,3 +104,29 @@ def test_one_block_of_each_release_composes_to_a_full_fake_run_within_2_percent(
     predicted = step.activation_peak_bytes(3, one["lora_params_per_block"] * 4)
     assert predicted == pytest.approx(full["peak_bytes"], rel=0.02)
     assert full["lora_params_total"] == 3 * one["lora_params_per_block"]
+
+
+def test_the_users_text_encoder_folder_sizes_the_plan_and_must_match_the_release(tmp_path, cache_root):
+    from transformers import Gemma3Config, Gemma4UnifiedConfig
+
+    from lowvram.errors import LowvramError
+    from lowvram.plan import Settings, budget_settings
+
+    # Only config.json is read: a Gemma 4 half as deep as the shipped Gemma-4-12B config, and a Gemma 3.
+    Gemma4UnifiedConfig(text_config=dict(hidden_size=3840, num_hidden_layers=24, num_attention_heads=16,
+                                         intermediate_size=15360, num_key_value_heads=8, head_dim=256)
+                        ).save_pretrained(str(tmp_path / "gemma4"))  # fmt: skip
+    Gemma3Config().save_pretrained(str(tmp_path / "gemma3"))
+    profile = load_profile("4090")
+
+    def text_encoder_bytes(cfg):
+        plan = budget_settings(cfg, profile, Settings(precision="bf16"), cache_dir=cache_root / "plan")
+        return plan.phases["text_cache"].vram["text encoder + connectors"]
+
+    shipped = text_encoder_bytes(ltx("2.5"))
+    own = text_encoder_bytes(ltx("2.5", **{"model.text_encoder_path": str(tmp_path / "gemma4")}))
+    assert shipped - own > 8 * 2**30  # 24 fewer 3840-wide layers (~0.2B parameters each, bf16)
+    with pytest.raises(LowvramError, match="LTX-2.5 reads a gemma4_unified text encoder") as e:
+        plan_run(ltx("2.5", **{"model.text_encoder_path": str(tmp_path / "gemma3")}), profile,
+                 cache_dir=cache_root / "plan")  # fmt: skip
+    assert "\n" not in str(e.value)

@@ -329,9 +329,10 @@ def text_encoder_classes(model_type: str = "gemma3"):
 
 
 def build_text_encoder(config: dict[str, Any]):
+    """The text encoder from config kwargs or a config.json's `to_dict()` (its `model_type` picks Gemma 3 or 4)."""
     config = dict(config)
     config_cls, model_cls = text_encoder_classes(config.pop("model_type", "gemma3"))
-    return model_cls(config_cls(**config))
+    return model_cls(config_cls.from_dict(config))
 
 
 def text_embedding_widths(transformer_config: Any) -> tuple[int, int]:

@@ -593,6 +593,24 @@ def check_text_encoder_version(folder: str | Path, version: str) -> None:
         )
 
 
+def text_encoder_plan_config(model: Any, version: str) -> dict[str, Any] | None:
+    """The user's text encoder config (`model.text_encoder_path`'s config.json, as transformers reads it) for the
+    planner, checked against the release; None when there is no such folder (the shipped config is used)."""
+    path = getattr(model, "text_encoder_path", None)
+    if not path or getattr(model, "family", "ltx2") == "tiny":
+        return None
+    folder = Path(path).expanduser()
+    folder = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
+    if not (folder / "config.json").is_file():
+        return None
+    check_text_encoder_version(folder, version)
+    config_cls, _ = ltx2.text_encoder_classes(text_encoder_model_type(folder))
+    try:
+        return config_cls.from_pretrained(str(folder), local_files_only=True).to_dict()
+    except (OSError, ValueError) as e:
+        raise LowvramError(f"cannot read the text encoder config in {folder}: {str(e).strip().splitlines()[0]}") from e
+
+
 def load_text_encoder(folder: str | Path, dtype: torch.dtype):
     """Gemma3 / Gemma 4 unified (by its config.json model_type) from a local folder (safetensors only, no remote
     code, nothing missing)."""

@@ -540,9 +540,15 @@ def measure_text_encode(
     for layers in (1, 2):
         # The class models/ltx2.py calls (its LM head computes logits too); a text-only input never runs the vision
         # tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
+        # A config.json's layer_types (and Gemma 4's per-layer overrides of its global layers) list every layer:
+        # rebuilt for the reduced depth, the last layer global as transformers requires.
+        reduced = {k: v for k, v in text_cfg.items() if k not in ("layer_types", "per_layer_config")}
+        if text_cfg.get("per_layer_config"):
+            reduced["layer_types"] = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+            reduced["per_layer_config"] = {layers - 1: next(iter(text_cfg["per_layer_config"].values()))}
         cfg = {
             **configs.text_encoder,
-            "text_config": {**text_cfg, "num_hidden_layers": layers},
+            "text_config": {**reduced, "num_hidden_layers": layers},
             "vision_config": vision_cfg,
         }
         with torch.device("meta"):

@@ -260,9 +260,12 @@ def run_shape(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> TrainShap
 
 
 def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
-    from lowvram.models.ltx2_checkpoint import run_model_version
+    from lowvram.models.ltx2_checkpoint import run_model_version, text_encoder_plan_config
 
     configs = model_configs(cfg.model.family, run_model_version(cfg.model))
+    user_text_encoder = text_encoder_plan_config(cfg.model, configs.version)  # exact sizes when the folder is given
+    if user_text_encoder is not None:
+        configs = replace(configs, text_encoder=user_text_encoder)
     shape = run_shape(cfg, configs, gpus)
     dtype = _compute_dtype(cfg)
     attention = "flash" if profile.supports.flash_attention else "math"
