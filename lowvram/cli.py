@@ -17,7 +17,8 @@ from lowvram.errors import LowvramError
 
 app = typer.Typer(
     name="lowvram",
-    help="LoRA training for LTX-2 (19B audio+video) on one consumer GPU, with a memory manager that proves it fits.",
+    help="LoRA training for LTX-2 (19B 2.0, 22B 2.3/2.5; audio+video) on one consumer GPU, with a memory manager "
+    "that proves it fits.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -186,6 +187,7 @@ def _overrides(**kw) -> dict:
         "checkpoint_path": "model.checkpoint",
         "margin": "memory.vram_safety_margin",
         "strict": "data.strict",
+        "model_version": "model.version",
     }
     return {mapping[k]: v for k, v in kw.items() if v is not None}
 
@@ -248,9 +250,13 @@ def plan(
     precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
     margin: float | None = typer.Option(None, "--margin", help="Share of usable VRAM kept free (default 0.10)."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs the run is sharded over (FSDP2)."),
+    model_version: str | None = typer.Option(
+        None, "--model-version", help="LTX-2 release to plan: 2.0 (19B), 2.3 or 2.5 (22B); default 2.0."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Memory-budget dry run for the real 19B LTX-2: does it fit, with which settings, how fast (no weights needed)."""
+    """Memory-budget dry run for the real LTX-2 (19B 2.0, 22B 2.3/2.5): does it fit, with which settings, how fast
+    (no weights needed)."""
     if gpus < 1:
         from lowvram.errors import UsageError
 
@@ -262,7 +268,7 @@ def plan(
 
         raise UsageError(f"--frames {frames}: {frames_limit_reason()}")
     overrides = _overrides(resolution=resolution, frames=frames, batch=batch, audio=audio, rank=rank,
-                           precision=precision, margin=margin)
+                           precision=precision, margin=margin, model_version=model_version)
     # The real model unless a config names the tiny one: then the plan is the one `train --dry-run` makes for it.
     cfg = _load(config, overrides, family_default="ltx2")
     hw = _profile(profile or cfg.memory.profile)
@@ -319,13 +325,16 @@ def train(
         True, "--auto-recover/--no-auto-recover", help="On out-of-memory, save, re-plan with less VRAM and resume."
     ),
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) to launch with torchrun (FSDP2)."),
+    model_version: str | None = typer.Option(
+        None, "--model-version", help="LTX-2 release (2.0, 2.3, 2.5); default: read from the checkpoint."
+    ),
 ) -> None:
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     _check_run_flags(output_dir=output_dir, max_steps=max_steps, learning_rate=learning_rate, nproc=nproc)
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
                            precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict,
-                           lora_dtype=lora_dtype, start_over=start_over or None)
+                           lora_dtype=lora_dtype, start_over=start_over or None, model_version=model_version)
     from lowvram.train.loop import run_train
 
     if config is None:

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from lowvram.errors import ConfigError
+from lowvram.models.versions import FLAVOURS, VERSIONS, check_version
 
 PRECISIONS = ("bf16", "fp32", "int8-quanto", "int8-torchao", "nf4-bnb", "fp8-torchao")
 # SimpleTuner spellings of the same precisions ("no_change" keeps the checkpoint's dtype: bf16 for LTX-2).
@@ -98,6 +99,10 @@ class Section(BaseModel):
 class ModelSection(Section):
     # A config means the real model: the toy one only when asked for (the demo sets it itself).
     family: Literal["ltx2", "tiny"] = Field("ltx2", description="ltx2 = the real 19B model; tiny = CPU demo/test model")
+    version: str | None = Field(
+        None,
+        description=f"LTX-2 release: {', '.join(VERSIONS)} (default: read from the checkpoint; 2.0 without one)",
+    )
     flavour: Literal["dev", "dev-fp8", "dev-fp4", "distilled", "distilled-fp8"] = Field(
         "dev", description="official checkpoint flavour (picks the file of a hub id such as Lightricks/LTX-2)"
     )
@@ -109,6 +114,11 @@ class ModelSection(Section):
     precision: str = Field("bf16", description=f"base transformer precision: {', '.join(PRECISIONS)}")
     text_encoder_precision: str = Field("bf16", description="text encoder precision (same names)")
     quantized_cache_dir: str | None = Field(None, description="where quantized weights are cached (default: output)")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> str | None:
+        return None if v is None else check_version(v)
 
     @field_validator("precision", "text_encoder_precision", mode="before")
     @classmethod
@@ -324,6 +334,7 @@ class RunConfig(Section):
 # ---------------------------------------------------------------------------------------------------------------
 # SimpleTuner config.json -> our keys. Values are dotted paths, or a callable (value, out) -> None for reshaping.
 
+
 def _set(out: dict, dotted: str, value: Any) -> None:
     section, key = dotted.split(".", 1)
     out.setdefault(section, {})[key] = value
@@ -351,6 +362,16 @@ def _st_family(value: Any, out: dict) -> None:
     _set(out, "model.family", families[str(value)])
 
 
+def _st_flavour(value: Any, out: dict) -> None:
+    # SimpleTuner's ltxvideo2 flavours ("dev", "dev-fp8", "2.0", ...) and the 2.3 / 2.5 ones name the release too.
+    key = str(value).strip().lower()
+    if key not in FLAVOURS:
+        raise ValueError(f"model_flavour '{value}' is not an LTX-2 flavour: use one of {', '.join(FLAVOURS)}")
+    version, flavour = FLAVOURS[key]
+    _set(out, "model.version", version)
+    _set(out, "model.flavour", flavour)
+
+
 def _st_tread(value: Any, out: dict) -> None:
     routes = (value or {}).get("routes", []) if isinstance(value, dict) else value
     _set(out, "train.tread_routes", routes)
@@ -366,7 +387,7 @@ def _st_validation_disable(value: Any, out: dict) -> None:
 
 SIMPLETUNER_KEYS: dict[str, Any] = {
     "model_family": _st_family,
-    "model_flavour": "model.flavour",
+    "model_flavour": _st_flavour,
     "model_type": _st_model_type,
     "pretrained_model_name_or_path": "model.checkpoint",
     "pretrained_vae_model_name_or_path": "model.checkpoint",

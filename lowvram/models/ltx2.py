@@ -70,12 +70,28 @@ class TextEmbeddings:
 # Configs
 
 
-def tiny_configs() -> dict[str, dict[str, Any]]:
+def tiny_configs(version: str = "2.0") -> dict[str, dict[str, Any]]:
     """Constructor kwargs of the real classes at a size that trains on CPU in well under a second per step.
 
     Real compression factors are kept (32x spatial / 8x temporal video, 4x time / 4x mel audio). The `text_encoder`
-    entry holds the Gemma3 `text_config` / `vision_config` / `mm_tokens_per_image` kwargs.
+    entry holds the Gemma3 `text_config` / `vision_config` / `mm_tokens_per_image` kwargs. `version` ("2.0", "2.3",
+    "2.5") switches on that release's flags, as its real configs in lowvram/models/configs do.
     """
+    from lowvram.models.versions import check_version
+
+    base = _tiny_configs_2_0()
+    version = check_version(version)
+    if version == "2.0":
+        return base
+    out = {}
+    for name, cfg in base.items():
+        changes = _TINY_DELTAS[version].get(name, {})
+        # A new text encoder replaces Gemma3's kwargs; the other components change some of theirs.
+        out[name] = dict(changes) if "model_type" in changes else {**cfg, **changes}
+    return out
+
+
+def _tiny_configs_2_0() -> dict[str, dict[str, Any]]:
     return {
         "transformer": dict(
             in_channels=8,
@@ -183,6 +199,107 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
     }
 
 
+# What LTX-2.3 and 2.5 change in each component, at tiny size: the same flags as their real configs (diffusers
+# scripts/convert_ltx2_to_diffusers.py, see lowvram/models/configs/ltx-2.3 and ltx-2.5), sizes scaled down.
+_TINY_2_3 = {
+    "transformer": dict(
+        gated_attn=True,
+        cross_attn_mod=True,
+        audio_gated_attn=True,
+        audio_cross_attn_mod=True,
+        use_prompt_embeddings=False,  # the connectors project per modality instead
+        perturbed_attn=True,
+    ),
+    "connectors": dict(
+        video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8,  # x heads == video_hidden_dim (real: 32 x 128 == 4096)
+        audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=4,  # x heads == audio_hidden_dim (real: 32 x 64 == 2048)
+        video_gated_attn=True,
+        audio_gated_attn=True,
+        per_modality_projections=True,
+        video_hidden_dim=16,  # == the transformer's cross_attention_dim
+        audio_hidden_dim=8,  # == its audio_cross_attention_dim
+        proj_bias=True,
+    ),
+    "video_vae": dict(
+        # 2.3's rebuilt decoder: four up blocks (spatiotemporal, spatiotemporal, temporal, spatial), no residual.
+        decoder_block_out_channels=(8, 16, 16, 32),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        decoder_spatio_temporal_scaling=(True, True, True, True),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_type=("spatiotemporal", "spatiotemporal", "temporal", "spatial"),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(2, 2, 1, 2),
+        decoder_spatial_padding_mode="zeros",
+    ),
+    "vocoder": dict(
+        # LTX2VocoderWithBWE: a 16 kHz vocoder, then a bandwidth extender to 48 kHz (3x) from its own mel.
+        in_channels=16,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        act_fn="snakebeta",
+        antialias=True,
+        antialias_ratio=2,
+        antialias_kernel_size=12,
+        final_act_fn=None,
+        final_bias=False,
+        bwe_in_channels=16,  # out_channels x num_mel_channels
+        bwe_hidden_channels=16,
+        bwe_out_channels=2,
+        bwe_upsample_kernel_sizes=[8, 7, 4],  # 2 x factor, +1 when odd (real: [12, 11, 4, 4, 4])
+        bwe_upsample_factors=[4, 3, 2],  # == hop_length x 48000 / 16000
+        bwe_resnet_kernel_sizes=[3],
+        bwe_resnet_dilations=[[1, 3, 5]],
+        bwe_act_fn="snakebeta",
+        bwe_antialias=True,
+        bwe_antialias_ratio=2,
+        bwe_antialias_kernel_size=12,
+        bwe_final_act_fn=None,
+        bwe_final_bias=False,
+        filter_length=32,
+        hop_length=8,
+        window_length=32,
+        num_mel_channels=8,
+        input_sampling_rate=16000,
+        output_sampling_rate=48000,
+    ),
+}
+_TINY_DELTAS = {
+    "2.3": _TINY_2_3,
+    "2.5": {
+        **_TINY_2_3,
+        "transformer": {**_TINY_2_3["transformer"], "ff_bias": False, "use_keyframes_abs_pos_embedding": True},
+        # Gemma 4 unified (text path only: no vision or audio tower), one sliding and one global layer, the global
+        # one with K = V sharing as Gemma-4-12B's global layers have.
+        "text_encoder": dict(
+            model_type="gemma4_unified",
+            text_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                global_head_dim=8,
+                num_global_key_value_heads=1,
+                attention_k_eq_v=True,
+                vocab_size=256,
+                sliding_window=16,
+                max_position_embeddings=64,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            vision_config=None,
+            audio_config=None,
+        ),
+    },
+}
+
+
 # Tiny text length: a multiple of the connectors' 4 registers, and within the tiny Gemma's 64 positions.
 TINY_MAX_TEXT_TOKENS = 32
 
@@ -191,27 +308,68 @@ TINY_MAX_TEXT_TOKENS = 32
 # Building
 
 
-def build_text_encoder(config: dict[str, Any]):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+def text_encoder_classes(model_type: str = "gemma3"):
+    """(config class, model class) of a text encoder by its transformers `model_type` (gemma3 or gemma4_unified)."""
+    if model_type == "gemma3":
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    return Gemma3ForConditionalGeneration(Gemma3Config(**config))
+        return Gemma3Config, Gemma3ForConditionalGeneration
+    if model_type == "gemma4_unified":
+        try:
+            from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+        except ImportError:
+            import transformers
+
+            raise LowvramError(
+                f"LTX-2.5's Gemma 4 text encoder needs transformers with Gemma4UnifiedForConditionalGeneration "
+                f"(>= 5.10); this one is {transformers.__version__}: upgrade transformers"
+            ) from None
+        return Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+    raise LowvramError(f"text encoder model_type {model_type!r} is not an LTX-2 text encoder (gemma3, gemma4_unified)")
+
+
+def build_text_encoder(config: dict[str, Any]):
+    """The text encoder from config kwargs or a config.json's `to_dict()` (its `model_type` picks Gemma 3 or 4)."""
+    config = dict(config)
+    config_cls, model_cls = text_encoder_classes(config.pop("model_type", "gemma3"))
+    return model_cls(config_cls.from_dict(config))
+
+
+def text_embedding_widths(transformer_config: Any) -> tuple[int, int]:
+    """Widths of the (video, audio) text embeddings the transformer reads (= the connectors' outputs, the cache).
+
+    LTX-2.0 projects the 3840-wide connector outputs inside the transformer (`use_prompt_embeddings`); 2.3/2.5's
+    connectors project per modality to the attention widths (4096 / 2048) and the transformer reads them as they are
+    (diffusers LTX2VideoTransformer3DModel.forward step 4, LTX2TextConnectors per_modality_projections).
+    """
+    get = (
+        transformer_config.get
+        if isinstance(transformer_config, dict)
+        else (lambda k, d=None: getattr(transformer_config, k, d))
+    )
+    if get("use_prompt_embeddings", True):
+        return get("caption_channels"), get("caption_channels")
+    return get("cross_attention_dim"), get("audio_cross_attention_dim")
 
 
 def build_component(name: str, config: dict[str, Any]):
     """Construct one component (random init) from its constructor kwargs; `name` is a field of LTX2Components."""
     if name == "text_encoder":
         return build_text_encoder(config)
-    cls = _diffusers_class(name)
+    cls = _diffusers_class(name, config)
     return cls(**config)
 
 
-def _diffusers_class(name: str):
+def _diffusers_class(name: str, config: dict[str, Any] | None = None):
     if name == "transformer":
         from diffusers import LTX2VideoTransformer3DModel as cls
     elif name == "video_vae":
         from diffusers import AutoencoderKLLTX2Video as cls
     elif name == "audio_vae":
         from diffusers import AutoencoderKLLTX2Audio as cls
+    elif name == "vocoder" and "bwe_hidden_channels" in (config or {}):
+        # LTX-2.3/2.5: diffusers' convert_ltx2_vocoder builds LTX2VocoderWithBWE for them.
+        from diffusers.pipelines.ltx2.vocoder import LTX2VocoderWithBWE as cls
     elif name == "vocoder":
         from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder as cls
     elif name == "connectors":
@@ -253,13 +411,16 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_TEXT_TOKENS):
     )
 
 
-def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> LTX2Components:
+def build_tiny_components(
+    seed: int = 0, dtype: torch.dtype = torch.float32, version: str | None = None
+) -> LTX2Components:
     """The tiny family member: every real class at toy size, deterministic for a given seed, on CPU.
 
     Each component draws from its own seed so adding one never changes another's weights. The global RNG is left
-    untouched. VAE latent statistics are set to non-trivial values so normalization is exercised.
+    untouched. VAE latent statistics are set to non-trivial values so normalization is exercised. `version` picks
+    the LTX-2 release whose flags the tiny model has.
     """
-    cfgs = tiny_configs()
+    cfgs = tiny_configs(version or "2.0")
     built: dict[str, Any] = {}
     for i, name in enumerate(("transformer", "video_vae", "audio_vae", "vocoder", "text_encoder", "connectors")):
         with torch.random.fork_rng(devices=[]):
@@ -286,11 +447,14 @@ def load_components(checkpoint, text_encoder=None, **kwargs) -> LTX2Components:
     return _load(checkpoint, text_encoder, **kwargs)
 
 
-def build_on_meta(component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0"):
-    """The real class on the meta device (ltx-2.0 configs by default): what the planner measures."""
+def build_on_meta(
+    component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0", version: str | None = None
+):
+    """The real class on the meta device (ltx-2.0 configs by default; `version` picks 2.3 / 2.5): what the planner
+    measures."""
     from lowvram.models.ltx2_checkpoint import build_on_meta as _build
 
-    return _build(component, config, family)
+    return _build(component, config, family, version)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -303,7 +467,11 @@ def encode_prompt_hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gemma3 on left-padded captions; returns all hidden states stacked `[B, L, hidden*(layers+1)]` and the mask.
 
-    This is what diffusers' LTX2Pipeline feeds its connectors (embeddings + every layer, stacked on the last axis).
+    This is what diffusers' LTX2Pipeline feeds its connectors (embeddings + every layer, stacked on the last axis), for
+    Gemma 3 (LTX-2.0/2.3) and Gemma 4 (2.5) alike: `_get_gemma_prompt_embeds` stacks `hidden_states` whatever the
+    encoder, and ltx-core sizes the feature extractor as hidden_size x (num_hidden_layers + 1) for either
+    (encoder_configurator._create_feature_extractor). The connectors then normalise per layer (2.0) or per token
+    (2.3/2.5, `per_modality_projections`): that difference lives in the connectors' config, not here.
     """
     if tokenizer.padding_side != "left":
         # LTX-2's connectors normalise assuming left padding; right padding silently shifts the registers.
@@ -399,16 +567,6 @@ def unpack_audio_latents(tokens: torch.Tensor, mel_bins: int) -> torch.Tensor:
 # The training forward
 
 
-# Where a built transformer records its family's a/v cross-attention timestep semantics (configs/<family>/forward.json,
-# set by the loaders): False, LTX-2.0's release semantics, when absent. The evidence is in ltx-2.0/forward.json.
-CROSS_TIMESTEP_ATTR = "lowvram_use_cross_timestep"
-
-
-def uses_cross_timestep(transformer) -> bool:
-    """True when the a/v cross-attention modulation reads the other modality's σ (diffusers use_cross_timestep)."""
-    return bool(getattr(transformer, CROSS_TIMESTEP_ATTR, False))
-
-
 def transformer_forward(
     transformer,
     *,
@@ -429,9 +587,15 @@ def transformer_forward(
 
     `video_sigma` / `audio_sigma` are per sample `[B]`; `video_token_sigma` `[B, S_v]` (and `audio_token_sigma`
     `[B, S_a]`) override them per token, e.g. 0 on clean first-frame tokens. diffusers does not scale timesteps
-    inside, so σ·1000 is passed. The a/v cross-attention timestep follows the model family (`uses_cross_timestep`:
-    False for LTX-2.0, as released).
+    inside, so σ·1000 is passed. The version's semantics come from the transformer's own config
+    (`versions.forward_semantics`): `use_cross_timestep` False for LTX-2.0, True for 2.3/2.5 (diffusers LTX2Pipeline:
+    "`True` is the LTX-2.3/2.5 behavior"); `sigma` / `audio_sigma` (per sample, not per token) feed 2.3's prompt
+    AdaLN, as ltx-core's TransformerArgsPreprocessor.prepare feeds `modality.sigma` to `prompt_adaln`, and the
+    cross-timestep gate. The official trainer passes no keyframes mask in training (ltx-trainer training_strategies
+    set none), so 2.5's keyframe embedding is left unused here too.
     """
+    from lowvram.models.versions import forward_semantics
+
     b, s_v, _ = video_tokens.shape
     s_a = audio_tokens.shape[1]
     if s_v == 0 or s_a == 0:
@@ -462,7 +626,7 @@ def transformer_forward(
         fps=fps,
         audio_num_frames=s_a,
         isolate_modalities=isolate_modalities,
-        use_cross_timestep=uses_cross_timestep(transformer),
+        use_cross_timestep=forward_semantics(transformer.config).use_cross_timestep,
         return_dict=False,
     )
     return video_pred, audio_pred

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lowvram.errors import LowvramError
-from lowvram.models import ltx2
+from lowvram.models import ltx2, versions
 
 if TYPE_CHECKING:
     from lowvram.profiles import HardwareProfile
     from lowvram.quant.stream import LoadResult
 
-FAMILIES = ("ltx-2.0", "tiny")
+FAMILIES = ("ltx-2.0", "ltx-2.3", "ltx-2.5", "tiny")
 FAMILY_ALIASES = {"ltx2": "ltx-2.0", "ltx-2": "ltx-2.0"}
+VERSION_METADATA_KEY = versions.VERSION_METADATA_KEY
 CHECKPOINT_COMPONENTS = ("transformer", "video_vae", "audio_vae", "vocoder", "connectors")
 # Diffusers folder layout (LTX2Pipeline's component names).
 DIFFUSERS_SUBFOLDERS = {
@@ -49,41 +50,33 @@ _CONNECTOR_STARTS = ("video_embeddings_connector", "audio_embeddings_connector",
 
 
 def canonical_family(family: str) -> str:
-    """The config's `ltx2` (and `ltx-2`) mean LTX-2.0, the only real family shipped so far."""
+    """The config's `ltx2` (and `ltx-2`) name the real model; its version comes separately (default 2.0)."""
     return FAMILY_ALIASES.get(family, family)
 
 
-def family_configs(family: str) -> dict[str, dict[str, Any]]:
-    """Constructor kwargs of every component for a model family ("ltx-2.0" from the shipped JSON, or "tiny")."""
+def family_version(family: str) -> str | None:
+    """The version a family name carries ("ltx-2.3" -> "2.3"); None for "tiny" and for the bare `ltx2`."""
+    family = canonical_family(family)
+    if family.startswith("ltx-") and family != "ltx-2.0":
+        return versions.check_version(family[len("ltx-") :])
+    return None
+
+
+def family_configs(family: str, version: str | None = None) -> dict[str, dict[str, Any]]:
+    """Constructor kwargs of every component: a real family ("ltx-2.0", "ltx-2.3", "ltx-2.5" from the shipped
+    JSON; `version` picks it for "ltx-2.0"/"ltx2") or "tiny" at `version` (default 2.0)."""
     family = canonical_family(family)
     if family == "tiny":
-        return ltx2.tiny_configs()
-    folder = _CONFIG_DIR / family
-    if family not in FAMILIES or not folder.is_dir():
+        return ltx2.tiny_configs(version or versions.DEFAULT_VERSION)
+    if family not in FAMILIES:
         raise LowvramError(f"unknown LTX-2 model family {family!r}: use one of {', '.join(FAMILIES)}")
+    version = version or family_version(family) or versions.DEFAULT_VERSION
+    folder = _CONFIG_DIR / versions.model_version(version).config_dir
     out = {}
     for name in (*CHECKPOINT_COMPONENTS, "text_encoder"):
         cfg = json.loads((folder / f"{name}.json").read_text())
         out[name] = {k: v for k, v in cfg.items() if not k.startswith("_")}
     return out
-
-
-def family_forward(family: str) -> dict[str, Any]:
-    """How the family's transformer is called (from its forward.json): today `use_cross_timestep`, the timestep the
-    a/v cross-attention modulation reads (False = each modality's own, True = the other modality's σ).
-
-    The tiny family and diffusers folders without a family use LTX-2.0's.
-    """
-    family = canonical_family(family)
-    folder = _CONFIG_DIR / (family if family in FAMILIES and family != "tiny" else "ltx-2.0")
-    cfg = json.loads((folder / "forward.json").read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
-
-
-def apply_family_forward(transformer: torch.nn.Module, family: str) -> torch.nn.Module:
-    """Record the family's forward semantics on a built transformer, where `ltx2.transformer_forward` reads them."""
-    setattr(transformer, ltx2.CROSS_TIMESTEP_ATTR, bool(family_forward(family)["use_cross_timestep"]))
-    return transformer
 
 
 def real_transformer_config() -> dict[str, Any]:
@@ -110,12 +103,14 @@ def real_text_encoder_config() -> dict[str, Any]:
     return family_configs("ltx-2.0")["text_encoder"]
 
 
-def build_on_meta(component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0"):
+def build_on_meta(
+    component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0", version: str | None = None
+):
     """The real class on the meta device (no memory): for planning and as the skeleton a load fills."""
-    config = config if config is not None else family_configs(family)[component]
+    config = config if config is not None else family_configs(family, version)[component]
     with torch.device("meta"):
         module = ltx2.build_component(component, config)
-    return apply_family_forward(module, family) if component == "transformer" else module
+    return module
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -136,7 +131,26 @@ def official_to_diffusers(component: str, official_keys: list[str]) -> dict[str,
         }[component]
         # The converters only rename and drop keys, so running them on {key: key} maps names without reading a byte.
         mapped = convert({k: k for k in mine})
+        if component == "transformer":
+            # 0.42.1's single-file converter predates LTX-2.3; its conversion script adds these two renames
+            # (LTX_2_3_TRANSFORMER_KEYS_RENAME_DICT). 2.0 has no such keys, so one map serves every version.
+            mapped = {
+                k.replace("audio_prompt_adaln_single.", "audio_prompt_adaln.").replace(
+                    "prompt_adaln_single.", "prompt_adaln."
+                ): v
+                for k, v in mapped.items()
+            }
         if component == "video_vae":
+            # LTX-2.3/2.5's decoder has a fourth up block: official up_blocks.7 (its upsampler) and .8 (its resnets),
+            # as LTX_2_3_VIDEO_VAE_RENAME_DICT in diffusers' conversion script; 0.42.1's converter stops at .6.
+            mapped = {
+                re.sub(
+                    r"^decoder\.up_blocks\.8\.",
+                    "decoder.up_blocks.3.",
+                    re.sub(r"^decoder\.up_blocks\.7\.", "decoder.up_blocks.3.upsamplers.0.", k),
+                ): v
+                for k, v in mapped.items()
+            }
             # diffusers' conversion script (newer than 0.42.1's single-file converter) also renames the decoder's
             # timestep conditioning, present in VAEs built with timestep_conditioning=True.
             mapped = {
@@ -152,21 +166,36 @@ def official_to_diffusers(component: str, official_keys: list[str]) -> dict[str,
     for key in mine:
         new = key[len(strip) :] if key.startswith(strip) else key
         for old, repl in renames:
-            new = new.replace(old, repl)
+            new = re.sub(old, repl, new)
         out[new] = key
     return out
 
 
+# Regex renames, official -> diffusers: diffusers scripts/convert_ltx2_to_diffusers.py LTX_2_0_* and LTX_2_3_*
+# dicts in one table (no key of one version holds another's names, so the union serves all three).
 _CONNECTOR_RENAMES = (
-    ("connectors.", ""),
-    ("video_embeddings_connector", "video_connector"),
-    ("audio_embeddings_connector", "audio_connector"),
-    ("transformer_1d_blocks", "transformer_blocks"),
-    ("text_embedding_projection.aggregate_embed", "text_proj_in"),
-    ("q_norm", "norm_q"),
-    ("k_norm", "norm_k"),
+    (r"connectors\.", ""),
+    (r"video_embeddings_connector", "video_connector"),
+    (r"audio_embeddings_connector", "audio_connector"),
+    (r"transformer_1d_blocks", "transformer_blocks"),
+    (r"text_embedding_projection\.aggregate_embed", "text_proj_in"),
+    # LTX-2.3/2.5 per-modality projections
+    (r"text_embedding_projection\.video_aggregate_embed", "video_text_proj_in"),
+    (r"text_embedding_projection\.audio_aggregate_embed", "audio_text_proj_in"),
+    (r"q_norm", "norm_q"),
+    (r"k_norm", "norm_k"),
 )
-_VOCODER_RENAMES = (("ups", "upsamplers"), ("resblocks", "resnets"), ("conv_pre", "conv_in"), ("conv_post", "conv_out"))
+_VOCODER_RENAMES = (
+    # "ups" only as a whole name: 2.3's anti-aliased activations hold `upsample` buffers (the script renames
+    # ".ups." in weight/bias keys only, for that clash).
+    (r"(^|\.)ups\.", r"\1upsamplers."),
+    (r"resblocks", "resnets"),
+    (r"conv_pre", "conv_in"),
+    (r"conv_post", "conv_out"),
+    # LTX-2.3/2.5 (LTX2VocoderWithBWE): LTX_2_3_VOCODER_RENAME_DICT
+    (r"act_post", "act_out"),
+    (r"downsample\.lowpass", "downsample"),
+)
 
 
 def _official_owner(key: str) -> str | None:
@@ -218,6 +247,12 @@ def _to_official(component: str, key: str) -> str:
             if key.startswith(new):
                 key = old + key[len(new) :]
         for new, old in (
+            ("prompt_adaln.", "prompt_adaln_single."),  # LTX-2.3/2.5 prompt AdaLN
+            ("audio_prompt_adaln.", "audio_prompt_adaln_single."),
+        ):
+            if key.startswith(new):
+                key = old + key[len(new) :]
+        for new, old in (
             ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
             ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
             ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
@@ -230,8 +265,13 @@ def _to_official(component: str, key: str) -> str:
             key = key.replace(new, old)
         return _TRANSFORMER_PREFIX + key
     if component == "connectors":
-        if key.startswith("text_proj_in."):
-            return "text_embedding_projection.aggregate_embed." + key[len("text_proj_in.") :]
+        for new, old in (
+            ("text_proj_in.", "aggregate_embed."),
+            ("video_text_proj_in.", "video_aggregate_embed."),
+            ("audio_text_proj_in.", "audio_aggregate_embed."),
+        ):
+            if key.startswith(new):
+                return "text_embedding_projection." + old + key[len(new) :]
         for new, old in (
             ("video_connector", "video_embeddings_connector"),
             ("audio_connector", "audio_embeddings_connector"),
@@ -247,6 +287,8 @@ def _to_official(component: str, key: str) -> str:
             ("resnets", "resblocks"),
             ("conv_in", "conv_pre"),
             ("conv_out", "conv_post"),
+            ("act_out", "act_post"),
+            ("downsample.", "downsample.lowpass."),
         ):
             key = key.replace(new, old)
         return "vocoder." + key
@@ -377,25 +419,29 @@ class CheckpointSource:
     kind: str  # "single_file" | "diffusers"
     path: Path
     family: str
+    version: str  # "2.0" | "2.3" | "2.5", detected from the weights (and checked against metadata and config)
     tensors: dict[str, dict[str, TensorRef]]  # component -> diffusers key -> where
     raw: dict[str, dict[str, TensorRef]]  # component -> its keys as named in the file (finds fp8 scales)
     configs: dict[str, dict[str, Any]]
 
 
-def open_checkpoint(path: str | Path, family: str | None = None) -> CheckpointSource:
-    """Resolve a single .safetensors (official layout) or a diffusers folder into per-component tensor maps."""
+def open_checkpoint(path: str | Path, family: str | None = None, version: str | None = None) -> CheckpointSource:
+    """Resolve a single .safetensors (official layout) or a diffusers folder into per-component tensor maps.
+
+    The LTX-2 version is read from the weights (each component's layout), checked against the file's metadata and
+    against `version` (the config's model.version) when given; a mismatch is refused in one line.
+    """
     path = Path(path)
     if not path.exists():
         raise LowvramError(f"checkpoint {path} does not exist: give the .safetensors file or a diffusers folder")
     _refuse_pickle(path)
     if path.is_dir():
         _refuse_interrupted_download(path)
-        return _open_diffusers_folder(path, family)
+        return _open_diffusers_folder(path, family, version)
     if path.suffix not in (".safetensors", ".sft"):
         raise LowvramError(f"{path} is not a .safetensors file or a diffusers folder")
     refs, meta = read_header(path)
     family = canonical_family(family or meta.get(FAMILY_METADATA_KEY, "ltx-2.0"))
-    configs = family_configs(family)
     tensors, raw = {}, {}
     for name in CHECKPOINT_COMPONENTS:
         mapping = official_to_diffusers(name, list(refs))
@@ -403,13 +449,40 @@ def open_checkpoint(path: str | Path, family: str | None = None) -> CheckpointSo
         raw[name] = {k: r for k, r in refs.items() if _official_owner(k) == name}
     if not any(tensors.values()):
         raise LowvramError(f"{path} holds no LTX-2 weights (no 'model.diffusion_model.' / 'vae.' keys)")
+    found = {name: versions.versions_of_component(name, set(t)) for name, t in tensors.items() if t}
+    requested = version or family_version(family)
+    version = versions.resolve_checkpoint_version(
+        found, str(path), stated=versions.metadata_version(meta), requested=requested
+    )
+    configs = family_configs(family, version)
     # LTX-2 VAEs exist with and without decoder timestep conditioning; the weights say which this one is.
     if any("time_embedder" in k or "scale_shift_table" in k for k in tensors["video_vae"]):
         configs["video_vae"] = {**configs["video_vae"], "timestep_conditioning": True}
-    return CheckpointSource("single_file", path, family, tensors, raw, configs)
+    # LTX-2.5.0 has no keyframe embedding, 2.5.1+ has one (diffusers' conversion script); KV-cacheable checkpoints
+    # drop the prompt AdaLN MLP (ltx-core model_configurator: use_prompt_adaln_single=false). The weights say which.
+    t_keys = tensors["transformer"]
+    if configs["transformer"].get("use_keyframes_abs_pos_embedding") and t_keys:
+        has_keyframes = "keyframes_abs_pos_embedding" in t_keys
+        configs["transformer"] = {**configs["transformer"], "use_keyframes_abs_pos_embedding": has_keyframes}
+    if (
+        configs["transformer"].get("cross_attn_mod")
+        and t_keys
+        and not any(k.startswith("prompt_adaln.") for k in t_keys)
+    ):
+        configs["transformer"] = {**configs["transformer"], "use_prompt_adaln_single": False}
+    return CheckpointSource("single_file", path, family, version, tensors, raw, configs)
 
 
-def _open_diffusers_folder(path: Path, family: str | None) -> CheckpointSource:
+def run_model_version(model: Any) -> str:
+    """The LTX-2 version a run trains: `model.version` (checked against the checkpoint when there is one), else
+    what the checkpoint's weights say, else 2.0. `model` is the config's [model] section."""
+    checkpoint = getattr(model, "checkpoint", None)
+    if checkpoint and Path(checkpoint).expanduser().exists():
+        return open_checkpoint(Path(checkpoint).expanduser(), version=model.version).version
+    return model.version or versions.DEFAULT_VERSION
+
+
+def _open_diffusers_folder(path: Path, family: str | None, version: str | None = None) -> CheckpointSource:
     tensors, configs = {}, {}
     for name in CHECKPOINT_COMPONENTS:
         sub = path / DIFFUSERS_SUBFOLDERS[name]
@@ -434,7 +507,9 @@ def _open_diffusers_folder(path: Path, family: str | None) -> CheckpointSource:
         tensors[name] = refs
     if not tensors:
         raise LowvramError(f"{path} has none of the diffusers subfolders transformer/, vae/, audio_vae/, ...")
-    return CheckpointSource("diffusers", path, family or "diffusers", tensors, dict(tensors), configs)
+    found = {name: versions.versions_of_config(name, configs[name]) for name in tensors}
+    version = versions.resolve_checkpoint_version(found, str(path), requested=version)
+    return CheckpointSource("diffusers", path, family or "diffusers", version, tensors, dict(tensors), configs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -517,13 +592,51 @@ def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def load_text_encoder(folder: str | Path, dtype: torch.dtype):
-    """Gemma3ForConditionalGeneration from a local folder (safetensors only, no remote code, nothing missing)."""
-    from transformers import Gemma3ForConditionalGeneration
-
-    folder = _gemma_folder(Path(folder), "text_encoder")
+def text_encoder_model_type(folder: Path) -> str:
+    """The transformers `model_type` in a text encoder folder's config.json ("gemma3" when it has none)."""
     try:
-        model, info = Gemma3ForConditionalGeneration.from_pretrained(
+        return str(json.loads((folder / "config.json").read_text()).get("model_type") or "gemma3")
+    except (OSError, ValueError):
+        return "gemma3"
+
+
+def check_text_encoder_version(folder: str | Path, version: str) -> None:
+    """Refuse a Gemma 3 folder for LTX-2.5 (which reads Gemma 4) and the reverse, naming both, in one line."""
+    folder = _gemma_folder(Path(folder), "text_encoder")
+    found = text_encoder_model_type(folder)
+    wanted = versions.model_version(version).text_encoder_model_type
+    if found != wanted:
+        raise LowvramError(
+            f"LTX-{version} reads a {wanted} text encoder but {folder} holds {found}: give the {wanted} folder "
+            "of that release"
+        )
+
+
+def text_encoder_plan_config(model: Any, version: str) -> dict[str, Any] | None:
+    """The user's text encoder config (`model.text_encoder_path`'s config.json, as transformers reads it) for the
+    planner, checked against the release; None when there is no such folder (the shipped config is used)."""
+    path = getattr(model, "text_encoder_path", None)
+    if not path or getattr(model, "family", "ltx2") == "tiny":
+        return None
+    folder = Path(path).expanduser()
+    folder = folder / "text_encoder" if (folder / "text_encoder").is_dir() else folder
+    if not (folder / "config.json").is_file():
+        return None
+    check_text_encoder_version(folder, version)
+    config_cls, _ = ltx2.text_encoder_classes(text_encoder_model_type(folder))
+    try:
+        return config_cls.from_pretrained(str(folder), local_files_only=True).to_dict()
+    except (OSError, ValueError) as e:
+        raise LowvramError(f"cannot read the text encoder config in {folder}: {str(e).strip().splitlines()[0]}") from e
+
+
+def load_text_encoder(folder: str | Path, dtype: torch.dtype):
+    """Gemma3 / Gemma 4 unified (by its config.json model_type) from a local folder (safetensors only, no remote
+    code, nothing missing)."""
+    folder = _gemma_folder(Path(folder), "text_encoder")
+    _, model_cls = ltx2.text_encoder_classes(text_encoder_model_type(folder))
+    try:
+        model, info = model_cls.from_pretrained(
             str(folder),
             local_files_only=True,
             trust_remote_code=False,
@@ -572,6 +685,7 @@ def load_components(
     text_encoder: str | Path | None = None,
     *,
     family: str | None = None,
+    version: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device="cpu",
     components: tuple[str, ...] = (*CHECKPOINT_COMPONENTS, "text_encoder", "tokenizer"),
@@ -587,7 +701,8 @@ def load_components(
     transformer / Gemma3 are built on meta and quantized Linear by Linear as their weights are read, so host RAM
     peaks near the quantized size; `dtype` stays the dtype of everything left unquantized. `quant_cache_dir` keeps
     the quantized weights for later loads. `profile` refuses a precision the machine cannot run before any file is
-    opened. The results of quantized loads are in the returned `quant_loads`.
+    opened. The results of quantized loads are in the returned `quant_loads`. `version` (model.version) is checked
+    against the checkpoint's weights and the text encoder folder's model type.
     """
     from lowvram.quant.precision import check_backend_supported, parse_precision
 
@@ -597,7 +712,7 @@ def load_components(
     if profile is not None:
         for p in quant.values():
             check_backend_supported(p, profile)
-    source = open_checkpoint(checkpoint, family)
+    source = open_checkpoint(checkpoint, family, version)
     loaded: dict[str, Any] = {name: None for name in (*CHECKPOINT_COMPONENTS, "text_encoder", "tokenizer")}
     results: dict[str, LoadResult] = {}
     for name in CHECKPOINT_COMPONENTS:
@@ -614,6 +729,7 @@ def load_components(
         folder = text_encoder if text_encoder is not None else (source.path if source.kind == "diffusers" else None)
         if folder is None:
             raise LowvramError("the single-file checkpoint has no Gemma3: give the local Gemma3 folder (text_encoder)")
+        check_text_encoder_version(folder, source.version)
         if "text_encoder" in quant:
             te, results["text_encoder"] = load_text_encoder_quantized(
                 folder, quant["text_encoder"], dtype=dtype, cache_dir=quant_cache_dir
@@ -697,8 +813,6 @@ def load_component_quantized(
         raise LowvramError(f"{source.path} has no {component} weights")
     config = source.configs[component]
     skeleton = build_empty(lambda: ltx2.build_component(component, config))
-    if component == "transformer":
-        apply_family_forward(skeleton, source.family)
     check_keys(component, skeleton, source.tensors[component], source.path)
     wanted = set(skeleton.state_dict(keep_vars=True))
     with contextlib.closing(ComponentSource(source, component, wanted)) as tensors:
@@ -731,10 +845,9 @@ def gemma_key(key: str) -> str:
 def load_text_encoder_quantized(
     folder: str | Path, precision, *, dtype: torch.dtype, cache_dir: str | Path | None = None
 ) -> tuple[torch.nn.Module, LoadResult]:
-    """Gemma3ForConditionalGeneration from a local folder, built on meta and quantized while read (GEMMA3_EXCLUDE;
+    """Gemma3 (or LTX-2.5's Gemma 4 unified, by config.json's model_type: same Linear names, same tied head) from a
+    local folder, built on meta and quantized while read (GEMMA3_EXCLUDE;
     the lm_head/embedding tie is kept: the tied pair is left unquantized and loaded once)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
     from lowvram.quant.backends import prepare_for_peft
     from lowvram.quant.exclude import GEMMA3_EXCLUDE
     from lowvram.quant.stream import build_empty, load_quantized
@@ -745,14 +858,16 @@ def load_text_encoder_quantized(
         pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         what = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
         raise LowvramError(f"{folder} has {what}; lowvram loads Gemma3 from safetensors only")
+    model_type = text_encoder_model_type(folder)
+    config_cls, model_cls = ltx2.text_encoder_classes(model_type)
     try:
-        config = Gemma3Config.from_pretrained(str(folder), local_files_only=True)
+        config = config_cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise LowvramError(f"cannot read the Gemma3 config in {folder}: {str(e).strip().splitlines()[0]}") from e
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # as from_pretrained(dtype=...) does: computed buffers get the weights' dtype
     try:
-        skeleton = build_empty(lambda: Gemma3ForConditionalGeneration(config))
+        skeleton = build_empty(lambda: model_cls(config))
     finally:
         torch.set_default_dtype(previous)
     # strict=False: like from_pretrained, spare tensors in the files are ignored; missing ones are still refused.
@@ -785,8 +900,11 @@ def quantize_loaded(module: torch.nn.Module, component: str, precision) -> list[
 # Saving (the tiny family member, and conversions)
 
 
-def save_single_file(components: ltx2.LTX2Components, path: str | Path, family: str) -> None:
-    """Write the five checkpoint components in the official combined layout (atomically), tagged with `family`."""
+def save_single_file(
+    components: ltx2.LTX2Components, path: str | Path, family: str, version: str | None = None
+) -> None:
+    """Write the five checkpoint components in the official combined layout (atomically), tagged with `family`
+    (and `version`, when given, under `lowvram_model_version`)."""
     from lowvram.fsutil import save_safetensors_atomic
 
     tensors: dict[str, torch.Tensor] = {}
@@ -798,7 +916,10 @@ def save_single_file(components: ltx2.LTX2Components, path: str | Path, family: 
     n = components.video_vae.latents_mean.numel()
     tensors["vae.per_channel_statistics.channel"] = torch.arange(n, dtype=torch.float32)
     tensors["vae.per_channel_statistics.mean-of-stds"] = torch.ones(n, dtype=torch.float32)
-    save_safetensors_atomic(tensors, path, metadata={FAMILY_METADATA_KEY: family})
+    metadata = {FAMILY_METADATA_KEY: family}
+    if version is not None:
+        metadata[VERSION_METADATA_KEY] = versions.check_version(version)
+    save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
 def save_diffusers_folder(components: ltx2.LTX2Components, folder: str | Path) -> None:
@@ -828,12 +949,15 @@ def save_text_encoder(components: ltx2.LTX2Components, folder: str | Path) -> No
         components.tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
-def save_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
-    """The tiny family member on disk as a real user has LTX-2: one combined .safetensors + a Gemma folder."""
+def save_tiny_checkpoint(folder: str | Path, seed: int = 0, version: str | None = None) -> Path:
+    """The tiny family member on disk as a real user has LTX-2: one combined .safetensors + a Gemma folder.
+
+    `version` builds that release's tiny model and names it in the file (the 2.0 file is left unnamed, as before,
+    so its version is read from its keys)."""
     folder = Path(folder)
-    comps = ltx2.build_tiny_components(seed=seed)
-    path = folder / "ltx-2-tiny.safetensors"
-    save_single_file(comps, path, family="tiny")
+    comps = ltx2.build_tiny_components(seed=seed, version=version or versions.DEFAULT_VERSION)
+    path = folder / ("ltx-2-tiny.safetensors" if version is None else f"ltx-{version}-tiny.safetensors")
+    save_single_file(comps, path, family="tiny", version=version)
     save_text_encoder(comps, folder / "gemma")
     return path
 

@@ -353,6 +353,7 @@ class Measurements:
     onload_first_block: Mapping[bool, StepMeasure] | None = None  # the same with block 0 as a first block
     nonleaf_params: int = 0  # parameters outside leaf modules, one block + outside the blocks
     tread: Tread | None = None  # TREAD routes (train.tread_routes) with their routed-block measurements
+    model_version: str = "2.0"  # the LTX-2 release measured (lowvram.models.versions)
 
     def block_steps(self, checkpointing: bool) -> list[StepMeasure]:
         """Each block's measured step (they differ only under TREAD routes)."""

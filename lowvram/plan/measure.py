@@ -25,7 +25,7 @@ from lowvram.fsutil import atomic_write_json
 # Bump when a measurement's meaning changes: old cache entries are then simply not found.
 MEASURE_VERSION = "4"
 
-_CONFIG_DIR = Path(__file__).resolve().parent.parent / "models" / "configs" / "ltx-2.0"
+_CONFIG_ROOT = Path(__file__).resolve().parent.parent / "models" / "configs"
 COMPONENTS = ("transformer", "text_encoder", "connectors", "video_vae", "audio_vae")
 
 
@@ -37,26 +37,34 @@ COMPONENTS = ("transformer", "text_encoder", "connectors", "video_vae", "audio_v
 class ModelConfigs:
     """Constructor kwargs of the five components that take memory (the vocoder only renders validation audio)."""
 
-    family: str
+    family: str  # names the version too, so every measurement is cached per version ("ltx2", "ltx2-2.3", ...)
     transformer: dict[str, Any]
-    text_encoder: dict[str, Any]  # Gemma3Config kwargs (text_config / vision_config / mm_tokens_per_image)
+    text_encoder: dict[str, Any]  # Gemma3Config / Gemma4UnifiedConfig kwargs (+ "model_type" for Gemma 4)
     connectors: dict[str, Any]
     video_vae: dict[str, Any]
     audio_vae: dict[str, Any]
 
+    version: str = "2.0"
 
-def model_configs(family: str) -> ModelConfigs:
-    """`ltx2`: the released LTX-2.0 configs shipped in lowvram/models/configs; `tiny`: the CPU test configs."""
+
+def model_configs(family: str, version: str | None = None) -> ModelConfigs:
+    """`ltx2`: the released configs of `version` (2.0 default, 2.3, 2.5) shipped in lowvram/models/configs;
+    `tiny`: the CPU test configs of that version."""
+    from lowvram.models.versions import DEFAULT_VERSION, model_version
+
+    info = model_version(version or DEFAULT_VERSION)
     if family == "tiny":
         from lowvram.models.ltx2 import tiny_configs
 
-        cfgs = tiny_configs()
+        cfgs = tiny_configs(info.name)
     else:
         cfgs = {}
         for name in COMPONENTS:
-            raw = json.loads((_CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
+            raw = json.loads((_CONFIG_ROOT / info.config_dir / f"{name}.json").read_text(encoding="utf-8"))
             cfgs[name] = {k: v for k, v in raw.items() if not k.startswith("_")}
-    return ModelConfigs(family=family, **{name: cfgs[name] for name in COMPONENTS})
+    # 2.0 keeps its historic family name, so measurements already cached for it stay valid.
+    name = family if info.name == DEFAULT_VERSION else f"{family}-{info.name}"
+    return ModelConfigs(family=name, version=info.name, **{n: cfgs[n] for n in COMPONENTS})
 
 
 @dataclass(frozen=True)
@@ -249,13 +257,13 @@ def _onload_leaf_copies(model: torch.nn.Module) -> list:
 
 
 def text_encoder_weights(configs: ModelConfigs) -> dict:
-    """Gemma3 as loaded (language model, vision tower, projector) split into quantizable Linears and the rest."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
+    """The text encoder as loaded (Gemma3: language model, vision tower, projector; Gemma 4 unified: language model
+    and embedders) split into quantizable Linears and the rest."""
+    from lowvram.models.ltx2 import build_text_encoder
     from lowvram.quant.exclude import GEMMA3_EXCLUDE
 
     with torch.device("meta"):
-        model = Gemma3ForConditionalGeneration(Gemma3Config(**configs.text_encoder))
+        model = build_text_encoder(configs.text_encoder)
     return _linear_groups(model, GEMMA3_EXCLUDE, lambda n: True)
 
 
@@ -341,7 +349,7 @@ def measure_transformer_step(
     With `tread_ratio` block 0 runs under the trainer's own TreadRouter (a route 0..0 at that share), so its
     sections hold what a routed block does: the kept share of video tokens, with its gathered per-token inputs.
     """
-    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+    from lowvram.models.ltx2 import TextEmbeddings, text_embedding_widths, transformer_forward
     from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
@@ -450,9 +458,10 @@ def measure_transformer_step(
             x_t.requires_grad_(not first_block)
             a_t = (audio_latents * (1 - sigma.view(b, 1, 1)) + audio_noise * sigma.view(b, 1, 1)).to(dtype)
             a_t.requires_grad_(not first_block)
+            text_video, text_audio = text_embedding_widths(cfg)  # the connectors' outputs, per version
             text = TextEmbeddings(
-                video=torch.empty(b, length, cfg.caption_channels, dtype=dtype),
-                audio=torch.empty(b, length, cfg.caption_channels, dtype=dtype),
+                video=torch.empty(b, length, text_video, dtype=dtype),
+                audio=torch.empty(b, length, text_audio, dtype=dtype),
                 mask=torch.ones(b, length, dtype=torch.int64),
             )
             # The trainer's own call, so what is measured is what trains.
@@ -517,9 +526,10 @@ def measure_text_encode(
 
     Gemma is run at full width with 1 and 2 decoder layers and extrapolated to its real depth: each layer adds one
     kept hidden state (and one slice of the stack), so the peak is linear in depth; the connectors run at full size.
+    Gemma 4 (LTX-2.5) is measured the same way: its 1- and 2-layer builds are sliding + global layers, whose
+    activations differ little next to the kept hidden states and the logits.
     """
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
+    from lowvram.models.ltx2 import build_text_encoder
     from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
@@ -527,17 +537,25 @@ def measure_text_encode(
     depth = text_cfg["num_hidden_layers"]
     length = min(text_tokens, text_cfg.get("max_position_embeddings", text_tokens))
     peaks = []
-    vision_cfg = {**configs.text_encoder.get("vision_config", {}), "num_hidden_layers": 1}
+    vision_cfg = configs.text_encoder.get("vision_config")
+    if vision_cfg and "num_hidden_layers" in vision_cfg:  # Gemma3's SigLIP tower; Gemma 4's embedder has no layers
+        vision_cfg = {**vision_cfg, "num_hidden_layers": 1}
     for layers in (1, 2):
         # The class models/ltx2.py calls (its LM head computes logits too); a text-only input never runs the vision
         # tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
+        # A config.json's layer_types (and Gemma 4's per-layer overrides of its global layers) list every layer:
+        # rebuilt for the reduced depth, the last layer global as transformers requires.
+        reduced = {k: v for k, v in text_cfg.items() if k not in ("layer_types", "per_layer_config")}
+        if text_cfg.get("per_layer_config"):
+            reduced["layer_types"] = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+            reduced["per_layer_config"] = {layers - 1: next(iter(text_cfg["per_layer_config"].values()))}
         cfg = {
             **configs.text_encoder,
-            "text_config": {**text_cfg, "num_hidden_layers": layers},
+            "text_config": {**reduced, "num_hidden_layers": layers},
             "vision_config": vision_cfg,
         }
         with torch.device("meta"):
-            model = Gemma3ForConditionalGeneration(Gemma3Config(**cfg))
+            model = build_text_encoder(cfg)
         model = model.to(dtype).eval()
         with fake_mode(), torch.no_grad():
             model = model.to_empty(device="cpu")

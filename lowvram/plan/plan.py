@@ -336,7 +336,12 @@ def check_plan_request(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> 
 
 
 def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
-    configs = model_configs(cfg.model.family)
+    from lowvram.models.ltx2_checkpoint import run_model_version, text_encoder_plan_config
+
+    configs = model_configs(cfg.model.family, run_model_version(cfg.model))
+    user_text_encoder = text_encoder_plan_config(cfg.model, configs.version)  # exact sizes when the folder is given
+    if user_text_encoder is not None:
+        configs = replace(configs, text_encoder=user_text_encoder)
     shape = run_shape(cfg, configs, gpus)
     dtype = _compute_dtype(cfg)
     attention = "flash" if profile.supports.flash_attention else "math"
@@ -409,8 +414,10 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         lambda: measure_audio_vae_encode(configs, mel_frames, batch=1, compute_dtype=dtype),
     )
 
-    caption = configs.transformer["caption_channels"]
-    text_item = 2 * shape.text_tokens * caption * CACHE_ITEM_BYTES + shape.text_tokens  # video + audio + mask
+    from lowvram.models.ltx2 import text_embedding_widths
+
+    caption = sum(text_embedding_widths(configs.transformer))  # video + audio widths: 2 x 3840 (2.0), 4096 + 2048
+    text_item = shape.text_tokens * caption * CACHE_ITEM_BYTES + shape.text_tokens  # video + audio + mask
     latent_channels = configs.video_vae["latent_channels"]
     audio_features = configs.transformer["audio_in_channels"]
     latent_item = (latent_channels * shape.video_tokens + audio_features * shape.audio_tokens) * CACHE_ITEM_BYTES
@@ -443,6 +450,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         onload_first_block=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True, first_block=True)),
         nonleaf_params=nonleaf["block_nonleaf_params"] + nonleaf["rest_nonleaf_params"],
         tread=tread,
+        model_version=configs.version,
     )
 
 
@@ -712,6 +720,7 @@ def plan_run(
         raise UsageError(f"no memory setup can run these settings: {why}")
     fitting = [c for c in train if c.fits]
     assumptions = (
+        f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)",
         f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",

@@ -550,6 +550,7 @@ def fit(
     `validate(step)` renders a sample every `validation.every_n_steps` steps; `after_step(step)` runs after each.
     """
     from lowvram.device import get_backend
+    from lowvram.models.versions import check_resume_version, version_of_transformer_config
     from lowvram.telemetry import process_rss_bytes
     from lowvram.train import checkpoint, distributed
     from lowvram.train.optim import build_lr_scheduler, build_optimizer
@@ -611,6 +612,7 @@ def fit(
     )
 
     start_step = 0
+    model_version = version_of_transformer_config(transformer.config)  # what the weights are, named in checkpoints
     resume_path = checkpoint.resolve_resume(run_dir, cfg.checkpoint.resume)
     if resume_path is not None:
         check_resume_settings(resume_path, cfg)
@@ -628,6 +630,7 @@ def fit(
         except Exception as e:  # e.g. torch refusing a state dict of another shape
             first = (str(e).splitlines() or [""])[0][:300]
             raise checkpoint.ResumeFailed(f"cannot resume from {resume_path}: {type(e).__name__}: {first}") from None
+        check_resume_version(info.extra.get("model_version"), model_version, resume_path)
         batches.seek(info.data_position)
         start_step = info.step
         for schedule in scheduler.lr_lambdas:  # a longer --max-steps stretches the decay from here on
@@ -658,7 +661,7 @@ def fit(
                 generator=generator,
                 data_position=batches.position(),
                 keep_last=cfg.checkpoint.keep_last,
-                extra={"total_steps": total_steps, "settings": resume_settings(cfg)},
+                extra={"total_steps": total_steps, "settings": resume_settings(cfg), "model_version": model_version},
                 backend=backend,
             )
         except Exception as e:
@@ -806,7 +809,7 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
         if cfg.model.family != "tiny":
             raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file or a hub id "
                                "such as Lightricks/LTX-2 (--checkpoint)")
-        loaded = ltx2.build_tiny_components(seed=0)
+        loaded = ltx2.build_tiny_components(seed=0, version=cfg.model.version)
         for name in ("transformer", *(n for n in ENCODER_PARTS if n not in parts)):
             setattr(loaded, name, None)
         if "text_encoder" in parts:
@@ -814,7 +817,7 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
         return loaded
     text_encoder_path = cfg.model.text_encoder_path if "text_encoder" in parts else None
     return ltx2.load_components(
-        cfg.model.checkpoint, text_encoder_path, dtype=_weights_dtype(cfg), components=parts,
+        cfg.model.checkpoint, text_encoder_path, version=cfg.model.version, dtype=_weights_dtype(cfg), components=parts,
         text_encoder_precision=cfg.model.text_encoder_precision, quant_cache_dir=_quant_cache_dir(cfg),
         profile=profile,
     )  # fmt: skip
@@ -841,11 +844,11 @@ def load_transformer(cfg, profile=None) -> torch.nn.Module:
     from lowvram.models import ltx2
 
     if cfg.model.checkpoint is None:
-        transformer = ltx2.build_tiny_components(seed=0).transformer
+        transformer = ltx2.build_tiny_components(seed=0, version=cfg.model.version).transformer
         _quantize_in_memory(transformer, "transformer", cfg.model.precision)
         return transformer
     return ltx2.load_components(
-        cfg.model.checkpoint, None, dtype=_weights_dtype(cfg), components=("transformer",),
+        cfg.model.checkpoint, None, version=cfg.model.version, dtype=_weights_dtype(cfg), components=("transformer",),
         precision=cfg.model.precision, quant_cache_dir=_quant_cache_dir(cfg), profile=profile,
     ).transformer  # fmt: skip
 
@@ -901,7 +904,8 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
     if cfg.model.checkpoint is not None:
         from lowvram.models.ltx2_checkpoint import open_checkpoint
 
-        open_checkpoint(cfg.model.checkpoint)  # header only: a wrong or pickle checkpoint fails before any work
+        # Header only: a wrong, pickle or other-version checkpoint fails before any work.
+        open_checkpoint(cfg.model.checkpoint, version=cfg.model.version)
     job = start_caching(data_config_from_run(cfg), strict=cfg.data.strict)  # finds bad files before any model loads
     tokenizers = []
 

@@ -19,7 +19,7 @@ def render_validation(cfg, components, transformer: torch.nn.Module, path: Path)
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.ltx2 import LTX2Pipeline
 
-    from lowvram.models import ltx2
+    from lowvram.models.versions import forward_semantics
 
     v = cfg.validation
     width, height = _wh(v.resolution)
@@ -58,7 +58,8 @@ def render_validation(cfg, components, transformer: torch.nn.Module, path: Path)
             generator=torch.Generator().manual_seed(v.seed),
             output_type="np",
             max_sequence_length=min(cfg.data.max_text_tokens, components.tokenizer.model_max_length),
-            use_cross_timestep=ltx2.uses_cross_timestep(transformer),  # the family's (LTX-2.0: False)
+            # The release's own a/v cross-attention timestep (False for 2.0; the pipeline's default True is 2.3/2.5's).
+            use_cross_timestep=forward_semantics(transformer.config).use_cross_timestep,
         )
     finally:
         for m in frozen:
