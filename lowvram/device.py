@@ -92,6 +92,11 @@ class Backend:
         """Tell the allocator `tensor` is used on `stream` (so it is not reused before that stream is done)."""
         return None
 
+    def label(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Name `tensor`'s memory (a ring slot, a weight's host copy) for diagnostics; only the simulated device's
+        race messages use it."""
+        return tensor
+
     def synchronize(self) -> None:
         return None
 

@@ -561,11 +561,6 @@ class SimBackend(Backend):
         if not isinstance(packed, tuple):
             return packed
         t, version, refills, phase, module = packed
-        if t._version != version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                f"{type(t).__name__} {list(t.shape)} is at version {t._version}; expected version {version} instead"
-            )
         for rec, seen, leaf in refills or ():
             if rec.refills != seen:
                 writer = rec.w_stream.name if rec.w_stream is not None else "?"
@@ -587,6 +582,11 @@ class SimBackend(Backend):
                     other_op=str(rec.w_op),
                     phase="backward",
                 )
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"{type(t).__name__} {list(t.shape)} is at version {t._version}; expected version {version} instead"
+            )
         return t
 
     # -- naming, only when a race is reported ----------------------------------------------------------------------
