@@ -172,6 +172,7 @@ class _Record:
 
 
 _WRITES: dict[object, tuple[frozenset[int], frozenset[str]]] = {}
+_COPY = torch.ops.aten.copy_.default
 
 
 def _written_arguments(func) -> tuple[frozenset[int], frozenset[str]]:
@@ -279,6 +280,9 @@ class _Tracking(TorchDispatchMode):
                 sim._write(rec, stream, func, leaf)
             else:
                 sim._read(rec, stream, func, leaf)
+        if func is _COPY and stream is not sim._hostq:
+            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking")):
+                sim._blocking_copy(stream, accesses)
         out = func(*args, **kwargs)
         for t in _tensors(out):
             sim._charge(t, writer=stream, op=func)
@@ -512,6 +516,11 @@ class SimBackend(Backend):
             else:
                 self._read(rec, stream, op, leaf)
         return stream
+
+    def _blocking_copy(self, stream, accesses: list) -> None:
+        """A blocking copy between host and device memory returns once its stream has done it: the host waits."""
+        if any(rec.host for rec, _, _ in accesses):
+            self._host_sync(stream._snapshot())
 
     def _host_sync(self, snap: dict | None) -> None:
         """The host waited for `snap` (a stream's or event's clock): so does everything any stream launches next."""
@@ -752,6 +761,8 @@ class SimBackend(Backend):
     def to_device(self, tensor: torch.Tensor, non_blocking: bool = True) -> torch.Tensor:
         op = "to_device (host to device copy)"
         writer = self._seam_copy(op, [tensor], [], self._current) if self.check_races else None
+        if writer is not None and not non_blocking:
+            self._host_sync(writer._snapshot())
         with self._untracked():
             out = map_leaves(tensor, lambda t: t.detach().clone())
         nbytes = sum(leaf.untyped_storage().nbytes() for leaf in leaf_tensors(out))
@@ -772,7 +783,9 @@ class SimBackend(Backend):
         elif self.is_host_tensor(dst) and not self.is_host_tensor(src):
             self._d2h += nbytes
         if self.check_races:
-            self._seam_copy("copy_", [src], [dst])
+            stream = self._seam_copy("copy_", [src], [dst])
+            if not non_blocking and stream is not self._hostq:
+                self._host_sync(stream._snapshot())
             for leaf in leaf_tensors(dst):
                 rec = self._records.get(_storage_id(leaf))
                 if rec is not None:

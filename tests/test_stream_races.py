@@ -393,3 +393,22 @@ def test_gpu_check_sanitize_reports_a_race_per_strategy(gpu_check, capsys, monke
     assert out.strip().splitlines()[-1] == "races=streaming"
     rows = [line for line in out.splitlines() if line.startswith("streaming")]
     assert rows and "RACE: stream race (read-after-write)" in rows[0]
+
+
+def test_a_blocking_copy_to_the_host_orders_what_the_host_does_next(sim):
+    # Filling a pinned buffer from a device tensor with a plain (blocking) copy_ returns only once the copy is done;
+    # a copy stream may then read the buffer (block swap built inside a running session does this).
+    weight = sim.to_device(torch.randn(16))
+    pinned = sim.empty_pinned((16,), torch.float32)
+    side = sim.new_stream()
+    with sim.session():
+        (weight * 2).sum()
+        pinned.copy_(weight)
+        with sim.use_stream(side):
+            sim.to_device(pinned)
+            done = sim.new_event()
+            done.record(side)
+        done.synchronize()
+        pinned.copy_(weight, non_blocking=True)  # not waited for: the next copy stream read races it
+        with sim.use_stream(side), pytest.raises(StreamRaceError, match="read-after-write"):
+            sim.to_device(pinned)
