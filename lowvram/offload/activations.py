@@ -2,9 +2,8 @@
 
 With gradient checkpointing the activations left on the device are the block-boundary hidden states, one per block;
 this keeps them on the host (copied out on a side stream while the block computes) and copies each back only when
-its block is recomputed in backward. Inputs shared by
-every block (text embeddings, timestep embeddings, rotary tables) stay where they are: offloading them saves nothing.
-It does not checkpoint anything finer than a block.
+its block is recomputed in backward. Inputs shared by every block (text embeddings, timestep embeddings, rotary
+tables) stay where they are: offloading them saves nothing. It does not checkpoint anything finer than a block.
 """
 
 from __future__ import annotations

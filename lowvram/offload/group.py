@@ -1,10 +1,11 @@
 """Group offload: an adapter over diffusers' `apply_group_offloading` that is correct in LoRA training.
 
 diffusers decides the groups (block_level / leaf_level) and when each onloads and offloads (its forward hooks); the
-moving is ours, through the device seam, on a copy stream that compute waits for (no prefetch: see the refusal). Offload rebinds the module's attribute to a stand-in Parameter instead of
-swapping `.data` of the Parameter autograd saved, so backward reads the onloaded copy it saved, never the offloaded
-tensor (the device mismatch of diffusers #12610 / SimpleTuner #1975). Combinations that cannot work are refused up
-front with one line: see `group_offload_refusal`.
+moving is ours, through the device seam, on a copy stream that compute waits for (no prefetch: see the refusal).
+Offload rebinds the module's attribute to a stand-in Parameter instead of swapping `.data` of the Parameter autograd
+saved, so backward reads the onloaded copy it saved, never the offloaded tensor (the device mismatch of diffusers
+#12610 / SimpleTuner #1975). Combinations that cannot work are refused up front with one line: see
+`group_offload_refusal`.
 """
 
 from __future__ import annotations
