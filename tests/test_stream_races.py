@@ -104,6 +104,17 @@ def test_a_copy_into_a_slot_another_stream_still_reads_is_a_write_after_read(sim
     assert race.value.stream.startswith("side stream") and race.value.other_stream == "compute stream"
 
 
+def test_two_streams_writing_one_buffer_unordered_is_a_write_after_write(sim):
+    slot = sim.empty((16,), torch.float32)
+    host = sim.pin(torch.randn(16))
+    side = sim.new_stream()
+    with sim.session():
+        slot.zero_()  # compute writes
+        with sim.use_stream(side), pytest.raises(StreamRaceError) as race:
+            sim.copy_(slot, host)
+    assert race.value.kind == "write-after-write" and "aten.zero_" in race.value.other_op
+
+
 def test_freeing_memory_another_stream_still_uses_is_a_use_after_free_unless_record_stream(sim):
     host = sim.pin(torch.randn(16))
     side = sim.new_stream()
