@@ -195,8 +195,10 @@ def test_the_detector_can_be_switched_off(monkeypatch):
 
 
 # -- every strategy needs each of its synchronizations ------------------------------------------------------------
-def _train(strategy: str, *, steps: int = 2, num_layers: int = 2, checkpointing: bool = True, **options):
-    transformer = tiny_lora_transformer("fp32", num_layers=num_layers)
+def _train(
+    strategy: str, *, steps: int = 2, num_layers: int = 2, checkpointing: bool = True, precision="fp32", **options
+):
+    transformer = tiny_lora_transformer(precision, num_layers=num_layers)
     sim = get_backend("sim")
     applied = apply_named_strategy(strategy, transformer, sim, checkpointing=checkpointing, **options)
     batch = tiny_batch(transformer)
@@ -229,6 +231,15 @@ def test_without_waiting_for_its_copies_each_strategy_raises_a_read_after_write(
         _train(strategy, num_layers=3)
     assert race.value.kind == "read-after-write"
     assert race.value.stream == "compute stream" and race.value.other_stream.startswith("side stream")
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int8-torchao"])
+@pytest.mark.parametrize("strategy", ["streaming", "block_swap_all_but_one"])
+def test_quantized_weights_race_through_their_inner_tensors(strategy, precision, monkeypatch):
+    _no_wait_event(monkeypatch)
+    with pytest.raises(StreamRaceError) as race:
+        _train(strategy, num_layers=3, precision=precision, steps=1)
+    assert race.value.kind == "read-after-write"
 
 
 def test_streaming_without_a_wait_in_backward_raises_there(monkeypatch):
