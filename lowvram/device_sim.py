@@ -5,21 +5,22 @@ live storage not registered as host memory is device memory, and a copy engine i
 It does not model kernels' speed beyond matmul/attention FLOPs, nor fragmentation (allocated == reserved).
 
 Stream races (on by default; `check_races=False` or LOWVRAM_SIM_RACES=0 turns them off) are checked the way
-PyTorch's CUDA stream sanitizer checks them, with vector clocks: every op is a numbered launch on the current stream,
-an event records its stream's clock, `wait_event`/`wait_stream` join clocks, and host synchronizes join every stream.
-Every device and host storage remembers its last write (stream, launch) and its reads since; a read not ordered after
-the last write, a write not ordered after earlier reads (or the last write) on other streams, and the free of a storage
-another stream may still use without `record_stream` raise `StreamRaceError` at the operation. What each op reads and
-writes comes from where it is already seen, so the check is sound and cheap: the dispatch mode of `session()` sees
-every aten op (the op schema's `(a!)` arguments are its writes, every other tensor argument a read, new outputs are
-written by it, view ops touch no data), and the seam's own copies (`to_device`, `copy_`, `to_host`, `pin`) record their
-source read and destination written on the current stream -- or on the host, for a copy between host buffers, which
-the host performs at once: host work is ordered before anything enqueued after it, and after a stream only through a
-synchronize. Ops and copies are issued in program order, so a race is reported at the first op that could observe it.
-A free is checked when the storage dies and reported at the next op (where its memory could be reused). Autograd's
-saved tensors are checked too: a saved view of a buffer the seam refilled since (a weight ring recycled without
-checkpointing: OneTrainer #1306) raises instead of giving plausible but wrong gradients. Names in messages (module,
-parameter, slot) are looked up only when a race is reported; labels come from `Backend.label`.
+PyTorch's CUDA stream sanitizer checks them, with vector clocks: every op is a numbered launch on the current
+stream, an event records its stream's clock, `wait_event`/`wait_stream` join clocks, and host synchronizes join
+every stream. Every device and host storage remembers its last write (stream, launch) and its reads since; a read
+not ordered after the last write, a write not ordered after earlier reads (or the last write) on other streams, and
+the free of a storage another stream may still use without `record_stream` raise `StreamRaceError` at the operation.
+What each op reads and writes comes from where it is already seen, so the check is sound and cheap: the dispatch
+mode of `session()` sees every aten op (the op schema's `(a!)` arguments are its writes, every other tensor argument
+a read, new outputs are written by it, view ops touch no data), and the seam's own copies (`to_device`, `copy_`,
+`to_host`, `pin`) record their source read and destination written on the current stream -- or on the host, for a
+copy (or op) touching host buffers only, which the host performs at once: host work is ordered before anything
+enqueued after it, and after a stream's work only through a synchronize or a blocking copy. Ops and copies are
+issued in program order, so a race is reported at the first op that could observe it. A free is checked when the
+storage dies and reported at the next op (where its memory could be reused). Autograd's saved tensors are checked
+too: a saved view of a buffer the seam refilled since (a weight ring recycled without checkpointing: OneTrainer
+#1306) raises instead of giving plausible but wrong gradients. Names in messages (module, parameter, slot) are
+looked up only when a race is reported; labels come from `Backend.label`.
 It does not see work done in other threads (their ops bypass the dispatch mode), nor races on memory outside it.
 """
 
