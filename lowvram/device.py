@@ -92,6 +92,11 @@ class Backend:
         """Tell the allocator `tensor` is used on `stream` (so it is not reused before that stream is done)."""
         return None
 
+    def label(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """Name `tensor`'s memory (a ring slot, a weight's host copy) for diagnostics; only the simulated device's
+        race messages use it."""
+        return tensor
+
     def synchronize(self) -> None:
         return None
 
@@ -235,6 +240,20 @@ def _pinned_copy(t: torch.Tensor, non_blocking: bool) -> torch.Tensor:
 
 def accelerator_available() -> bool:
     return torch.cuda.is_available()
+
+
+def enable_stream_sanitizer() -> tuple[type[BaseException], ...]:
+    """Turn on PyTorch's CUDA stream sanitizer (what TORCH_CUDA_SANITIZER=1 does at import) for the rest of this
+    process; returns the exception types it raises on a race. It checks every kernel's reads and writes against the
+    streams' events like the simulated device does, but not frees: a missing record_stream shows only there.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("the CUDA stream sanitizer needs a CUDA or ROCm device")
+    from torch.cuda import _sanitizer
+
+    if not _sanitizer.cuda_sanitizer.enabled:  # TORCH_CUDA_SANITIZER=1 may have enabled it at import already
+        _sanitizer.enable_cuda_sanitizer()
+    return (_sanitizer.CUDASanitizerErrors,)
 
 
 def accelerator_count() -> int:

@@ -1,8 +1,9 @@
 """The offload matrix on the tiny LTX-2 transformer and the simulated device (`pytest -m matrix`):
-{no offload, streaming, block swap 1 / all but one, group offload block/leaf level} x {fp32, int8 quanto, int8 torchao}
-x {checkpointing on, off}. Each case gives the baseline's LoRA gradients, touches no offloaded weight (the simulated
-device raises if it does), and peaks within the planner's prediction (lowvram.plan.predict_peak for the same settings)
-+ 5% -- or is refused up front with one line."""
+{no offload, streaming, block swap 1 / all but one, group offload block/leaf level, activation offload} x {fp32, int8
+quanto, int8 torchao} x {checkpointing on, off}. Each case gives the baseline's LoRA gradients, touches no offloaded
+weight (the simulated device raises if it does), races no stream (it raises StreamRaceError if one does: the detector
+is on), and peaks within the planner's prediction (lowvram.plan.predict_peak for the same settings) + 5% -- or is
+refused up front with one line."""
 
 import functools
 
@@ -26,7 +27,14 @@ from lowvram.offload.harness import (
 
 pytestmark = pytest.mark.matrix
 
-STRATEGIES = ["streaming", "block_swap_1", "block_swap_all_but_one", "group_block_level", "group_leaf_level"]
+STRATEGIES = [
+    "streaming",
+    "block_swap_1",
+    "block_swap_all_but_one",
+    "group_block_level",
+    "group_leaf_level",
+    "activation_offload",  # always checkpoints: its no-ckpt case is compared with the no-ckpt baseline
+]
 # Relative to the largest gradient entry. fp32 paths run the same kernels (measured: bit-identical). int8 backward
 # multiplies by the dequantized weight where the library's own backward may order the math differently (measured:
 # <= 5e-6 for torchao, 0 for quanto).
@@ -88,7 +96,8 @@ def test_offload_case(strategy, precision, checkpointing, record_property, plan_
     worst = max(float((grads[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected)
     assert worst <= TOLERANCE[precision]
     assert frozen_grads == []
-    assert strategy_obj.offloaded_bytes > 0 and stats.h2d_bytes > 0 and stats.d2h_bytes == 0
+    assert strategy_obj.offloaded_bytes > 0 and stats.h2d_bytes > 0
+    assert (stats.d2h_bytes > 0) == (strategy == "activation_offload")  # only activations go device -> host
 
     predicted = _planner_prediction(strategy, precision, checkpointing, plan_cache)
     record_property("peak_bytes", stats.peak_bytes)
@@ -102,7 +111,10 @@ def test_offload_case(strategy, precision, checkpointing, record_property, plan_
     assert stats.peak_bytes >= 0.95 * predicted  # and the prediction is not a loose bound either
     base_predicted = _planner_prediction("none", precision, checkpointing, plan_cache)
     assert 0.95 * base_predicted <= base.peak_bytes <= 1.05 * base_predicted
-    if strategy != "block_swap_1":  # one swapped block sits in its one ring slot: by design it saves nothing
+    # block_swap_1: one swapped block sits in its one ring slot, by design it saves nothing. activation_offload with
+    # checkpointing: at these tiny shapes the step's peak is not where block boundaries are held (measured: equal to
+    # the baseline's, int8-quanto 288 bytes above it); its saving is tested in test_offload_strategies.py.
+    if strategy != "block_swap_1" and not (strategy == "activation_offload" and checkpointing):
         assert stats.peak_bytes < base.peak_bytes
 
 

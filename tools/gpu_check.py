@@ -4,9 +4,13 @@ Builds a few blocks of the real LTX-2 transformer width (ltx-2.0 config, fewer l
 at a time through the device seam, and prints measured vs the planner's predictions (`lowvram.plan.predict_peak` for
 the same shapes and settings). `--simulate` runs the same code on the simulated accelerator with the tiny family's
 widths (tests run it, so this path is never dead code). It changes no setting of the GPU.
+`--sanitize` runs every strategy under PyTorch's CUDA stream sanitizer (torch.cuda._sanitizer, through the device
+seam) and reports each stream race it finds instead of timings; with `--simulate` the simulated device's own race
+detector is the sanitizer (it also sees frees a missing record_stream leaves unguarded).
 
     python tools/gpu_check.py                 # CUDA / ROCm
-    python tools/gpu_check.py --simulate      # anywhere
+    python tools/gpu_check.py --sanitize      # CUDA / ROCm, stream races: last line races=none
+    python tools/gpu_check.py --simulate      # anywhere (add --sanitize for the race report)
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 STRATEGIES = ("none", "streaming", "block_swap", "group_block_level", "group_leaf_level", "activation_offload")
+
+
 @dataclass(frozen=True)
 class Row:
     strategy: str
@@ -32,6 +38,7 @@ class Row:
     predicted_step_s: float
     h2d_bytes_per_step: int
     refused: str | None = None
+    race: str | None = None
 
 
 def plan_config(args):
@@ -85,7 +92,7 @@ def _backend(args):
 
     if args.simulate:
         profile = load_profile(args.profile)
-        return get_backend("sim", h2d_gbps=profile.h2d_pinned_gbps, tflops=profile.bf16_tflops)
+        return get_backend("sim", h2d_gbps=profile.h2d_pinned_gbps, tflops=profile.bf16_tflops, check_races=True)
     if not accelerator_available():
         raise SystemExit("gpu_check: no CUDA or ROCm device here: run with --simulate")
     return get_backend("cuda")
@@ -171,6 +178,24 @@ def planner_settings(name: str, args):
     return plan_settings(harness_name, args.precision, checkpointing=True, num_blocks=args.layers)
 
 
+def race_errors(args) -> tuple[type[BaseException], ...]:
+    """The exceptions a stream race raises in this run: the simulated device's, and on a GPU under --sanitize
+    PyTorch's CUDA stream sanitizer's (enabled here, before any model is built)."""
+    from lowvram.device_sim import StreamRaceError
+
+    if args.sanitize and not args.simulate:
+        from lowvram.device import enable_stream_sanitizer
+
+        return (StreamRaceError, *enable_stream_sanitizer())
+    return (StreamRaceError,)
+
+
+def _race_line(error: BaseException) -> str:
+    inner = getattr(error, "errors", None)  # CUDASanitizerErrors wraps the sanitizer's UnsynchronizedAccessErrors
+    text = str(inner[0]) if inner else str(error)
+    return " ".join(line.strip() for line in text.splitlines()[:4] if line.strip())
+
+
 def run(args) -> list[Row]:
     from lowvram.errors import UsageError
     from lowvram.plan import predict_peak
@@ -184,7 +209,11 @@ def run(args) -> list[Row]:
         GPU, max reserved also holds allocator slack, which the profile's reserve covers in a plan)."""
         return predict_peak(cfg, profile, planner_settings(name, args), num_layers=args.layers).step_bytes
 
-    base_peak, base_s, _, _ = _run("none", args)
+    races = race_errors(args)
+    try:
+        base_peak, base_s, _, _ = _run("none", args)
+    except races as race:
+        return [Row("none", 0, 0, 0.0, 0.0, 0, race=_race_line(race))]
     rows = [Row("none", base_peak, predicted("none"), base_s, base_s, 0)]
     for name in args.strategies.split(","):
         if name == "none":
@@ -193,6 +222,9 @@ def run(args) -> list[Row]:
             peak, step_s, moved, strategy = _run(name, args)
         except UsageError as refused:
             rows.append(Row(name, 0, 0, 0.0, 0.0, 0, refused=str(refused)))
+            continue
+        except races as race:
+            rows.append(Row(name, 0, 0, 0.0, 0.0, 0, race=_race_line(race)))
             continue
         # A streamed copy overlaps compute: the step takes the longer of the two (the copy at the profile's link).
         predicted_s = max(base_s, moved / (profile.h2d_pinned_gbps * 1e9))
@@ -212,10 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=26, help="latent width (26 = 832 px)")
     parser.add_argument("--audio-tokens", type=int, default=17)
     parser.add_argument("--text-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps after a warm-up (3; 1 with --sanitize)")
     parser.add_argument("--profile", default="4090", help="hardware profile whose H2D rate the predictions use")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument(
+        "--sanitize",
+        action="store_true",
+        help="report stream races: PyTorch's CUDA stream sanitizer on a GPU, the simulated device's with --simulate",
+    )
     args = parser.parse_args(argv)
+    from lowvram.device import accelerator_available
+
+    if args.sanitize and not args.simulate and not accelerator_available():
+        print(
+            "gpu_check: --sanitize runs PyTorch's CUDA stream sanitizer, which needs a CUDA or ROCm device; "
+            "use --simulate --sanitize here (the simulated device's race detector)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.steps is None:
+        args.steps = 1 if args.sanitize else 3  # the sanitizer checks every kernel: slow, and timings mean nothing
     if args.simulate:
         torch.set_num_threads(1)
         if args.dtype is None:
@@ -238,14 +286,24 @@ def main(argv: list[str] | None = None) -> int:
         if r.refused:
             print(f"{r.strategy:<20}refused: {r.refused}")
             continue
+        if r.race:
+            print(f"{r.strategy:<20}RACE: {r.race}")
+            continue
         rate = r.h2d_bytes_per_step / r.step_s / 1e9 if r.step_s else 0.0
         print(
             f"{r.strategy:<20}{r.peak_bytes / 2**20:>10.2f}{r.predicted_peak_bytes / 2**20:>10.2f}{r.step_s:>10.4f}"
             f"{r.predicted_step_s:>10.4f}{rate:>10.3f}{r.h2d_bytes_per_step / 1e6:>10.2f}"
         )
-    over = [r.strategy for r in rows if not r.refused and r.peak_bytes > 1.05 * r.predicted_peak_bytes]
-    print(f"peaks_over_prediction={','.join(over) or 'none'}")
-    return 1 if over else 0
+    over = [r.strategy for r in rows if not r.refused and not r.race and r.peak_bytes > 1.05 * r.predicted_peak_bytes]
+    raced = [r.strategy for r in rows if r.race]
+    if args.sanitize:
+        print(f"peaks_over_prediction={','.join(over) or 'none'}")
+        print(f"races={','.join(raced) or 'none'}")  # the figure --sanitize is for: last
+    else:
+        if raced:
+            print(f"races={','.join(raced)}")
+        print(f"peaks_over_prediction={','.join(over) or 'none'}")
+    return 1 if over or raced else 0
 
 
 if __name__ == "__main__":

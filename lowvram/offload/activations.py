@@ -1,9 +1,9 @@
 """Activation offload at checkpoint boundaries: each checkpointed block's inputs wait in pinned host memory.
 
 With gradient checkpointing the activations left on the device are the block-boundary hidden states, one per block;
-this keeps them on the host and copies each back only when its block is recomputed in backward. Inputs shared by
-every block (text embeddings, timestep embeddings, rotary tables) stay where they are: offloading them saves nothing.
-It does not checkpoint anything finer than a block.
+this keeps them on the host (copied out on a side stream while the block computes) and copies each back only when
+its block is recomputed in backward. Inputs shared by every block (text embeddings, timestep embeddings, rotary
+tables) stay where they are: offloading them saves nothing. It does not checkpoint anything finer than a block.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowvram.device import Backend
+from lowvram.device import Backend, leaf_tensors
 from lowvram.offload.weights import tensor_bytes
 
 
@@ -23,12 +23,28 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, offload: ActivationOffload, run, _grad_anchor: torch.Tensor, *args):
         ctx.offload, ctx.run = offload, run
-        ctx.rng_state = offload.backend.get_rng_state()
+        backend, stream = offload.backend, offload._copy_stream
+        ctx.rng_state = backend.get_rng_state()
         ctx.cpu_rng_state = torch.get_rng_state()
+        ctx.copied = None
         stored = []
         for i, arg in enumerate(args):
             if isinstance(arg, torch.Tensor) and i in offload.chain_positions:
-                stored.append(("host", offload.backend.to_host(arg.detach(), non_blocking=True), arg.requires_grad))
+                backend.label(arg, f"activation boundary (block input {i})")
+                if stream is None:
+                    host = backend.to_host(arg.detach(), non_blocking=True)
+                else:
+                    # On a side stream, so the block computes while its input goes to the host: the copy waits for
+                    # the input to be computed, and the input's memory is not reused until the copy has read it.
+                    stream.wait_stream(backend.current_stream())
+                    with backend.use_stream(stream):
+                        host = backend.to_host(arg.detach(), non_blocking=True)
+                    for leaf in leaf_tensors(arg):
+                        backend.record_stream(leaf, stream)
+                    ctx.copied = backend.new_event()
+                    ctx.copied.record(stream)
+                backend.label(host, f"activation boundary (block input {i}) on the host")
+                stored.append(("host", host, arg.requires_grad))
                 offload.stored_bytes += tensor_bytes(arg)
             elif isinstance(arg, torch.Tensor):
                 stored.append(("device", arg.detach(), arg.requires_grad))
@@ -43,6 +59,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         offload = ctx.offload
+        if ctx.copied is not None:  # the host copy must be complete before it is copied back
+            offload.backend.current_stream().wait_event(ctx.copied)
         inputs = []
         for kind, value, requires_grad in ctx.stored:
             if kind == "host":
@@ -84,6 +102,7 @@ class ActivationOffload:
     copied_bytes: int = 0  # host -> device bytes copied back for recompute (all backends count it)
     _previous_outputs: set[int] = field(default_factory=set)
     _anchor: torch.Tensor | None = None
+    _copy_stream: object | None = None  # device -> host copies of block inputs
 
     def checkpoint(self, module: nn.Module, *args):
         """diffusers' `gradient_checkpointing_func` signature: (block, *positional args)."""
@@ -124,6 +143,7 @@ def apply_activation_offload(transformer: nn.Module, backend: Backend) -> Activa
     The first step learns which arguments chain block to block (and offloads them from its second block on).
     """
     offload = ActivationOffload(backend=backend)
+    offload._copy_stream = backend.new_stream() if backend.supports_streams else None
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=offload.checkpoint)
     transformer.register_forward_pre_hook(lambda m, a: offload._start_forward())
     return offload

@@ -153,6 +153,7 @@ class BlockSwap:
             self._unbind(previous)
         backend = self.backend
         block = self._blocks[index]
+        backend.label(self._slots[slot], f"block swap ring slot {slot} (last loaded: block {index})")
         self.copied_bytes += block.nbytes
         if self._copy_stream is None:
             backend.copy_(self._slots[slot][: block.nbytes], block.host)

@@ -1,10 +1,11 @@
 """Group offload: an adapter over diffusers' `apply_group_offloading` that is correct in LoRA training.
 
 diffusers decides the groups (block_level / leaf_level) and when each onloads and offloads (its forward hooks); the
-moving is ours, through the device seam. Offload rebinds the module's attribute to a stand-in Parameter instead of
-swapping `.data` of the Parameter autograd saved, so backward reads the onloaded copy it saved, never the offloaded
-tensor (the device mismatch of diffusers #12610 / SimpleTuner #1975). Combinations that cannot work are refused up
-front with one line: see `group_offload_refusal`.
+moving is ours, through the device seam, on a copy stream that compute waits for (no prefetch: see the refusal).
+Offload rebinds the module's attribute to a stand-in Parameter instead of swapping `.data` of the Parameter autograd
+saved, so backward reads the onloaded copy it saved, never the offloaded tensor (the device mismatch of diffusers
+#12610 / SimpleTuner #1975). Combinations that cannot work are refused up front with one line: see
+`group_offload_refusal`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowvram.device import Backend
+from lowvram.device import Backend, leaf_tensors
 from lowvram.errors import UsageError
 from lowvram.offload.weights import refuse_unmovable, stand_in_like, tensor_bytes
 
@@ -63,6 +64,7 @@ class GroupOffload:
     _names: dict[int, str] = field(default_factory=dict)  # id(module) -> dotted path, "" for the root
     blocks_prefix: str = "transformer_blocks."
     _onloaded: list[_Group] = field(default_factory=list)  # a handful at most: scanned on every onload
+    _copy_stream: object | None = None
 
     @property
     def offloaded_bytes(self) -> int:
@@ -98,9 +100,26 @@ class GroupOffload:
                 if other_name is None or other_name == "" or name == other_name or name.startswith(other_name + "."):
                     continue
                 self._offload(other)
+        backend, stream = self.backend, self._copy_stream
+        values = []
         for slot in group.slots:
-            value = self.backend.to_device(slot.host)
+            if stream is None:
+                values.append(backend.to_device(slot.host))
+            else:
+                # On the copy engine: the host runs ahead of the GPU, so the copy starts while compute still drains
+                # the kernels queued before it, instead of queueing behind them on the compute stream.
+                with backend.use_stream(stream):
+                    values.append(backend.to_device(slot.host, non_blocking=True))
             self.copied_bytes += tensor_bytes(slot.host)
+        if stream is not None and values:
+            ready = backend.new_event()
+            ready.record(stream)
+            compute = backend.current_stream()
+            compute.wait_event(ready)
+            for value in values:  # freed by compute (when autograd lets go), allocated on the copy stream
+                for leaf in leaf_tensors(value):
+                    backend.record_stream(leaf, compute)
+        for slot, value in zip(group.slots, values, strict=True):
             slot.module._parameters[slot.name] = nn.Parameter(value, requires_grad=False)
         group.onloaded = True
         self._onloaded.append(group)
@@ -168,6 +187,7 @@ def apply_group_offload(
     adapter = GroupOffload(
         backend=backend, _names={id(m): n for n, m in module.named_modules()}, blocks_prefix=f"{blocks_attr}."
     )
+    adapter._copy_stream = backend.new_stream() if backend.supports_streams else None
     seen: set[int] = set()
     for mod in module.modules():
         registry = getattr(mod, "_diffusers_hook", None)
@@ -185,7 +205,7 @@ def apply_group_offload(
             if owner._parameters.get(name) is not param:
                 continue  # already taken by another group
             label = f"{type(owner).__name__}.{name}"
-            host_copy = backend.pin(param.detach())
+            host_copy = backend.label(backend.pin(param.detach()), f"{adapter._names.get(id(owner))}.{name}")
             stand_in = nn.Parameter(stand_in_like(backend, param.detach(), label), requires_grad=False)
             owner._parameters[name] = stand_in
             slots.append(_Slot(module=owner, name=name, host=host_copy, stand_in=stand_in))

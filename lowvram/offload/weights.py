@@ -87,7 +87,7 @@ def offload_parameter(backend: Backend, module: nn.Module, name: str, label: str
     param = module._parameters[name]
     if param.requires_grad:
         raise ValueError(f"{label} is trainable: only frozen weights are offloaded")
-    host = backend.pin(param.detach())
+    host = backend.label(backend.pin(param.detach()), label)
     stand_in = stand_in_like(backend, param.detach(), label)
     set_contents(param, stand_in)
     return HostWeight(module=module, name=name, label=label, host=host, stand_in=stand_in)
