@@ -293,6 +293,13 @@ class SimBackend(Backend):
     def synchronize(self) -> None:
         return None  # streams are joined through events; the host never races the simulated copy engine
 
+    def clock_s(self) -> float:
+        """The simulated compute clock (matmul/attention FLOPs at `tflops`, copies at `h2d_gbps`, stalls)."""
+        return self._clock_s
+
+    def set_memory_cap(self, cap_bytes: int | None) -> None:
+        self.set_budget(cap_bytes)
+
     # -- memory placement ------------------------------------------------------------------------------------
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         with self._untracked():
