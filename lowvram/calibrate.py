@@ -178,9 +178,10 @@ def _step_time_and_flops(backend: Backend, cfg, config: dict, num_layers: int, d
         counter = LiveBytes()  # the planner's FLOP counter, so the rate divides like with like
         with counter:
             lora_step(transformer, batch, backend)
-    del transformer, batch
+    flops = sum(counter.flops.values())
+    transformer = batch = None  # freed before the next model is built (the closure holds them otherwise)
     backend.empty_cache()
-    return seconds, sum(counter.flops.values())
+    return seconds, flops
 
 
 def measure_block(backend: Backend, cfg, config: dict, dtype, repeats: int = 2) -> tuple[float, float]:

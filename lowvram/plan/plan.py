@@ -850,7 +850,7 @@ def _phase_shortfall(c: Candidate, vram_ok: int, ram_ok: int, profile: HardwareP
         if over_v > 0:
             parts.append(f"{name} needs {over_v / GIB:.1f} GiB more VRAM")
         if over_r > 0:
-            shared = " (its device memory is host RAM: both are counted once, together)" if profile.unified_memory else ""
+            shared = " (device memory is host RAM here: both counted once, together)" if profile.unified_memory else ""
             parts.append(f"{name} needs {over_r / GIB:.1f} GiB more host RAM{shared}")
     return f"does not fit profile '{profile.name}' even with {c.settings.describe()}: " + "; ".join(parts)
 
