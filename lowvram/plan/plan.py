@@ -974,3 +974,19 @@ def predict_peak(
     reserve = components.pop("reserve", 0)
     optimizer = components.pop("optimizer state", 0)
     return PeakPrediction(sum(components.values()), optimizer, reserve, components)
+
+
+def predict_step_time(
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    settings: Settings,
+    *,
+    num_layers: int | None = None,
+    cache_dir=None,
+) -> StepTime:
+    """The step time `plan_run` predicts for exactly `settings` (`num_layers` as in `predict_peak`): for tools that
+    put a measured step beside it (tools/gpu_acceptance.py)."""
+    m = collect_measurements(cfg, profile, MeasureCache(cache_dir))
+    if num_layers is not None:
+        m = replace(m, num_layers=num_layers)
+    return step_time(m, settings, profile, _budget_options(cfg, DEFAULT_EFFICIENCY))
