@@ -191,9 +191,12 @@ def measure_block(backend: Backend, cfg, config: dict, dtype, repeats: int = 2) 
     return max(t2 - t1, 0.0), float(f2 - f1)
 
 
-def calibrate(backend: Backend, cfg, *, budget_s: float = DEFAULT_BUDGET_S, progress=None) -> Calibration:
+def calibrate(
+    backend: Backend, cfg, *, budget_s: float = DEFAULT_BUDGET_S, progress=None, repeats: int = 2
+) -> Calibration:
     """Measure this device for the run `cfg` (its shape, LoRA rank, model family's widths). `progress(str)` is told
-    each section as it starts. Sections that would start after `budget_s` are skipped and noted."""
+    each section as it starts. Sections that would start after `budget_s` are skipped and noted. Each timing is the
+    best of `repeats` after a warm-up."""
     from lowvram.hardware import measure_h2d_gbps
     from lowvram.plan.measure import model_configs
     from lowvram.plan.plan import run_shape
@@ -223,15 +226,15 @@ def calibrate(backend: Backend, cfg, *, budget_s: float = DEFAULT_BUDGET_S, prog
 
     link = SIM_LINK_BYTES if backend.name == "sim" else LINK_BYTES
     section("matmul", "bf16 matmul at the block's GEMM shapes",
-            lambda: measure_matmul_tflops(backend, gemm_shapes(config, tokens), dtype))
+            lambda: measure_matmul_tflops(backend, gemm_shapes(config, tokens), dtype, repeats))
     section("attention", f"attention at {shape.video_tokens} video tokens", lambda: measure_attention_tflops(
         backend, batch=shape.batch, heads=config["num_attention_heads"], tokens=shape.video_tokens,
-        head_dim=config["attention_head_dim"], dtype=dtype))
+        head_dim=config["attention_head_dim"], dtype=dtype, repeats=repeats))
     section("pinned", "host->device copies, pinned", lambda: measure_h2d_gbps(backend, link, pinned=True))
     section("pageable", "host->device copies, pageable", lambda: measure_h2d_gbps(backend, link, pinned=False))
 
     def block() -> float:
-        seconds, flops = measure_block(backend, cfg, config, dtype)
+        seconds, flops = measure_block(backend, cfg, config, dtype, repeats)
         results["block_f"] = flops
         return seconds
 
