@@ -19,13 +19,18 @@ WHEELS=(
   "pydantic-core==2.50.5"
   "annotated-types==0.8.0"
   "typing-inspection==0.4.5"
+  # pydantic-core 2.50 needs typing-extensions >= 4.16; the machine's copy (a torch dependency) may be older.
+  "typing-extensions==4.16.0"
   "torchao==0.18.0"
+  # The machine has a peft of unknown version; torchao releases remove classes peft imports, so the peft this
+  # torchao was checked with travels too (it shadows the installed one only inside the kit's target folder).
+  "peft==0.21.2"
   "optimum-quanto==0.2.7"
 )
 rm -rf "$DEST.partial"
 mkdir -p "$DEST.partial"
 # --no-deps: everything else those wheels import is already on the GPU machine (numpy, safetensors,
-# huggingface-hub, regex, requests, Pillow via matplotlib, typing-extensions via torch); ninja (quanto) only builds
+# huggingface-hub, regex, requests, Pillow via matplotlib, filelock); ninja (quanto) only builds
 # optional C++ extensions, which the check does not use.
 $PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
