@@ -96,6 +96,7 @@ def test_plan_output_labels_each_figure_measured_or_assumed():
     assert "estimate, uncalibrated" in plain.summary_line()
     assert any(a.startswith("compute") and "assumed" in a for a in plain.assumptions)
     assert any(a.startswith("host->device") and "assumed" in a for a in plain.assumptions)
+    assert any("GiB VRAM: assumed" in a for a in plain.assumptions)
     calibrated = base.model_copy(
         update={"train_tflops": 30.0, "h2d_pinned_gbps": 12.0, "measured": ("train_tflops", "h2d_pinned_gbps"),
                 "calibration": "test GPU, 64x64x9"}
@@ -105,6 +106,9 @@ def test_plan_output_labels_each_figure_measured_or_assumed():
     assert "from measured throughput" in plan.summary_line()
     assert any(a.startswith("compute 30 TFLOP/s: measured") and "test GPU" in a for a in plan.assumptions)
     assert any(a.startswith("host->device 12 GB/s pinned: measured") for a in plan.assumptions)
+    probed = calibrated.model_copy(update={"measured": (*calibrated.measured, "vram_bytes", "host_ram_bytes")})
+    lines = plan_run(cfg, probed, choose=False).assumptions
+    assert any("GiB VRAM: measured" in a and "GiB host RAM: measured" in a for a in lines)
 
 
 def test_probe_calibrate_simulate_writes_a_profile_plan_reads_as_measured(cli, tmp_path):

@@ -101,6 +101,17 @@ class Kit:
         self.log(f"skipped {section}: {why}")
         self.results["skipped"].append({"section": section, "why": why})
 
+    def guard(self, section: str, fn, *args, **kwargs):
+        """Run one section; an error is recorded in one line and the run goes on (the table shows what worked)."""
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"{section} failed: {type(e).__name__}: {_first_line(e)}")
+            self.results.setdefault("failed_sections", []).append(section)
+            self.results.setdefault("errors", {})[section] = f"{type(e).__name__}: {_first_line(e)}"
+            self.save()
+            return None
+
     def save(self) -> None:
         from lowvram.fsutil import atomic_write_text
 
@@ -184,37 +195,40 @@ def predict(kit: Kit, settings, profile) -> dict:
 
 def train_steps(kit: Kit, settings, *, cap_bytes: int | None = None, steps: int = 3) -> dict:
     """Build the model at `settings.precision`, apply `settings` as training does, cap device memory, train `steps`
-    LoRA steps (AdamW) after one warm-up. Measured peak (allocated, reserved), median s/step, H2D bytes/step."""
-    from lowvram.calibrate import batch_for, random_lora_transformer
+    LoRA steps (AdamW) after one warm-up. Measured peak (allocated, reserved), median s/step, H2D bytes/step.
+    A failure (out of memory under the cap, a library error) is the case's result, not the end of the run."""
+    from lowvram.calibrate import _attention_kind, batch_for, random_lora_transformer
     from lowvram.config import apply_overrides
     from lowvram.offload import apply_memory_plan
     from lowvram.offload.harness import lora_step
 
     backend = kit.backend
-    cfg = apply_overrides(kit.cfg(settings.precision), settings.dotted())
-    precision = "bf16" if settings.precision == "fp32" else settings.precision
-    device = "cpu" if kit.simulate else backend.device
-    transformer = random_lora_transformer(
-        kit.model_config(), num_layers=kit.layers, rank=cfg.lora.rank, dtype=kit.dtype, device=device,
-        precision=precision,
-    )
-    applied = apply_memory_plan(transformer, memory=cfg.memory, backend=backend)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batch = batch_for(transformer, cfg, kit.dtype)
-    gc.collect()
-    backend.empty_cache()
-    times: list[float] = []
     result: dict = {"settings": settings.describe(), "cap_bytes": cap_bytes}
-    from lowvram.calibrate import _attention_kind
-
+    transformer = optimizer = batch = applied = params = None
     try:
+        cfg = apply_overrides(kit.cfg(settings.precision), settings.dotted())
+        precision = "bf16" if settings.precision == "fp32" else settings.precision
+        device = "cpu" if kit.simulate else backend.device
+        # built uncapped (on a GPU the whole model is materialised there first), then the strategies move their share
+        # to the host and the cap applies to training
+        transformer = random_lora_transformer(
+            kit.model_config(), num_layers=kit.layers, rank=cfg.lora.rank, dtype=kit.dtype, device=device,
+            precision=precision,
+        )
+        applied = apply_memory_plan(transformer, memory=cfg.memory, backend=backend)
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        batch = batch_for(transformer, cfg, kit.dtype)
+        gc.collect()
+        backend.empty_cache()
         backend.set_memory_cap(cap_bytes)
-        # the attention kernels calibration times (flash on a GPU; on the simulated device the math kernel its
-        # clock can time)
+        times: list[float] = []
+        moved_before = 0
+        # the attention kernels calibration times (flash on a GPU; on the simulated device the math kernel, which
+        # its clock times)
         with _attention_kind(backend), backend.session():
             for i in range(steps + 1):
-                if i == 1:
+                if i == 1:  # after the warm-up: optimizer state exists, rings are filled
                     backend.reset_peak_memory_stats()
                     moved_before = sum(getattr(s, "copied_bytes", 0) for s in applied.strategies)
                 start = backend.clock_s()
@@ -232,13 +246,19 @@ def train_steps(kit: Kit, settings, *, cap_bytes: int | None = None, steps: int 
             h2d_bytes_per_step=moved // steps, h2d_gbps=moved / steps / step_s / 1e9 if step_s else 0.0,
         )
     except torch.OutOfMemoryError as e:
-        result.update(ok=False, error=f"out of memory: {str(e).splitlines()[0][:200]}")
+        result.update(ok=False, error=f"out of memory: {_first_line(e)}")
+    except Exception as e:  # noqa: BLE001 - the kit reports what broke and goes on to the next case
+        result.update(ok=False, error=f"{type(e).__name__}: {_first_line(e)}")
     finally:
         backend.set_memory_cap(None)
         transformer = optimizer = batch = applied = params = None
         gc.collect()
         backend.empty_cache()
     return result
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
 
 
 def case(kit: Kit, name: str, settings, *, cap_bytes=None, baseline: dict | None = None, note: str = "") -> dict:
@@ -413,24 +433,29 @@ def main(argv: list[str] | None = None) -> int:
     from lowvram.plan import Settings
 
     if kit.has_time("calibrate"):
-        section_calibrate(kit)
-    plans = section_plans(kit)
+        kit.guard("e", section_calibrate)
+    plans = kit.guard("plans", section_plans)
+    if plans is None:
+        print_table(kit)
+        return 1
     base = scaled(kit, Settings(precision="bf16"))
-    a = case(kit, "a no offload", base, note="full depth, bf16, random weights") if kit.has_time("a") else None
+    a = None
+    if kit.has_time("a"):
+        a = kit.guard("a", case, "a no offload", base, note="full depth, bf16, random weights")
     if kit.has_time("b_3090"):
-        section_capped(kit, "3090", *plans["3090"], baseline=a)
+        kit.guard("b_3090", section_capped, "3090", *plans["3090"], a)
     low_plan, low_profile = plans["4070"]
     low = scaled(kit, settings_of(low_plan.settings))
     low_base = a
     if low.precision != base.precision and kit.has_time("base_low"):
-        low_base = case(kit, f"{low.precision} no offload", replace(low, offload="none", blocks_to_swap=0,
-                                                                  ramtorch_share=0.0), note="4070 plan's baseline")
+        plain = replace(low, offload="none", blocks_to_swap=0, ramtorch_share=0.0)
+        low_base = kit.guard("base_low", case, f"{low.precision} no offload", plain, note="the 4070 plan's baseline")
     if kit.has_time("b_4070"):
-        section_capped(kit, "4070", low_plan, low_profile, baseline=low_base)
+        kit.guard("b_4070", section_capped, "4070", low_plan, low_profile, low_base)
     if kit.has_time("c"):
-        section_gpu_check(kit)
+        kit.guard("c", section_gpu_check)
     if kit.has_time("d"):
-        section_sanitizer(kit)
+        kit.guard("d", section_sanitizer)
     print_table(kit)
     failed = [r["case"] for r in kit.results["cases"] if not r.get("ok")]
     failed += kit.results.get("failed_sections", [])

@@ -677,8 +677,8 @@ def compute_flops_per_s(profile: HardwareProfile, efficiency: float = DEFAULT_EF
     return profile.bf16_tflops * 1e12 * efficiency
 
 
-def step_time_basis(profile: HardwareProfile, efficiency: float = DEFAULT_EFFICIENCY) -> tuple[str, ...]:
-    """One line per figure the step time rests on, each saying whether it was measured on this GPU or assumed."""
+def figure_basis(profile: HardwareProfile, efficiency: float = DEFAULT_EFFICIENCY) -> tuple[str, ...]:
+    """One line per figure of the profile a plan rests on (compute, link, memory sizes): measured here or assumed."""
     if profile.train_tflops:
         compute = (
             f"compute {profile.train_tflops:g} TFLOP/s: measured (one LTX-2 block forward+backward with LoRA; "
@@ -689,8 +689,15 @@ def step_time_basis(profile: HardwareProfile, efficiency: float = DEFAULT_EFFICI
             f"compute {profile.bf16_tflops * efficiency:g} TFLOP/s: assumed ({efficiency:.0%} of the profile's "
             f"{profile.bf16_tflops:g} bf16 TFLOP/s; `lowvram probe --calibrate --write FILE` measures it)"
         )
-    link = "measured" if profile.is_measured("h2d_pinned_gbps") else "assumed (spec sheet / public reports)"
-    return (compute, f"host->device {profile.h2d_pinned_gbps:g} GB/s pinned: {link}")
+    def basis(*fields: str) -> str:
+        return "measured" if all(profile.is_measured(f) for f in fields) else "assumed (spec sheet / public reports)"
+
+    return (
+        compute,
+        f"host->device {profile.h2d_pinned_gbps:g} GB/s pinned: {basis('h2d_pinned_gbps')}",
+        f"{profile.vram_bytes / GIB:.1f} GiB VRAM: {basis('vram_bytes')}; {profile.host_ram_bytes / GIB:.1f} GiB host "
+        f"RAM: {basis('host_ram_bytes')}",
+    )
 
 
 def step_time(

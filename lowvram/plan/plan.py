@@ -29,7 +29,7 @@ from lowvram.plan.budget import (
     WeightGroup,
     budget,
     step_time,
-    step_time_basis,
+    figure_basis,
 )
 from lowvram.plan.measure import (
     LoraSpec,
@@ -603,7 +603,7 @@ def plan_run(
         for s in _train_candidates(m, cfg, profile, choose, fixed, vram_ok)
     ]
     fitting = [c for c in train if c.fits]
-    assumptions = step_time_basis(profile, opts.efficiency) + (
+    assumptions = figure_basis(profile, opts.efficiency) + (
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
         f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
