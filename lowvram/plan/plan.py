@@ -28,8 +28,8 @@ from lowvram.plan.budget import (
     Tread,
     WeightGroup,
     budget,
-    step_time,
     figure_basis,
+    step_time,
 )
 from lowvram.plan.measure import (
     LoraSpec,
