@@ -128,9 +128,12 @@ def probe(
         source = f"written by `lowvram probe{' --calibrate' if calibrate else ''}` ({result.profile_reason})"
         atomic_write_text(write, profile_to_toml(profile, source))
     if settings_out is not None and picked is not None:
-        from lowvram.config import config_to_toml
+        from lowvram.config import apply_overrides, config_to_toml
 
-        atomic_write_text(settings_out, config_to_toml(picked[0]))
+        # The measured profile exists only as the --write file: the config names that file, or else the built-in
+        # profile it started from, so `train --config` can load it.
+        named = str(write.resolve()) if write is not None else result.profile
+        atomic_write_text(settings_out, config_to_toml(apply_overrides(picked[0], {"memory.profile": named})))
     if as_json:
         out = result.to_json()
         out["measured_fields"] = list(profile.measured)

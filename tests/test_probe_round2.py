@@ -125,3 +125,24 @@ def test_cpu_plan_holds_device_plus_host_within_the_ram(cache_dir):
         assert max(together.values()) <= plan.ram_usable_bytes, together
     else:
         assert "host RAM" in plan.reason
+
+
+def test_probe_settings_name_a_profile_train_can_load(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import lowvram.hardware as hw
+    from lowvram.cli import app
+    from lowvram.config import load_config
+    from lowvram.profiles import load_profile
+
+    _fake_ram(monkeypatch, 30 * GIB)
+    monkeypatch.setattr(hw, "_nvidia_gpus", lambda: [])
+    monkeypatch.setattr(hw, "_torch_gpus", lambda: [])
+    for write in (None, tmp_path / "measured.toml"):
+        run = tmp_path / "run.toml"
+        argv = ["probe", "--settings", str(run)] + (["--write", str(write)] if write else [])
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 0, r.output
+        cfg, _ = load_config(run)
+        profile = load_profile(cfg.memory.profile)  # the measured file, else the built-in it started from
+        assert profile.host_ram_bytes == (30 * GIB if write else load_profile("cpu").host_ram_bytes)
