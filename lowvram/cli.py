@@ -102,7 +102,9 @@ def probe(
     ),
     bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure host-to-device GB/s (GPU only)."),
     cache_dir: Path = typer.Option(Path("."), "--cache-dir", help="Where caches will live (free disk is reported)."),
-    resolution: str = typer.Option("832x480", "--resolution", help="Workload for auto-picked settings: WIDTHxHEIGHT."),
+    resolution: str = typer.Option(
+        "832x480", "--resolution", help="Workload (auto-picked settings; --calibrate's shape): WIDTHxHEIGHT."
+    ),
     frames: int = typer.Option(17, "--frames", help="Workload frames per clip (8k+1)."),
     batch: int = typer.Option(1, "--batch", help="Workload clips per step."),
     settings_out: Path | None = typer.Option(

@@ -195,7 +195,7 @@ class Plan:
         console.print(chosen)
         if self.step_seconds_estimate is not None:
             basis = (
-                "from this GPU's measured throughput"
+                "from the calibrated profile's measured throughput"
                 if self.step_time_measured
                 else "an estimate: the profile is not calibrated (`lowvram probe --calibrate --write FILE`)"
             )
