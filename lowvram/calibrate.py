@@ -132,10 +132,9 @@ def random_lora_transformer(
         from lowvram.quant.backends import quantize_model
         from lowvram.quant.exclude import LTX2_TRANSFORMER_EXCLUDE
 
-        # On a GPU each weight is quantized whole where it lives (row slicing stages the result in host memory,
-        # which is for loading checkpoints into RAM, not for weights already on the device).
-        whole = {} if torch.device(device).type == "cpu" else {"chunk_bytes": 2**62}
-        quantize_model(transformer, precision, LTX2_TRANSFORMER_EXCLUDE, **whole)
+        # Each weight is quantized whole where it lives: row slicing stages the result in host memory, which is for
+        # loading checkpoints into RAM, not for weights already on the device.
+        quantize_model(transformer, precision, LTX2_TRANSFORMER_EXCLUDE, chunk_bytes=2**62)
     inject_lora(transformer, rank=rank)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
