@@ -414,6 +414,27 @@ def print_table(kit: Kit) -> None:
     print("err: measured / predicted - 1 (s/step against the calibrated prediction where there is one)")
 
 
+def worst_errors(kit: Kit) -> tuple[float | None, float | None]:
+    """Largest |measured / predicted - 1| of the peaks (cases and gpu_check strategies) and of the calibrated s/step."""
+    peaks, steps = [], []
+    for row in kit.results["cases"]:
+        if row.get("ok"):
+            peaks.append(row["peak_bytes"] / row["predicted"]["peak_bytes"] - 1)
+            if "calibrated" in row:
+                steps.append(row["step_s"] / row["calibrated"]["step_s"] - 1)
+    for row in kit.results.get("gpu_check", {}).get("rows", []):
+        if not row["refused"] and row["predicted_peak_bytes"]:
+            peaks.append(row["peak_bytes"] / row["predicted_peak_bytes"] - 1)
+    def worst(xs):
+        return max(xs, key=abs) if xs else None
+
+    return worst(peaks), worst(steps)
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:+.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulate", action="store_true", help="the simulated accelerator at tiny widths (no GPU)")
@@ -465,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     kit.save()
     print(f"results written to {kit.out}")
     print(f"acceptance_failed={','.join(failed) or 'none'}")
+    # the issue's goals: every peak within 5% of its prediction, calibrated s/step within 15%
+    peak_err, step_err = worst_errors(kit)
+    kit.results.update(worst_peak_error=peak_err, worst_calibrated_step_error=step_err)
+    kit.save()
+    print(f"worst_peak_error={_fmt(peak_err)} worst_calibrated_step_error={_fmt(step_err)}")
     return 1 if failed else 0
 
 
