@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from lowvram.errors import LowvramError
+from lowvram.errors import LowvramError, UsageError
 
 app = typer.Typer(
     name="lowvram",
@@ -92,10 +92,20 @@ def profiles(
 @friendly
 def probe(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for machines) instead of tables."),
-    write: Path | None = typer.Option(None, "--write", help="Write the matched/measured profile to this TOML file."),
+    write: Path | None = typer.Option(
+        None, "--write", help="Write this machine's profile (built-in figures, measured ones put in) to this TOML file."
+    ),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Measure this GPU (matmul, attention, copies, one LTX-2 block step; <= 60 s)."
+    ),
+    simulate: bool = typer.Option(
+        False, "--simulate", help="With --calibrate: run it on the simulated accelerator at tiny widths (tests)."
+    ),
     bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure host-to-device GB/s (GPU only)."),
     cache_dir: Path = typer.Option(Path("."), "--cache-dir", help="Where caches will live (free disk is reported)."),
-    resolution: str = typer.Option("832x480", "--resolution", help="Workload for auto-picked settings: WIDTHxHEIGHT."),
+    resolution: str = typer.Option(
+        "832x480", "--resolution", help="Workload (auto-picked settings; --calibrate's shape): WIDTHxHEIGHT."
+    ),
     frames: int = typer.Option(17, "--frames", help="Workload frames per clip (8k+1)."),
     batch: int = typer.Option(1, "--batch", help="Workload clips per step."),
     settings_out: Path | None = typer.Option(
@@ -107,20 +117,35 @@ def probe(
     from lowvram.hardware import probe as run_probe
     from lowvram.hardware import profile_to_toml
 
+    for flag, path in (("--write", write), ("--settings", settings_out)):
+        _check_output_file(flag, path)
+    if simulate and not calibrate:
+        raise UsageError("--simulate only applies to --calibrate: add --calibrate or drop --simulate")
+    _workload(resolution, frames, batch)  # a bad workload is refused before anything is measured
     result, profile = run_probe(measure_bandwidth=bandwidth, disk_path=cache_dir)
+    calibration = None
+    if calibrate:
+        calibration, profile = _calibrate(profile, resolution, frames, batch, simulate, quiet=as_json)
     picked = _auto_pick(profile, resolution, frames, batch) if (settings_out or not as_json) else None
     if write is not None:
-        atomic_write_text(write, profile_to_toml(profile, f"written by `lowvram probe` ({result.profile_reason})"))
+        source = f"written by `lowvram probe{' --calibrate' if calibrate else ''}` ({result.profile_reason})"
+        atomic_write_text(write, profile_to_toml(profile, source))
     if settings_out is not None and picked is not None:
-        from lowvram.config import config_to_toml
+        from lowvram.config import apply_overrides, config_to_toml
 
-        atomic_write_text(settings_out, config_to_toml(picked[0]))
+        # The measured profile exists only as the --write file: the config names that file, or else the built-in
+        # profile it started from, so `train --config` can load it.
+        named = str(write.resolve()) if write is not None else result.profile
+        atomic_write_text(settings_out, config_to_toml(apply_overrides(picked[0], {"memory.profile": named})))
     from lowvram.hub import default_model_needs, download_estimate
 
     # What training the default model by hub id would fetch into the HF cache (sizes only; nothing is downloaded).
     download = download_estimate(needs=default_model_needs())
     if as_json:
         out = result.to_json()
+        out["measured_fields"] = list(profile.measured)
+        if calibration is not None:
+            out["calibration"] = calibration.to_json()
         print(json.dumps({**out, "download": download.to_json()}))
         return
     console = _console()
@@ -144,12 +169,77 @@ def probe(
     console.print(f"Training {default_model_needs()[0].ref.text} by hub id (flavour dev, with Gemma3) downloads:")
     for line in download.lines():
         console.print(f"  {line}", markup=False, highlight=False)
+    if calibration is not None:
+        _print_calibration(console, calibration)
     if picked is not None:
         console.print(f"Auto-picked settings for {resolution}, {frames} frames, batch {batch}: {picked[1]}")
     if write is not None:
-        console.print(f"Profile written to {write}")
+        measured = ", ".join(profile.measured) or "nothing"
+        console.print(f"Profile written to {write} (measured here: {measured}; the rest from '{result.profile}')")
     if settings_out is not None:
         console.print(f"Settings written to {settings_out}")
+
+
+def _check_output_file(flag: str, path: Path | None) -> None:
+    """An output path must name a file in an existing folder: refused in one line before any work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder: give a file path, e.g. {flag} {path / 'profile.toml'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {path.parent} does not exist: create it or choose another path")
+
+
+def _workload(resolution: str, frames: int, batch: int, family: str = "ltx2"):
+    from lowvram.config import load_config
+
+    cfg, _ = load_config(None, {"model.family": family, "data.resolution": resolution, "data.frames": frames,
+                                "train.batch_size": batch})
+    return cfg
+
+
+def _calibrate(profile, resolution: str, frames: int, batch: int, simulate: bool, quiet: bool):
+    """(Calibration, the profile with the measured figures put in) on this GPU, or on the simulated device."""
+    from lowvram import device
+    from lowvram.calibrate import calibrate, calibrated_profile
+
+    cfg = _workload(resolution, frames, batch, family="tiny" if simulate else "ltx2")
+    if simulate:
+        backend = device.get_backend("sim", h2d_gbps=profile.h2d_pinned_gbps, tflops=profile.bf16_tflops)
+    elif not device.accelerator_available():
+        raise LowvramError(
+            "--calibrate needs a CUDA or ROCm GPU and none is usable here (add --simulate to exercise it on the "
+            "simulated accelerator)"
+        )
+    else:
+        backend = device.get_backend("cuda")
+
+    def progress(what: str) -> None:
+        if not quiet:
+            print(f"calibrating: {what} ...", file=sys.stderr, flush=True)
+
+    cal = calibrate(backend, cfg, progress=progress)
+    return cal, calibrated_profile(profile, cal)
+
+
+def _print_calibration(console, cal) -> None:
+    from rich.table import Table
+
+    def fig(value, unit: str) -> str:
+        return "not measured" if value is None else f"{value:.3g} {unit}"
+
+    table = Table(title=f"Calibration: {cal.device}, {cal.shape} ({cal.seconds:.1f} s)")
+    table.add_column("measured")
+    table.add_column("value", justify="right")
+    table.add_row("bf16 matmul (block GEMM shapes)", fig(cal.matmul_tflops, "TFLOP/s"))
+    table.add_row("attention (run's tokens)", fig(cal.attention_tflops, "TFLOP/s"))
+    table.add_row("host->device pinned", fig(cal.h2d_pinned_gbps, "GB/s"))
+    table.add_row("host->device pageable", fig(cal.h2d_pageable_gbps, "GB/s"))
+    table.add_row("one block fwd+bwd with LoRA", fig(cal.block_seconds and cal.block_seconds * 1e3, "ms"))
+    table.add_row("  -> training compute rate", fig(cal.train_tflops, "TFLOP/s"))
+    console.print(table)
+    for note in cal.notes:
+        console.print(f"note: {note}")
 
 
 def _auto_pick(profile, resolution: str, frames: int, batch: int):
@@ -158,11 +248,7 @@ def _auto_pick(profile, resolution: str, frames: int, batch: int):
         from lowvram.plan import plan_run
     except ImportError:
         return None
-    from lowvram.config import load_config
-
-    cfg, _ = load_config(None, {"model.family": "ltx2", "data.resolution": resolution, "data.frames": frames,
-                                "train.batch_size": batch})
-    plan = plan_run(cfg, profile, choose=True)
+    plan = plan_run(_workload(resolution, frames, batch), profile, choose=True)
     return plan.config, plan.summary_line()
 
 

@@ -8,6 +8,7 @@ It knows nothing about models or strategies.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -100,6 +101,15 @@ class Backend:
     def synchronize(self) -> None:
         return None
 
+    def clock_s(self) -> float:
+        """Seconds on this device's clock once queued work is done (wall clock after a synchronize)."""
+        self.synchronize()
+        return time.perf_counter()
+
+    def session(self) -> contextlib.AbstractContextManager:
+        """Work inside is accounted as this device's (the simulated device counts it; real devices need nothing)."""
+        return contextlib.nullcontext(self)
+
     # -- memory placement ------------------------------------------------------------------------------------
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of `tensor` in page-locked memory (fast, asynchronous H2D). Plain contiguous on cpu."""
@@ -152,6 +162,10 @@ class Backend:
         return (0, 0)
 
     def empty_cache(self) -> None:
+        return None
+
+    def set_memory_cap(self, cap_bytes: int | None) -> None:
+        """Limit this process's device memory to `cap_bytes` (None: no limit). A process setting, not a device one."""
         return None
 
 
@@ -231,6 +245,12 @@ class CudaBackend(Backend):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+
+    def set_memory_cap(self, cap_bytes: int | None) -> None:
+        # The caching allocator's per-process limit; the device itself (clocks, MIG, other processes) is untouched.
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        fraction = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, self.device)
 
 
 def _pinned_copy(t: torch.Tensor, non_blocking: bool) -> torch.Tensor:

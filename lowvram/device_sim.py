@@ -744,6 +744,13 @@ class SimBackend(Backend):
                 rec.label = name
         return tensor
 
+    def clock_s(self) -> float:
+        """The simulated compute clock (matmul/attention FLOPs at `tflops`, copies at `h2d_gbps`, stalls)."""
+        return self._clock_s
+
+    def set_memory_cap(self, cap_bytes: int | None) -> None:
+        self.set_budget(cap_bytes)
+
     # -- memory placement ------------------------------------------------------------------------------------
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         writer = None

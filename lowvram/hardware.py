@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,22 +90,23 @@ def _torch_gpus() -> list[GpuInfo]:
 
 
 def measure_h2d_gbps(backend, nbytes: int = 256 * 2**20, pinned: bool = True, repeats: int = 3) -> float:
-    """Host-to-device copy bandwidth (GB/s) with a short timed copy through the device seam; best of `repeats`."""
+    """Host-to-device copy bandwidth (GB/s) with a short timed copy through the device seam; best of `repeats`.
+
+    Timed on the backend's clock (wall clock after a synchronize; the simulated clock on the simulated device).
+    """
     import torch
 
     host = torch.empty(nbytes, dtype=torch.uint8)
     if pinned:
         host = backend.pin(host)
-    dev = backend.empty((nbytes,), torch.uint8)
-    backend.copy_(dev, host, non_blocking=pinned)  # warm-up (allocation, page faults)
-    backend.synchronize()
+    backend.to_device(host, non_blocking=pinned)  # warm-up (allocation, page faults)
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        backend.copy_(dev, host, non_blocking=pinned)
-        backend.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+        t0 = backend.clock_s()
+        copy = backend.to_device(host, non_blocking=pinned)
+        best = min(best, backend.clock_s() - t0)
+        del copy
+    return nbytes / best / 1e9 if best > 0 else float("inf")
 
 
 def nearest_profile(gpu: GpuInfo | None) -> tuple[HardwareProfile, str]:
@@ -124,19 +124,35 @@ def nearest_profile(gpu: GpuInfo | None) -> tuple[HardwareProfile, str]:
     return best, f"closest {gpu.vendor} profile by VRAM ({best.vram_bytes / GIB:.0f} GiB)"
 
 
-def custom_profile(base: HardwareProfile, gpu: GpuInfo, ram_total_bytes: int) -> HardwareProfile:
-    """`base` with what was measured on this machine (VRAM, host RAM, copy bandwidths)."""
-    slug = "".join(c if c.isalnum() else "-" for c in gpu.name.lower()).strip("-")
-    update = {
-        "name": f"probed-{slug}",
-        "description": f"{gpu.name}, probed (figures not measured come from profile '{base.name}')",
-        "vram_bytes": gpu.vram_total_bytes,
-        "host_ram_bytes": ram_total_bytes,
-    }
-    if gpu.h2d_pinned_gbps:
-        update["h2d_pinned_gbps"] = round(gpu.h2d_pinned_gbps, 2)
-    if gpu.h2d_pageable_gbps:
-        update["h2d_pageable_gbps"] = round(gpu.h2d_pageable_gbps, 2)
+def custom_profile(base: HardwareProfile, gpu: GpuInfo | None, ram_total_bytes: int) -> HardwareProfile:
+    """`base` with what was measured on this machine (VRAM, host RAM, copy bandwidths), listed in `measured`.
+
+    Without a GPU the device is host memory: the cpu profile's device share is capped at the RAM there is.
+    """
+    if gpu is None:
+        update = {
+            "name": f"{base.name}-probed",
+            "description": f"this machine without a GPU, probed (figures not measured come from profile '{base.name}')",
+            "host_ram_bytes": ram_total_bytes,
+            "vram_bytes": min(base.vram_bytes, ram_total_bytes),
+        }
+        measured = ["host_ram_bytes"]
+    else:
+        slug = "".join(c if c.isalnum() else "-" for c in gpu.name.lower()).strip("-")
+        update = {
+            "name": f"probed-{slug}",
+            "description": f"{gpu.name}, probed (figures not measured come from profile '{base.name}')",
+            "vram_bytes": gpu.vram_total_bytes,
+            "host_ram_bytes": ram_total_bytes,
+        }
+        measured = ["vram_bytes", "host_ram_bytes"]
+        if gpu.h2d_pinned_gbps:
+            update["h2d_pinned_gbps"] = round(gpu.h2d_pinned_gbps, 2)
+            measured.append("h2d_pinned_gbps")
+        if gpu.h2d_pageable_gbps:
+            update["h2d_pageable_gbps"] = round(gpu.h2d_pageable_gbps, 2)
+            measured.append("h2d_pageable_gbps")
+    update["measured"] = tuple(dict.fromkeys([*base.measured, *measured]))
     return base.model_copy(update=update)
 
 
@@ -145,6 +161,8 @@ def profile_to_toml(profile: HardwareProfile, source: str) -> str:
     supports = data.pop("supports")
     lines = [f"# {source}"]
     for key, value in data.items():
+        if value is None:  # TOML has no null: a field left out takes its default (not measured)
+            continue
         lines.append(f"{key} = {_toml(value)}")
     lines.append("")
     lines.append("[supports]")
@@ -159,11 +177,14 @@ def _toml(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(value)
 
 
 def probe(measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".") -> tuple[ProbeResult, HardwareProfile]:
-    """Detect GPUs, RAM, cores and free disk; match a profile. Returns the result and the profile to use."""
+    """Detect GPUs, RAM, cores and free disk; match a profile. Returns the result and the profile to use: the
+    matched built-in one with every figure measured here put in (`profile.measured` names them)."""
     notes: list[str] = []
     gpus = _nvidia_gpus()
     if not gpus:
@@ -185,10 +206,11 @@ def probe(measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".") ->
         g.h2d_pinned_gbps = measure_h2d_gbps(backend, pinned=True)
         g.h2d_pageable_gbps = measure_h2d_gbps(backend, pinned=False)
     primary = gpus[0] if gpus else None
-    profile, reason = nearest_profile(primary)
-    if primary is not None and "matches" not in reason:
-        profile = custom_profile(profile, primary, int(vm.total))
-        reason += "; built a custom profile from the measurements"
+    matched, reason = nearest_profile(primary)
+    # What was measured here replaces the built-in figures (a 3090 with 32 GiB of RAM is planned for 32 GiB);
+    # `ProbeResult.profile` keeps the built-in name it started from.
+    profile = custom_profile(matched, primary, int(vm.total))
+    reason += f"; measured here: {', '.join(profile.measured)}"
     if not gpus:
         notes.append("No GPU found: using the 'cpu' profile (good for the tiny demo and tests, not for 19B training).")
     if len(gpus) > 1:
@@ -200,7 +222,7 @@ def probe(measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".") ->
         cpu_count=os.cpu_count() or 1,
         disk_path=str(disk),
         disk_free_bytes=int(shutil.disk_usage(disk).free),
-        profile=profile.name,
+        profile=matched.name,
         profile_reason=reason,
         notes=notes,
     )

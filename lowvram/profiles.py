@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lowvram.errors import UsageError
 
@@ -49,7 +49,31 @@ class HardwareProfile(BaseModel):
     h2d_pinned_gbps: float = Field(gt=0, description="host-to-device copy bandwidth from pinned memory, GB/s")
     h2d_pageable_gbps: float = Field(gt=0, description="host-to-device copy bandwidth from pageable memory, GB/s")
     host_ram_bytes: int = Field(gt=0, description="typical host RAM of such a machine")
+    # Written by `lowvram probe --calibrate --write`: measured on the user's GPU, they replace assumptions.
+    train_tflops: float | None = Field(
+        default=None, gt=0, description="measured FLOP/s (10^12) of one LTX-2 block's forward+backward with LoRA at "
+        "the calibration shape; step times use it instead of bf16_tflops x an assumed efficiency"
+    )
+    attention_tflops: float | None = Field(default=None, gt=0, description="measured SDPA TFLOP/s at that shape")
+    calibration: str = Field(default="", description="the device, shape and date the measured fields come from")
+    measured: tuple[str, ...] = Field(default=(), description="the fields measured on this machine (others: assumed)")
     supports: Supports
+
+    @field_validator("measured")
+    @classmethod
+    def _known_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in cls.model_fields or v in ("measured", "supports")]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+        return value
+
+    @property
+    def unified_memory(self) -> bool:
+        """The "device" is host memory (cpu profile): device and host bytes come out of one RAM."""
+        return self.vendor == "cpu"
+
+    def is_measured(self, field_name: str) -> bool:
+        return field_name in self.measured
 
     @property
     def usable_vram_bytes(self) -> int:

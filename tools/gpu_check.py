@@ -1,9 +1,11 @@
 """Each offload strategy on a real GPU (CUDA or ROCm): measured peak VRAM, s/step and H2D GB/s beside predictions.
 
 Builds a few blocks of the real LTX-2 transformer width (ltx-2.0 config, fewer layers) with LoRA, runs one strategy
-at a time through the device seam, and prints measured vs the planner's predictions (`lowvram.plan.predict_peak` for
-the same shapes and settings). `--simulate` runs the same code on the simulated accelerator with the tiny family's
-widths (tests run it, so this path is never dead code). It changes no setting of the GPU.
+at a time through the device seam, and prints measured vs the planner's predictions (`lowvram.plan.predict_peak` and
+`predict_step_time` for the same shapes and settings: "pred s" is the no-offload step or the copy time, whichever
+is longer; "plan s" is the planner's step-time model on --profile). `--simulate` runs the same code on the simulated
+accelerator with the tiny family's widths (tests run it, so this path is never dead code). It changes no setting of
+the GPU.
 `--sanitize` runs every strategy under PyTorch's CUDA stream sanitizer (torch.cuda._sanitizer, through the device
 seam) and reports each stream race it finds instead of timings; with `--simulate` the simulated device's own race
 detector is the sanitizer (it also sees frees a missing record_stream leaves unguarded).
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class Row:
     h2d_bytes_per_step: int
     refused: str | None = None
     race: str | None = None
+    planned_step_s: float = 0.0  # the planner's step-time model for these settings on --profile
 
 
 def plan_config(args):
@@ -66,15 +68,22 @@ def plan_config(args):
 
 
 def _build(args, backend):
+    from lowvram.calibrate import random_lora_transformer
     from lowvram.models.ltx2_checkpoint import real_transformer_config
     from lowvram.offload.harness import plan_batch, tiny_lora_transformer
 
-    config = None if args.simulate else {k: v for k, v in real_transformer_config().items() if not k.startswith("_")}
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    # Cast before quantizing, so quantized scales and LoRA weights share the compute dtype.
-    transformer = tiny_lora_transformer(
-        args.precision, num_layers=args.layers, config=config, rank=args.rank, dtype=dtype
-    )
+    if args.simulate:
+        # Cast before quantizing, so quantized scales and LoRA weights share the compute dtype.
+        transformer = tiny_lora_transformer(args.precision, num_layers=args.layers, rank=args.rank, dtype=dtype)
+    else:
+        # Real width, random weights materialised on the GPU (a host init of 4 x 386M parameters takes minutes);
+        # strategies move their share to pinned host memory.
+        config = {k: v for k, v in real_transformer_config().items() if not k.startswith("_")}
+        precision = "bf16" if args.precision == "fp32" else args.precision
+        transformer = random_lora_transformer(
+            config, num_layers=args.layers, rank=args.rank, dtype=dtype, device=backend.device, precision=precision
+        )
     batch = plan_batch(transformer, plan_config(args))
     if args.dtype == "bf16":
         batch = type(batch)(
@@ -133,12 +142,11 @@ def _run(name: str, args) -> tuple[int, float, int, object]:
                 backend.reset_counters()
             backend.reset_peak_memory_stats()
             before = getattr(strategy, "copied_bytes", 0)
-            start = time.perf_counter()
+            start = backend.clock_s()  # wall clock on a GPU; the simulated clock on the simulated device
             lora_step(transformer, batch, backend)
-            backend.synchronize()
             if i == 0:
                 continue  # warm-up: prefetch orders are learned, rings filled, kernels chosen
-            times.append(time.perf_counter() - start)
+            times.append(backend.clock_s() - start)
             stats = backend.memory_stats()
             peak = max(peak, stats.max_reserved_bytes)
             moved = getattr(strategy, "copied_bytes", 0) - before
@@ -162,12 +170,10 @@ def measure_link_gbps(args) -> float:
     nbytes = (4 if args.simulate else 256) * 2**20
     host = backend.pin(torch.empty(nbytes, dtype=torch.uint8))
     backend.to_device(host)
-    backend.synchronize()
-    start = time.perf_counter()
+    start = backend.clock_s()
     for _ in range(3):
         backend.to_device(host)
-    backend.synchronize()
-    return 3 * nbytes / (time.perf_counter() - start) / 1e9
+    return 3 * nbytes / (backend.clock_s() - start) / 1e9
 
 
 def planner_settings(name: str, args):
@@ -204,6 +210,11 @@ def run(args) -> list[Row]:
     profile = load_profile(args.profile)
     cfg = plan_config(args)
 
+    def planned_s(name: str) -> float:
+        from lowvram.plan import predict_step_time
+
+        return predict_step_time(cfg, profile, planner_settings(name, args), num_layers=args.layers).seconds
+
     def predicted(name: str) -> int:
         """The planner's peak of one forward + backward with this strategy (the check runs no optimizer step; on a
         GPU, max reserved also holds allocator slack, which the profile's reserve covers in a plan)."""
@@ -214,7 +225,7 @@ def run(args) -> list[Row]:
         base_peak, base_s, _, _ = _run("none", args)
     except races as race:
         return [Row("none", 0, 0, 0.0, 0.0, 0, race=_race_line(race))]
-    rows = [Row("none", base_peak, predicted("none"), base_s, base_s, 0)]
+    rows = [Row("none", base_peak, predicted("none"), base_s, base_s, 0, planned_step_s=planned_s("none"))]
     for name in args.strategies.split(","):
         if name == "none":
             continue
@@ -228,11 +239,11 @@ def run(args) -> list[Row]:
             continue
         # A streamed copy overlaps compute: the step takes the longer of the two (the copy at the profile's link).
         predicted_s = max(base_s, moved / (profile.h2d_pinned_gbps * 1e9))
-        rows.append(Row(name, peak, predicted(name), step_s, predicted_s, moved))
+        rows.append(Row(name, peak, predicted(name), step_s, predicted_s, moved, planned_step_s=planned_s(name)))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simulate", action="store_true", help="run on the simulated accelerator (no GPU needed)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks to build (the real model has 48)")
@@ -245,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-tokens", type=int, default=17)
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None, help="timed steps after a warm-up (3; 1 with --sanitize)")
-    parser.add_argument("--profile", default="4090", help="hardware profile whose H2D rate the predictions use")
+    parser.add_argument(
+        "--profile", default="4090", help="profile name or .toml file (e.g. a calibrated one) the predictions use"
+    )
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument(
         "--sanitize",
@@ -272,13 +285,23 @@ def main(argv: list[str] | None = None) -> int:
         args.text_tokens = min(args.text_tokens, 8)
     elif args.dtype is None:
         args.dtype = "bf16"
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     link = measure_link_gbps(args)
     rows = run(args)
+    return report(args, rows, link)
+
+
+def report(args: argparse.Namespace, rows: list[Row], link: float) -> int:
+    """Print the table and the verdict line; 1 when a measured peak exceeds its prediction by over 5%."""
     where = "simulated accelerator (tiny widths)" if args.simulate else "GPU"
     print(f"{where}: {args.layers} blocks, {args.precision}/{args.dtype}, pinned H2D measured {link:.2f} GB/s")
     header = (
         f"{'strategy':<20}{'peak MiB':>10}{'pred MiB':>10}{'s/step':>10}{'pred s':>10}{'H2D GB/s':>10}{'MB/step':>10}"
+        f"{'plan s':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -291,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rate = r.h2d_bytes_per_step / r.step_s / 1e9 if r.step_s else 0.0
         print(
-            f"{r.strategy:<20}{r.peak_bytes / 2**20:>10.2f}{r.predicted_peak_bytes / 2**20:>10.2f}{r.step_s:>10.4f}"
-            f"{r.predicted_step_s:>10.4f}{rate:>10.3f}{r.h2d_bytes_per_step / 1e6:>10.2f}"
+            f"{r.strategy:<20}{r.peak_bytes / 2**20:>10.2f}{r.predicted_peak_bytes / 2**20:>10.2f}{r.step_s:>10.4g}"
+            f"{r.predicted_step_s:>10.4g}{rate:>10.3f}{r.h2d_bytes_per_step / 1e6:>10.2f}{r.planned_step_s:>10.4g}"
         )
     over = [r.strategy for r in rows if not r.refused and not r.race and r.peak_bytes > 1.05 * r.predicted_peak_bytes]
     raced = [r.strategy for r in rows if r.race]

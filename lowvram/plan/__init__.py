@@ -4,6 +4,6 @@ Entry point: `plan_run(cfg, profile, choose=...) -> Plan`. Nothing here loads we
 """
 
 from lowvram.plan.budget import Settings
-from lowvram.plan.plan import PeakPrediction, Plan, budget_settings, plan_run, predict_peak
+from lowvram.plan.plan import PeakPrediction, Plan, budget_settings, plan_run, predict_peak, predict_step_time
 
-__all__ = ["PeakPrediction", "Plan", "Settings", "budget_settings", "plan_run", "predict_peak"]
+__all__ = ["PeakPrediction", "Plan", "Settings", "budget_settings", "plan_run", "predict_peak", "predict_step_time"]

@@ -115,6 +115,13 @@ class PhaseBudget:
     def ram_peak_bytes(self) -> int:
         return sum(self.ram.values())
 
+    def host_demand_bytes(self, unified: bool) -> int:
+        """Host RAM the phase needs. Where device memory is host memory (`unified`, the cpu profile) the device
+        bytes come out of the same RAM, counted once: the device-side reserve is the process the host side holds."""
+        if not unified:
+            return self.ram_peak_bytes
+        return self.ram_peak_bytes + self.vram_peak_bytes - self.vram.get("reserve", 0)
+
 
 @dataclass(frozen=True)
 class StepTime:
@@ -663,6 +670,37 @@ def budget(
 # Step time
 
 
+def compute_flops_per_s(profile: HardwareProfile, efficiency: float = DEFAULT_EFFICIENCY) -> float:
+    """FLOP/s a training step reaches: measured on one LTX-2 block (`lowvram probe --calibrate`) where the profile
+    has it, else the profile's peak bf16 TFLOP/s x the assumed `efficiency` (an estimate)."""
+    if profile.train_tflops:
+        return profile.train_tflops * 1e12
+    return profile.bf16_tflops * 1e12 * efficiency
+
+
+def figure_basis(profile: HardwareProfile, efficiency: float = DEFAULT_EFFICIENCY) -> tuple[str, ...]:
+    """One line per figure of the profile a plan rests on (compute, link, memory sizes): measured here or assumed."""
+    if profile.train_tflops:
+        compute = (
+            f"compute {profile.train_tflops:g} TFLOP/s: measured (one LTX-2 block forward+backward with LoRA; "
+            f"{profile.calibration or 'calibrated profile'})"
+        )
+    else:
+        compute = (
+            f"compute {profile.bf16_tflops * efficiency:g} TFLOP/s: assumed ({efficiency:.0%} of the profile's "
+            f"{profile.bf16_tflops:g} bf16 TFLOP/s; `lowvram probe --calibrate --write FILE` measures it)"
+        )
+    def basis(*fields: str) -> str:
+        return "measured" if all(profile.is_measured(f) for f in fields) else "assumed (spec sheet / public reports)"
+
+    return (
+        compute,
+        f"host->device {profile.h2d_pinned_gbps:g} GB/s pinned: {basis('h2d_pinned_gbps')}",
+        f"{profile.vram_bytes / GIB:.1f} GiB VRAM: {basis('vram_bytes')}; {profile.host_ram_bytes / GIB:.1f} GiB host "
+        f"RAM: {basis('host_ram_bytes')}",
+    )
+
+
 def step_time(
     m: Measurements, s: Settings, profile: HardwareProfile, opts: BudgetOptions = BudgetOptions()
 ) -> StepTime:
@@ -674,7 +712,7 @@ def step_time(
     """
     n = m.num_layers
     dtype = opts.compute_dtype
-    flops_rate = profile.bf16_tflops * 1e12 * opts.efficiency
+    flops_rate = compute_flops_per_s(profile, opts.efficiency)
     # FLOPs from the checkpointed run: its block backward section holds the recompute (one more forward)
     f = m.step[True].flops
     blocks = m.block_steps(True)

@@ -29,6 +29,7 @@ from lowvram.plan.budget import (
     Tread,
     WeightGroup,
     budget,
+    figure_basis,
     step_time,
 )
 from lowvram.plan.measure import (
@@ -109,6 +110,7 @@ class Plan:
     reason: str | None = None  # one line when it does not fit
     assumptions: tuple[str, ...] = ()
     step: StepTime | None = field(default=None, compare=False)
+    step_time_measured: bool = False  # the step time rests on this GPU's measured throughput (calibrated profile)
     config: RunConfig | None = field(default=None, compare=False)  # the run config with these settings applied
     measured: dict[str, Any] = field(default_factory=dict)  # the per-block measurements the budget composed
 
@@ -119,7 +121,8 @@ class Plan:
         what = self.explanation[0].removeprefix("chosen: ").split(":")[0] if self.explanation else ""
         if not self.fits:
             return f"does not fit '{self.profile}': {self.reason}"
-        return f"fits '{self.profile}' with {what}: {peak}, ~{self.step_seconds_estimate:.2f} s/step predicted"
+        basis = "from measured throughput" if self.step_time_measured else "estimate, uncalibrated"
+        return f"fits '{self.profile}' with {what}: {peak}, ~{self.step_seconds_estimate:.2f} s/step ({basis})"
 
     def to_json(self) -> dict[str, Any]:
         phases = {}
@@ -135,6 +138,7 @@ class Plan:
             "profile": self.profile,
             "settings": dict(self.settings),
             "step_seconds_estimate": self.step_seconds_estimate,
+            "step_time_basis": "measured" if self.step_time_measured else "estimate",
             "phases": phases,
             "vram_usable_bytes": self.vram_usable_bytes,
             "ram_usable_bytes": self.ram_usable_bytes,
@@ -208,7 +212,12 @@ class Plan:
                 chosen.add_row(key, str(value))
         console.print(chosen)
         if self.step_seconds_estimate is not None:
-            console.print(f"predicted step time: [bold]{self.step_seconds_estimate:.2f} s/step[/bold]")
+            basis = (
+                "from the calibrated profile's measured throughput"
+                if self.step_time_measured
+                else "an estimate: the profile is not calibrated (`lowvram probe --calibrate --write FILE`)"
+            )
+            console.print(f"predicted step time: [bold]{self.step_seconds_estimate:.2f} s/step[/bold] ({basis})")
         for line in self.explanation:
             console.print(f"- {line}")
         if self.runners_up:
@@ -635,7 +644,7 @@ def _evaluate(
     vram_ok, ram_ok = _usable(profile, margin)
     budgets = budget(m, s, profile, opts)
     over_v = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok for k, b in budgets.items() if k in phases)
-    over_r = max(b.ram_peak_bytes - ram_ok for k, b in budgets.items() if k in phases)
+    over_r = max(b.host_demand_bytes(profile.unified_memory) - ram_ok for k, b in budgets.items() if k in phases)
     return Candidate(s, budgets, step_time(m, s, profile, opts), over_v, over_r)
 
 
@@ -719,9 +728,9 @@ def plan_run(
         why = _refusal(_stated_settings(cfg, fixed)) or "the stated memory settings exclude every setup"
         raise UsageError(f"no memory setup can run these settings: {why}")
     fitting = [c for c in train if c.fits]
-    assumptions = (
-        f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)",
-        f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
+    assumptions = (f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)",) + figure_basis(
+        profile, opts.efficiency
+    ) + (
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
         f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
@@ -788,6 +797,7 @@ def plan_run(
         reason=reason,
         assumptions=assumptions,
         step=chosen.time,
+        step_time_measured=profile.train_tflops is not None,
         config=apply_overrides(cfg, settings),
         measured=_measured_summary(m),
     )
@@ -996,11 +1006,12 @@ def _phase_shortfall(c: Candidate, vram_ok: int, ram_ok: int, profile: HardwareP
     parts = []
     for name, p in c.phases.items():
         over_v = p.vram_peak_bytes - p.vram.get("reserve", 0) - vram_ok
-        over_r = p.ram_peak_bytes - ram_ok
+        over_r = p.host_demand_bytes(profile.unified_memory) - ram_ok
         if over_v > 0:
             parts.append(f"{name} needs {over_v / GIB:.1f} GiB more VRAM")
         if over_r > 0:
-            parts.append(f"{name} needs {over_r / GIB:.1f} GiB more host RAM")
+            shared = " (device memory is host RAM here: both counted once, together)" if profile.unified_memory else ""
+            parts.append(f"{name} needs {over_r / GIB:.1f} GiB more host RAM{shared}")
     return f"does not fit profile '{profile.name}' even with {c.settings.describe()}: " + "; ".join(parts)
 
 
@@ -1034,6 +1045,7 @@ def _unfit_plan(
         reason=reason,
         assumptions=assumptions,
         step=best.time,
+        step_time_measured=profile.train_tflops is not None,
         config=apply_overrides(cfg, settings),
     )
 
@@ -1088,6 +1100,7 @@ def budget_settings(
         ram_usable_bytes=ram_ok,
         reason=None if c.fits else _phase_shortfall(c, vram_ok, ram_ok, profile),
         step=c.time,
+        step_time_measured=profile.train_tflops is not None,
         config=apply_overrides(cfg, dotted),
     )
 
@@ -1127,3 +1140,19 @@ def predict_peak(
     reserve = components.pop("reserve", 0)
     optimizer = components.pop("optimizer state", 0)
     return PeakPrediction(sum(components.values()), optimizer, reserve, components)
+
+
+def predict_step_time(
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    settings: Settings,
+    *,
+    num_layers: int | None = None,
+    cache_dir=None,
+) -> StepTime:
+    """The step time `plan_run` predicts for exactly `settings` (`num_layers` as in `predict_peak`): for tools that
+    put a measured step beside it (tools/gpu_acceptance.py)."""
+    m = collect_measurements(cfg, profile, MeasureCache(cache_dir))
+    if num_layers is not None:
+        m = replace(m, num_layers=num_layers)
+    return step_time(m, settings, profile, _budget_options(cfg, DEFAULT_EFFICIENCY))
