@@ -728,9 +728,8 @@ def plan_run(
         why = _refusal(_stated_settings(cfg, fixed)) or "the stated memory settings exclude every setup"
         raise UsageError(f"no memory setup can run these settings: {why}")
     fitting = [c for c in train if c.fits]
-    assumptions = (f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)",) + figure_basis(
-        profile, opts.efficiency
-    ) + (
+    model_line = f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)"
+    assumptions = (model_line, *figure_basis(profile, opts.efficiency)) + (
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
         f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
