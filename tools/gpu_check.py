@@ -274,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "use --simulate --sanitize here (the simulated device's race detector)",
             file=sys.stderr,
         )
-        return 2
+        raise SystemExit(2)
     if args.steps is None:
         args.steps = 1 if args.sanitize else 3  # the sanitizer checks every kernel: slow, and timings mean nothing
     if args.simulate:
@@ -289,7 +289,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as refused:  # a usage error: argparse's, or --sanitize without a GPU
+        return int(refused.code or 0)
     link = measure_link_gbps(args)
     rows = run(args)
     return report(args, rows, link)
