@@ -192,15 +192,29 @@ def _load(config: Path | None, overrides: dict, family_default: str | None = Non
     return cfg
 
 
-def _profile(name: str | None):
+def _profile(name: str | None, host_ram: str | None = None):
+    """The profile to plan for, with the host RAM budgeted against: `--host-ram`, else this machine's (probed)."""
     from lowvram.profiles import load_profile
 
+    host = _host(host_ram)
     if name is not None:
-        return load_profile(name)
-    from lowvram.hardware import probe as run_probe
+        profile = load_profile(name)
+    else:
+        from lowvram.hardware import probe as run_probe
 
-    _, profile = run_probe(measure_bandwidth=True)
-    return profile
+        _, profile = run_probe(measure_bandwidth=True)
+    return profile.model_copy(update={"host_ram_bytes": host.ram_bytes})
+
+
+def _host(host_ram: str | None):
+    from lowvram.plan.host import HostMemory, parse_host_ram, probe_host
+
+    if host_ram is not None:
+        return HostMemory(parse_host_ram(host_ram), "--host-ram")
+    return probe_host()
+
+
+PROFILE_HELP_RAM = "Host RAM to budget against, e.g. 16GiB (default: this machine's RAM, probed)."
 
 
 PROFILE_HELP = "Hardware profile name (see `lowvram profiles`) or a path to a profile .toml; default: probe."
@@ -221,6 +235,7 @@ def plan(
     precision: str | None = typer.Option(None, "--precision", help="Base precision (bf16, int8-torchao, ...)."),
     margin: float | None = typer.Option(None, "--margin", help="Share of usable VRAM kept free (default 0.10)."),
     gpus: int = typer.Option(1, "--gpus", help="GPUs the run is sharded over (FSDP2)."),
+    host_ram: str | None = typer.Option(None, "--host-ram", help=PROFILE_HELP_RAM),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Memory-budget dry run for the real 19B LTX-2: does it fit, with which settings, how fast (no weights needed)."""
@@ -229,10 +244,11 @@ def plan(
     cfg = _load(config, overrides, family_default="ltx2")
     if cfg.model.family != "ltx2":
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": "ltx2"})})
-    hw = _profile(profile or cfg.memory.profile)
+    host = _host(host_ram)
+    hw = _profile(profile or cfg.memory.profile, host_ram)
     from lowvram.plan import plan_run
 
-    result = plan_run(cfg, hw, choose=config is None, gpus=gpus)
+    result = plan_run(cfg, hw, choose=config is None, gpus=gpus, host=host)
     if as_json:
         print(json.dumps(result.to_json()))
     else:
@@ -271,6 +287,7 @@ def train(
         True, "--auto-recover/--no-auto-recover", help="On out-of-memory, save, re-plan with less VRAM and resume."
     ),
     nproc: int = typer.Option(1, "--nproc", help="Processes (GPUs) to launch with torchrun (FSDP2)."),
+    host_ram: str | None = typer.Option(None, "--host-ram", help=PROFILE_HELP_RAM),
 ) -> None:
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     overrides = _overrides(output_dir=output_dir, dataset=dataset, checkpoint_path=checkpoint_path,
@@ -285,7 +302,7 @@ def train(
         cfg = apply_overrides(default_demo_config(overrides.get("output.output_dir", "output/demo")), overrides)
     else:
         cfg = _load(config, overrides)
-    hw = None if profile is None and config is None else _profile(profile or cfg.memory.profile)
+    hw = None if profile is None and config is None else _profile(profile or cfg.memory.profile, host_ram)
     code = run_train(cfg, profile=hw, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc)
     raise typer.Exit(code)
 

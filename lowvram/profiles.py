@@ -49,6 +49,8 @@ class HardwareProfile(BaseModel):
     h2d_pinned_gbps: float = Field(gt=0, description="host-to-device copy bandwidth from pinned memory, GB/s")
     h2d_pageable_gbps: float = Field(gt=0, description="host-to-device copy bandwidth from pageable memory, GB/s")
     host_ram_bytes: int = Field(gt=0, description="typical host RAM of such a machine")
+    # A default so hand-built profiles keep validating; `lowvram probe` measures it on the cache folder.
+    disk_read_gbps: float = Field(2.0, gt=0, description="sequential read of the cache disk, GB/s (page cache dropped)")
     supports: Supports
 
     @property

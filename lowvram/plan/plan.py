@@ -13,6 +13,7 @@ from typing import Any
 
 from lowvram.config import RunConfig, apply_overrides
 from lowvram.errors import LowvramError
+from lowvram.plan import host as host_ram
 from lowvram.plan.budget import (
     CACHE_ITEM_BYTES,
     DEFAULT_EFFICIENCY,
@@ -50,7 +51,8 @@ from lowvram.plan.measure import (
 )
 from lowvram.profiles import HardwareProfile
 
-PHASES = ("text_cache", "latent_cache", "train")
+PHASES = ("text_cache", "latent_cache", "load", "train", "export")
+TRAIN_SIDE = ("load", "train", "export")  # the phases the training settings decide
 # Quality order (text encoder options are tried in this order).
 QUALITY = {"fp32": 0, "bf16": 1, "fp8-torchao": 2, "int8-torchao": 3, "int8-quanto": 4, "nf4-bnb": 5}
 # Precision is a quality decision more than a speed knob: a lower precision must be this much faster to be chosen
@@ -98,6 +100,7 @@ class Plan:
     step: StepTime | None = field(default=None, compare=False)
     config: RunConfig | None = field(default=None, compare=False)  # the run config with these settings applied
     measured: dict[str, Any] = field(default_factory=dict)  # the per-block measurements the budget composed
+    host: dict[str, Any] = field(default_factory=dict)  # host RAM: budgeted figure, need, smallest, tiers (host.py)
 
     def summary_line(self) -> str:
         """One line for `probe` and logs: verdict, settings, peak VRAM, predicted s/step."""
@@ -115,7 +118,7 @@ class Plan:
                 "vram_peak_bytes": p.vram_peak_bytes,
                 "ram_peak_bytes": p.ram_peak_bytes,
                 "disk_bytes_per_item": p.disk_bytes_per_item,
-                "components": {"vram": dict(p.vram), "ram": dict(p.ram)},
+                "components": {"vram": dict(p.vram), "ram": dict(p.ram), "disk": dict(p.disk)},
             }
         out = {
             "fits": self.fits,
@@ -130,6 +133,7 @@ class Plan:
             "reason": self.reason,
             "assumptions": list(self.assumptions),
             "measured": dict(self.measured),
+            "host": dict(self.host),
         }
         if self.step is not None:
             out["step"] = {
@@ -177,6 +181,8 @@ class Plan:
                     f"[{style}]{total / 2**30:.2f}[/{style}]",
                     end_section=device == "RAM",
                 )
+            for component, nbytes in phase.disk.items():
+                table.add_row(name, "disk", component, f"{nbytes / 2**30:.2f}")
             if phase.disk_bytes_per_item:
                 table.add_row(
                     name, "disk", "per cached item", f"{phase.disk_bytes_per_item / 2**30:.4f}", end_section=True
@@ -198,8 +204,10 @@ class Plan:
             for r in self.runners_up:
                 console.print(
                     f"  - {r['describe']}: {r['step_seconds']:.2f} s/step, train VRAM "
-                    f"{r['train_vram_bytes'] / 2**30:.1f} GiB"
+                    f"{r['train_vram_bytes'] / 2**30:.1f} GiB, host RAM {r['host_ram_bytes'] / 2**30:.1f} GiB"
                 )
+        for line in host_ram.summary_lines(self.host):
+            console.print(line)
         if self.reason:
             console.print(f"[red]{self.reason}[/red]")
         if self.measured:
@@ -417,6 +425,9 @@ def _fixed_settings(cfg: RunConfig) -> dict[str, Any]:
         if value is not None:
             fixed[name] = value
     fixed["vae_batch_size"] = mem.vae_batch_size
+    for name in ("swap_tier", "blocks_on_disk"):
+        if getattr(mem, name, None) is not None:
+            fixed[name] = getattr(mem, name)
     return fixed
 
 
@@ -454,7 +465,14 @@ def _train_candidates(
         # paying their copies. So the chooser proposes 3 or more (a config may still fix fewer).
         counts = [fixed["blocks_to_swap"]] if kind == "block_swap" else range(3, n + 1)
         if "block_swap" not in excluded:
-            offloads += [{"offload": "block_swap", "blocks_to_swap": k} for k in counts]
+            tiers = [fixed["swap_tier"]] if "swap_tier" in fixed else list(host_ram.SWAP_TIERS)
+            on_disk = {"blocks_on_disk": fixed["blocks_on_disk"]} if "blocks_on_disk" in fixed else {}
+            offloads += [
+                {"offload": "block_swap", "blocks_to_swap": k, "swap_tier": tier, **on_disk}
+                for k in counts
+                for tier in tiers
+                if k >= on_disk.get("blocks_on_disk", 0)
+            ]
     if kind is None or kind == "ramtorch":
         shares = [fixed["ramtorch_share"]] if kind == "ramtorch" else [0.25, 0.5, 0.75, 1.0]
         if "ramtorch" not in excluded:
@@ -510,7 +528,7 @@ def _supported(precision: str, profile: HardwareProfile) -> bool:
 
 
 def _usable(profile: HardwareProfile, margin: float) -> tuple[int, int]:
-    return int(profile.usable_vram_bytes * (1 - margin)), int(profile.host_ram_bytes * (1 - margin))
+    return int(profile.usable_vram_bytes * (1 - margin)), host_ram.usable_host_bytes(profile.host_ram_bytes)
 
 
 def _evaluate(
@@ -526,6 +544,26 @@ def _evaluate(
     over_v = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok for k, b in budgets.items() if k in phases)
     over_r = max(b.ram_peak_bytes - ram_ok for k, b in budgets.items() if k in phases)
     return Candidate(s, budgets, step_time(m, s, profile, opts), over_v, over_r)
+
+
+def _disk_tier_candidates(
+    m: Measurements, train: list[Candidate], profile: HardwareProfile, opts: BudgetOptions, margin: float
+) -> list[Candidate]:
+    """Block swap setups that fit the device but not host RAM, with just enough swapped blocks moved to the disk tier
+    (more on disk is only slower, so the fewest that fit is the one worth ranking)."""
+    out = []
+    for c in train:
+        s = c.settings
+        if s.offload != "block_swap" or c.over_vram_bytes > 0 or c.over_ram_bytes <= 0 or s.blocks_on_disk:
+            continue
+        k = min(s.blocks_to_swap, m.num_layers)
+        d = host_ram.blocks_on_disk_needed(c.over_ram_bytes, m.block.bytes(s.precision, opts.compute_dtype), k)
+        for n in sorted({min(k, d + extra) for extra in (0, 1, 2)} if d is not None else {k}):
+            trial = _evaluate(m, replace(s, blocks_on_disk=n), profile, opts, margin, TRAIN_SIDE)
+            if trial.fits or n == k:
+                out.append(trial)
+                break
+    return out
 
 
 def _rank_key(c: Candidate) -> tuple:
@@ -549,6 +587,7 @@ def plan_run(
     cache_dir=None,
     efficiency: float = DEFAULT_EFFICIENCY,
     gpus: int = 1,
+    host: host_ram.HostMemory | None = None,
     _suggest: bool = True,
 ) -> Plan:
     """Plan `cfg` on `profile` (per GPU; `gpus` > 1: FSDP2 over that many GPUs of this profile).
@@ -557,7 +596,12 @@ def plan_run(
     `choose=False` (`lowvram plan --config F`, `train --dry-run`): precisions and optimizer are the config's. In
     both, memory settings the config leaves None are chosen and the ones it sets are evaluated as given.
     Impossible requests raise LowvramError in one line; a run that fits nowhere returns `fits=False` + `reason`.
+    `host`: the host RAM to budget against (`--host-ram`, or probed by the CLI); default: the profile's.
     """
+    if host is not None:
+        profile = profile.model_copy(update={"host_ram_bytes": host.ram_bytes})
+    else:
+        host = host_ram.HostMemory(profile.host_ram_bytes, f"profile '{profile.name}'")
     from lowvram.quant.precision import check_backend_supported
 
     if not choose:
@@ -590,13 +634,16 @@ def plan_run(
     vram_ok, ram_ok = _usable(profile, margin)
 
     train = [
-        _evaluate(m, s, profile, opts, margin, ("train",))
+        _evaluate(m, s, profile, opts, margin, TRAIN_SIDE)
         for s in _train_candidates(m, cfg, profile, choose, fixed, vram_ok)
     ]
+    if "blocks_on_disk" not in fixed:
+        train += _disk_tier_candidates(m, train, profile, opts, margin)
     fitting = [c for c in train if c.fits]
     assumptions = (
         f"compute at {opts.efficiency:.0%} of the profile's {profile.bf16_tflops:g} bf16 TFLOP/s",
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
+        host_ram.reserve_assumption(),
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
         f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
     ) + (
@@ -610,9 +657,11 @@ def plan_run(
     if not fitting:
         best = min(train, key=lambda c: (_shortfall(c), c.time.seconds))
         chosen = _complete(m, best.settings, cfg, profile, opts, margin, fixed, choose)
-        return _unfit_plan(
+        unfit = _unfit_plan(
             cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose
         )
+        summary = _host_summary(m, train, chosen, cfg, profile, opts, margin, fixed, choose, host)
+        return replace(unfit, host=summary, reason=host_ram.swap_reason(unfit.reason, summary))
     fitting.sort(key=_rank_key)
     winner = fitting[0]
     chosen = _complete(m, winner.settings, cfg, profile, opts, margin, fixed, choose)
@@ -640,6 +689,7 @@ def plan_run(
                 "describe": c.settings.describe(),
                 "step_seconds": round(c.time.seconds, 3),
                 "train_vram_bytes": c.phases["train"].vram_peak_bytes,
+                "host_ram_bytes": max(p.ram_peak_bytes for p in c.phases.values()),
                 "settings": c.settings.dotted(),
             }
         )
@@ -662,6 +712,57 @@ def plan_run(
         step=chosen.time,
         config=apply_overrides(cfg, settings),
         measured=_measured_summary(m),
+        host=_host_summary(m, train, chosen, cfg, profile, opts, margin, fixed, choose, host),
+    )
+
+
+def _host_summary(
+    m: Measurements,
+    train: list[Candidate],
+    chosen: Candidate,
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    opts: BudgetOptions,
+    margin: float,
+    fixed: dict[str, Any],
+    choose: bool,
+    host: host_ram.HostMemory,
+) -> dict[str, Any]:
+    """Host RAM of the chosen plan and the smallest host RAM that trains this run on this profile's VRAM.
+
+    The phases run one after another, so the smallest RAM is the largest of each side's least need among settings
+    whose VRAM fits: training settings (load, train, export), text-encoder settings, VAE settings.
+    """
+    vram_ok, _ = _usable(profile, margin)
+
+    def vram_fits(c: Candidate, phases: tuple[str, ...]) -> bool:
+        return all(c.phases[n].vram_peak_bytes - c.phases[n].vram.get("reserve", 0) <= vram_ok for n in phases)
+
+    def need(c: Candidate, phases: tuple[str, ...]) -> int:
+        return max(c.phases[n].ram_peak_bytes for n in phases)
+
+    # at the chosen precision: a lower one would buy RAM with quality, which is the user's (or the chooser's) call
+    train_side = [c for c in train if vram_fits(c, ("train",)) and c.settings.precision == chosen.settings.precision]
+    best_train = min(train_side, key=lambda c: need(c, TRAIN_SIDE), default=None)
+    te = [cfg.model.text_encoder_precision]
+    if choose and cfg.model.family != "tiny":
+        te = [p for p in ("bf16", "int8-torchao", "int8-quanto", "nf4-bnb") if _supported(p, profile)]
+    text = [
+        _evaluate(m, replace(chosen.settings, text_encoder_precision=p, ramtorch_text_encoder=st), profile, opts,
+                  margin, ("text_cache",))
+        for p in te
+        for st in ([fixed["ramtorch_text_encoder"]] if "ramtorch_text_encoder" in fixed else [False, True])
+    ]
+    text_need = min((need(c, ("text_cache",)) for c in text if vram_fits(c, ("text_cache",))), default=None)
+    latent_need = need(chosen, ("latent_cache",))
+    smallest = None
+    if best_train is not None and text_need is not None:
+        smallest = max(need(best_train, TRAIN_SIDE), text_need, latent_need)
+    return host_ram.host_summary(
+        host,
+        chosen_phases=chosen.phases,
+        smallest_need_bytes=smallest,
+        smallest_describe=best_train.settings.describe() if best_train is not None else None,
     )
 
 
@@ -802,7 +903,11 @@ def _explain(
                 f"{vram_ok / GIB:.1f} GiB usable"
             )
         if c.over_ram_bytes > 0:
-            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.1f} GiB usable")
+            worst = max(TRAIN_SIDE, key=lambda n: c.phases[n].ram_peak_bytes)
+            why.append(
+                f"needs {c.phases[worst].ram_peak_bytes / GIB:.1f} GiB host RAM ({worst}), "
+                f"{ram_ok / GIB:.1f} GiB usable"
+            )
         lines.append(
             f"would be faster but does not fit: {c.settings.describe()} ({c.time.seconds:.2f} s/step): "
             + "; ".join(why)
