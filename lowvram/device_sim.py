@@ -143,9 +143,19 @@ class SimBackend(Backend):
     is_accelerator = True
     supports_streams = True
 
-    def __init__(self, budget_bytes: int | None = None, *, h2d_gbps: float = 24.0, tflops: float = 165.0):
+    def __init__(
+        self,
+        budget_bytes: int | None = None,
+        *,
+        h2d_gbps: float = 24.0,
+        tflops: float = 165.0,
+        disk_gbps: float | None = None,
+    ):
         self.budget_bytes = budget_bytes
         self.h2d_gbps = h2d_gbps
+        # The disk is one more copy engine: reads issued on a stream of their own (offload/disk_tier.py) occupy it at
+        # this rate, and the host-to-device copies that follow wait for them through events. None: reads are free.
+        self.disk_gbps = disk_gbps
         self.tflops = tflops
         self._device: dict[int, int] = {}  # storage id -> bytes
         self._host: dict[int, int] = {}
@@ -233,8 +243,9 @@ class SimBackend(Backend):
     def _host_wait(self, t: float) -> None:
         self._compute._wait_until(t)
 
-    def _copy_cost(self, nbytes: int) -> None:
-        seconds = nbytes / (self.h2d_gbps * 1e9) if self.h2d_gbps else 0.0
+    def _copy_cost(self, nbytes: int, gbps: float | None = None) -> None:
+        gbps = self.h2d_gbps if gbps is None else gbps
+        seconds = nbytes / (gbps * 1e9) if gbps else 0.0
         if self._current.is_compute:
             self._stall_s += seconds
             self._clock_s += seconds
@@ -292,6 +303,13 @@ class SimBackend(Backend):
 
     def synchronize(self) -> None:
         return None  # streams are joined through events; the host never races the simulated copy engine
+
+    def wait_on_host(self, event) -> None:
+        return None  # simulated copies finish when issued (the clock models their duration through events)
+
+    def disk_read_cost(self, nbytes: int) -> None:
+        if self.disk_gbps:
+            self._copy_cost(nbytes, self.disk_gbps)
 
     # -- memory placement ------------------------------------------------------------------------------------
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -838,6 +838,8 @@ def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, ba
     if memory.gradient_checkpointing is None:
         # On by default: block activations are recomputed in backward, the biggest single saving.
         memory = memory.model_copy(update={"gradient_checkpointing": True})
+    if getattr(memory, "blocks_on_disk", None) and memory.disk_tier_dir is None:
+        memory = memory.model_copy(update={"disk_tier_dir": str(Path(decision.cfg.output.output_dir) / "cache")})
     applied = offload.apply_memory_plan(transformer, memory, backend)
     backend.place_module(transformer)
     return applied
