@@ -93,6 +93,9 @@ def probe(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for machines) instead of tables."),
     write: Path | None = typer.Option(None, "--write", help="Write the matched/measured profile to this TOML file."),
     bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure host-to-device GB/s (GPU only)."),
+    disk_speed: bool = typer.Option(
+        True, "--disk-speed/--no-disk-speed", help="Measure the cache folder's read GB/s (a fresh 256 MiB file)."
+    ),
     cache_dir: Path = typer.Option(Path("."), "--cache-dir", help="Where caches will live (free disk is reported)."),
     resolution: str = typer.Option("832x480", "--resolution", help="Workload for auto-picked settings: WIDTHxHEIGHT."),
     frames: int = typer.Option(17, "--frames", help="Workload frames per clip (8k+1)."),
@@ -106,7 +109,7 @@ def probe(
     from lowvram.hardware import probe as run_probe
     from lowvram.hardware import profile_to_toml
 
-    result, profile = run_probe(measure_bandwidth=bandwidth, disk_path=cache_dir)
+    result, profile = run_probe(measure_bandwidth=bandwidth, disk_path=cache_dir, measure_disk=disk_speed)
     picked = _auto_pick(profile, resolution, frames, batch) if (settings_out or not as_json) else None
     if write is not None:
         atomic_write_text(write, profile_to_toml(profile, f"written by `lowvram probe` ({result.profile_reason})"))
@@ -134,6 +137,10 @@ def probe(
     table.add_row("RAM", f"{_gib(result.ram_total_bytes)} total, {_gib(result.ram_available_bytes)} available")
     table.add_row("CPU cores", str(result.cpu_count))
     table.add_row("free disk", f"{_gib(result.disk_free_bytes)} at {result.disk_path}")
+    if result.disk_read_gbps:
+        table.add_row("  disk read", f"{result.disk_read_gbps:.2f} GB/s (fresh file, page cache dropped)")
+    swap = _gib(result.swap_total_bytes) if result.swap_total_bytes else "none"
+    table.add_row("swap", f"{swap} (never budgeted: a plan that needs it is refused)")
     table.add_row("profile", f"{result.profile} ({result.profile_reason})")
     console.print(table)
     if picked is not None:

@@ -218,3 +218,18 @@ def test_predicted_anonymous_ram_matches_measured_within_10_percent_per_tier(tie
     if not base_grads.exists():  # all weights in RAM, no offload, in its own process
         H.measure_in_subprocess(str(shared), grads_out=str(base_grads), **{**kw, "blocks_to_swap": 0})
     _assert_equal(load_file(folder / "g"), load_file(base_grads))
+
+
+def test_bench_lowram_prints_its_two_figures_last(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "tools/bench_lowram.py", "--layers", "8", "--dim", "256", "--hidden", "1024",
+         "--budget-mib", "40", "--steps", "1", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2].startswith("anon_rss_over_budget=") and lines[-1].startswith("disk_tier_step_ratio=")
+    assert "equal the all-in-RAM baseline exactly: True" in done.stdout

@@ -124,3 +124,24 @@ def test_cli_plan_host_ram_prints_the_smallest_ram_and_tiers(cli):
     assert "smallest host RAM that trains this:" in r.stdout and "tier pinned:" in r.stdout
     bad = cli("plan", "--profile", "4070", "--host-ram", "lots")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_probe_measures_the_cache_disk_and_reports_swap(cli, tmp_path):
+    from lowvram.hardware import measure_disk_read_gbps
+
+    assert measure_disk_read_gbps(tmp_path, nbytes=16 * 2**20) > 0
+    assert not list(tmp_path.iterdir())  # the probe file is removed
+    r = cli("probe", "--json", "--no-bandwidth", "--cache-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["disk_read_gbps"] > 0 and data["swap_total_bytes"] >= 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_profile_states_its_disk_read_speed_with_a_source():
+    from lowvram.profiles import PROFILES_DIR, builtin_profile_names
+
+    for name in builtin_profile_names():
+        line = next(x for x in (PROFILES_DIR / f"{name}.toml").read_text().splitlines() if x.startswith("disk_read"))
+        assert "#" in line, name
+        assert load_profile(name).disk_read_gbps > 0

@@ -210,6 +210,7 @@ def measure_run(
     blocks_to_swap: int = 6,
     blocks_on_disk: int = 0,
     steps: int = 3,
+    warm_steps: int = 0,
     h2d_gbps: float = 24.0,
     disk_gbps: float | None = None,
     tflops: float = 165.0,
@@ -259,10 +260,13 @@ def measure_run(
         sim.place_module(model)
     load_s = time.perf_counter() - t0
     after_load = rss_anon_bytes()
-    t0 = time.perf_counter()
     with AnonPeak() as train_peak:
+        if warm_steps:  # the staged tiers learn their read-ahead order in the first steps
+            train_steps(model, sim, x, warm_steps)
+        sim.reset_counters()
+        t0 = time.perf_counter()
         grads = train_steps(model, sim, x, steps)
-    wall_s = time.perf_counter() - t0
+        wall_s = time.perf_counter() - t0
     if grads_out is not None:
         from safetensors.torch import save_file
 
@@ -303,6 +307,8 @@ def measure_in_subprocess(folder: str, timeout: float = 600, **kwargs) -> dict:
         f"print(json.dumps(measure_run({folder!r}, **json.loads(sys.argv[1]))))"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's lowvram, not whichever one is installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     done = subprocess.run(
         [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env, timeout=timeout
     )
