@@ -233,3 +233,46 @@ def test_bench_lowram_prints_its_two_figures_last(tmp_path):
     lines = done.stdout.strip().splitlines()
     assert lines[-2].startswith("anon_rss_over_budget=") and lines[-1].startswith("disk_tier_step_ratio=")
     assert "equal the all-in-RAM baseline exactly: True" in done.stdout
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-quanto"])
+def test_the_loader_writes_disk_tier_blocks_as_it_reads_them(precision, x, tmp_path):
+    from lowvram.quant.stream import load_quantized
+
+    def state():  # what a checkpoint holds: every frozen weight and the (here pre-trained) LoRA
+        out = {k: v for i in range(L) for k, v in H.block_weights(i, D, HID).items()}
+        lora = H.build(L, D, HID, materialize=False)
+        out.update({n: p.detach() for n, p in lora.named_parameters() if "lora_" in n})
+        return out
+
+    def loaded(loader_for=None):
+        model = H.build(L, D, HID, materialize=False)
+        loader = loader_for(model) if loader_for else None
+        load_quantized(model, state(), precision, dtype=torch.float32, progress=loader.progress if loader else None)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        return model, loader
+
+    base, _ = loaded()
+    sim = get_backend("sim")
+    sim.place_module(base)
+    expected = H.train_steps(base, sim, x, 2)
+
+    blocks = disk_tier.disk_block_indices(L, 4, 3)
+    model, loader = loaded(lambda m: disk_tier.DiskTierLoader(m, tmp_path, blocks, "transformer_blocks"))
+    prewritten = loader.finish()
+    for index in blocks:  # never held: placeholders from the moment the loader moved past them
+        for p in model.transformer_blocks[index].parameters():
+            if not p.requires_grad:
+                assert all(leaf.untyped_storage().nbytes() <= 8 for leaf in disk_tier.leaf_tensors(p))
+    sim = get_backend("sim", disk_gbps=3.5)
+    swap = disk_tier.apply_staged_block_swap(model, sim, blocks_to_swap=4, blocks_on_disk=3, prewritten=prewritten)
+    sim.place_module(model)
+    try:
+        _assert_equal(H.train_steps(model, sim, x, 2), expected)
+    finally:
+        swap.close()
+    with pytest.raises(DiskTierError, match="the plan puts"):
+        disk_tier.apply_staged_block_swap(
+            model, get_backend("sim"), blocks_to_swap=4, blocks_on_disk=2, prewritten=prewritten
+        )

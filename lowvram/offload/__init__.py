@@ -110,13 +110,15 @@ def apply_memory_plan(
     plan: Any = None,
     training: bool = True,
     place: bool = True,
+    prewritten: Any = None,
 ) -> AppliedMemoryPlan:
     """Apply the transformer's memory settings (fields of `lowvram.config.MemorySection`, as `settings` or `memory`)
     with `backend`, then place what stays resident on the device (`place=False` leaves that to the caller).
 
     Call after quantization and LoRA injection. Refusals raise `UsageError` with one line before any module is
     changed. `plan` (the planner's result) is accepted for the loop's call and not needed: the settings carry the
-    decisions. `ramtorch_text_encoder` is for the text encoder: call `apply_weight_streaming(text_encoder, backend)`.
+    decisions. `prewritten`: disk-tier blocks the loader already wrote (offload/disk_tier.py `DiskTierLoader`).
+    `ramtorch_text_encoder` is for the text encoder: call `apply_weight_streaming(text_encoder, backend)`.
     """
     settings = settings if settings is not None else memory
     if settings is None or backend is None:
@@ -150,6 +152,7 @@ def apply_memory_plan(
                     blocks_on_disk=on_disk,
                     tier=tier,
                     disk_dir=getattr(settings, "disk_tier_dir", None),
+                    prewritten=prewritten,
                 )
             )
     if getattr(settings, "group_offload", None):

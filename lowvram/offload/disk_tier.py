@@ -258,6 +258,112 @@ def checkpoint_extents(
     return out
 
 
+class _AppendWriter:
+    """The disk tier's file when block sizes are only known as blocks arrive (quantized while loading): raw page
+    aligned blocks, written to a temporary name and renamed when complete; the extents are kept by the caller."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._f = open(self._tmp, "wb")
+        self._cursor = 0
+
+    def append(self, flat: torch.Tensor) -> int:
+        self._cursor = math.ceil(self._cursor / FILE_ALIGN_BYTES) * FILE_ALIGN_BYTES
+        self._f.seek(self._cursor)
+        self._f.write(memoryview(flat.contiguous().numpy()))
+        self._f.flush()
+        _drop_cache(self._tmp, self._f.fileno())
+        offset, self._cursor = self._cursor, self._cursor + flat.numel()
+        return offset
+
+    def finish(self) -> Path:
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class PrewrittenBlocks:
+    """Blocks the loader already wrote to the disk tier's file (their parameters hold placeholders)."""
+
+    path: Path
+    extents: dict[int, list[tuple[int, int, int]]]
+    nbytes: dict[int, int]
+    layout: dict[int, list[tuple[int, list[int]]]] = field(default_factory=dict)  # per block: (param id, offsets)
+
+
+class DiskTierLoader:
+    """Writes blocks to the disk tier's file while the model loads (`progress` of quant/stream.py `load_quantized`):
+    when the loader moves past a disk-tier block, its weights are flattened, appended to the file and replaced by
+    placeholders, so host RAM holds one block of them at most. `apply_staged_block_swap(prewritten=...)` adopts them.
+    """
+
+    def __init__(self, model: nn.Module, folder: str | os.PathLike, blocks: Sequence[int], blocks_attr: str):
+        self.model = model
+        self.blocks_attr = blocks_attr
+        self.pending = sorted(blocks)
+        self.writer = _AppendWriter(disk_tier_path(folder))
+        self.extents: dict[int, list[tuple[int, int, int]]] = {}
+        self.nbytes: dict[int, int] = {}
+        self.layout: dict[int, list[tuple[int, list[int]]]] = {}
+        self._current: int | None = None
+
+    def _block_of(self, name: str | None) -> int | None:
+        prefix = f"{self.blocks_attr}."
+        if name is None or not name.startswith(prefix):
+            return None
+        head = name[len(prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def progress(self, name: str | None) -> None:
+        block = self._block_of(name)
+        if self._current is not None and block != self._current:
+            self._write(self._current)
+        self._current = block if block in self.pending else None
+
+    def _write(self, index: int) -> None:
+        block = getattr(self.model, self.blocks_attr)[index]
+        params = frozen_parameters(block, prefix=f"{self.blocks_attr}.{index}")
+        leaves = [leaf_tensors(mod._parameters[name].detach()) for mod, name, _ in params]
+        offsets, total = _layout(leaves)
+        check_free_space(self.writer.path.parent, total * len(self.pending))
+        flat = torch.empty(total, dtype=torch.uint8)
+        for ls, offs in zip(leaves, offsets, strict=True):
+            for leaf, off in zip(ls, offs, strict=True):
+                _typed_view(flat, off, leaf.dtype, tuple(leaf.shape)).copy_(leaf.contiguous())
+        start = self.writer.append(flat)
+        del flat, leaves
+        cpu = Backend()
+        for mod, name, label in params:
+            set_contents(mod._parameters[name], stand_in_like(cpu, mod._parameters[name].detach(), label))
+        self.extents[index] = [(start, total, 0)]
+        self.nbytes[index] = total
+        self.layout[index] = [
+            (id(mod._parameters[name]), offs) for (mod, name, _), offs in zip(params, offsets, strict=True)
+        ]
+        self.pending.remove(index)
+
+    def finish(self) -> PrewrittenBlocks:
+        if self._current is not None:
+            self._write(self._current)
+            self._current = None
+        if self.pending:
+            self.writer.abort()
+            raise DiskTierError(f"the loader never reached disk tier blocks {self.pending}: wrong model or blocks_attr")
+        return PrewrittenBlocks(self.writer.finish(), self.extents, self.nbytes, self.layout)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The staged ring
 
@@ -472,6 +578,12 @@ class StagedBlockSwap(BlockSwap):
         self._worker = None
 
 
+def disk_block_indices(num_blocks: int, blocks_to_swap: int, blocks_on_disk: int, placement: str = "spread"):
+    """Which blocks live in the disk tier: `blocks_on_disk` of the swapped ones, spread among them."""
+    swapped = choose_swapped_blocks(num_blocks, blocks_to_swap, placement)
+    return tuple(swapped[i] for i in choose_swapped_blocks(len(swapped), blocks_on_disk, "spread"))
+
+
 def disk_tier_path(folder: str | os.PathLike, name: str = "transformer") -> Path:
     return Path(folder) / f"disk-tier-{name}.safetensors"
 
@@ -487,6 +599,7 @@ def apply_staged_block_swap(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_key: Callable[[str], str] = lambda label: label,
     expected_identity: FileIdentity | None = None,
+    prewritten: PrewrittenBlocks | None = None,
     placement: str = "spread",
     ring_slots: int = 2,
     staging_slots: int = 2,
@@ -513,13 +626,13 @@ def apply_staged_block_swap(
         raise UsageError(
             f"memory.blocks_on_disk={blocks_on_disk} must be between 0 and memory.blocks_to_swap={blocks_to_swap}"
         )
-    if blocks_on_disk and checkpoint is None and disk_dir is None:
+    if blocks_on_disk and checkpoint is None and disk_dir is None and prewritten is None:
         raise UsageError("memory.blocks_on_disk needs a folder for the disk tier's file: set memory.disk_tier_dir")
     if ring_slots < 2 or staging_slots < 2:
         raise UsageError("block swap needs at least 2 ring slots and 2 staging buffers (one in use, one loading)")
     refuse_unmovable(blocks, "block swap")
     swapped = choose_swapped_blocks(len(blocks), blocks_to_swap, placement)
-    on_disk = tuple(swapped[i] for i in choose_swapped_blocks(len(swapped), blocks_on_disk, "spread"))
+    on_disk = disk_block_indices(len(blocks), blocks_to_swap, blocks_on_disk, placement)
     staged = set(on_disk) | (set(swapped) if tier == "pageable" else set())
 
     plans = {}
@@ -531,7 +644,14 @@ def apply_staged_block_swap(
 
     disk_file = None
     writer = None
-    if on_disk and checkpoint is not None:
+    if prewritten is not None:
+        if set(prewritten.extents) != set(on_disk):
+            raise DiskTierError(
+                f"the loader wrote blocks {sorted(prewritten.extents)} to the disk tier, the plan puts "
+                f"{sorted(on_disk)} there: load and apply with the same memory settings"
+            )
+        disk_file = WeightFile.open(prewritten.path, prewritten.extents)
+    elif on_disk and checkpoint is not None:
         keys = {}
         for index in on_disk:
             params, leaves, offsets, _ = plans[index]
@@ -555,6 +675,14 @@ def apply_staged_block_swap(
     try:
         for index in swapped:
             params, leaves_per, offsets, total = plans.pop(index)  # drop its references: the weights free as we go
+            if prewritten is not None and index in on_disk:
+                # the same Parameters at the same offsets, or the bytes would land in the wrong weights
+                mine = [(id(mod._parameters[name]), offs) for (mod, name, _), offs in zip(params, offsets, strict=True)]
+                if mine != prewritten.layout[index] or total != prewritten.nbytes[index]:
+                    raise DiskTierError(
+                        f"block {index}'s weights changed between loading and block swap (layout differs from the "
+                        "disk tier file): apply block swap to the module the loader filled"
+                    )
             if index in on_disk:
                 host = torch.empty(total if writer is not None else 0, dtype=torch.uint8)
             elif index in staged:
@@ -598,6 +726,7 @@ def apply_staged_block_swap(
             writer.abort()
         raise
     swap.disk_file = disk_file
+    swap.owns_disk_file = swap.owns_disk_file or prewritten is not None
     for index in staged:
         swap.sources[index] = disk_file if index in on_disk else pageable
     slot_bytes = max((b.nbytes for b in swap._blocks.values()), default=0)

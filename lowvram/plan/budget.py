@@ -675,7 +675,14 @@ def budget(
             **process,
             # the transformer's own largest tensor, read and converted (Gemma's embedding is not loaded here)
             "loading staging": 2 * 2 * max(m.block.largest_param, m.rest.largest_param),
-            **host.load_ram_components(s.swap_tier, swapped, on_disk, m.block.bytes(s.precision, dtype), whole),
+            **host.load_ram_components(
+                s.swap_tier,
+                swapped,
+                on_disk,
+                m.block.bytes(s.precision, dtype),
+                whole,
+                quantized=s.precision not in ("bf16", "fp32"),
+            ),
         },
         disk=disk,
     )

@@ -127,21 +127,18 @@ def swap_host_components(
     return ram, disk
 
 
-# Whether the transformer loader writes disk-tier blocks to their file as it reads them. Not yet: the loader
-# (quant/stream.py via models/ltx2_checkpoint.py) fills the whole model in host RAM, then block swap moves the
-# swapped blocks to their tier; so loading needs the whole transformer in RAM whatever the tier.
-LOADER_WRITES_DISK_TIER = False
-
-
-def load_ram_components(tier: str, blocks: int, on_disk: int, block_bytes: int, whole_bytes: int) -> dict[str, int]:
+def load_ram_components(
+    tier: str, blocks: int, on_disk: int, block_bytes: int, whole_bytes: int, quantized: bool = True
+) -> dict[str, int]:
     """Host RAM of loading the transformer at its stored precision (quantize on read, one tensor at a time).
 
     The loader holds the transformer, then block swap copies each swapped block into its host master (pinned or
-    pageable: one block's copy beside the loaded model at worst) or writes it to the disk tier's file (one block's
-    flat buffer at worst); the rest moves to the device.
+    pageable: one block's copy beside the loaded model at worst). A quantized load writes each disk-tier block to
+    the tier's file as soon as it is read (offload/disk_tier.py `DiskTierLoader`), so those are never held together;
+    an unquantized load (train/loop.py refuses blocks on disk there) would hold them all.
     """
     on_disk = min(on_disk, blocks)
-    held = whole_bytes - (on_disk * block_bytes if LOADER_WRITES_DISK_TIER else 0)
+    held = whole_bytes - (on_disk * block_bytes if quantized else 0)
     out = {"transformer being loaded (anonymous)": held}
     if blocks > on_disk:
         out[f"one swapped block's host master ({tier})"] = block_bytes
