@@ -228,8 +228,7 @@ def summary_lines(summary: dict) -> list[str]:
     ]
     if s["smallest_ram_bytes"] is not None:
         lines.append(
-            f"smallest host RAM that trains this: {s['smallest_ram_bytes'] / GIB:.0f} GiB "
-            f"(training with {s['smallest_settings']})"
+            f"smallest host RAM that trains this: {s['smallest_ram_bytes'] / GIB:.0f} GiB ({s['smallest_settings']})"
         )
     else:
         lines.append("smallest host RAM that trains this: none (no setting fits this profile's VRAM)")

@@ -745,26 +745,45 @@ def _host_summary(
 
     # at the chosen precision: a lower one would buy RAM with quality, which is the user's (or the chooser's) call
     train_side = [c for c in train if vram_fits(c, ("train",)) and c.settings.precision == chosen.settings.precision]
+    # every swapped block on disk is the least RAM a block swap setup can train with (quantized loads only)
+    train_side += [
+        _evaluate(m, replace(c.settings, blocks_on_disk=min(c.settings.blocks_to_swap, m.num_layers)), profile, opts,
+                  margin, TRAIN_SIDE)
+        for c in train_side
+        if c.settings.offload == "block_swap" and c.settings.swap_tier == "pinned" and not c.settings.blocks_on_disk
+        and c.settings.precision not in ("bf16", "fp32")
+    ]  # fmt: skip
     best_train = min(train_side, key=lambda c: need(c, TRAIN_SIDE), default=None)
     te = [cfg.model.text_encoder_precision]
     if choose and cfg.model.family != "tiny":
         te = [p for p in ("bf16", "int8-torchao", "int8-quanto", "nf4-bnb") if _supported(p, profile)]
     text = [
-        _evaluate(m, replace(chosen.settings, text_encoder_precision=p, ramtorch_text_encoder=st), profile, opts,
-                  margin, ("text_cache",))
+        _evaluate(
+            m,
+            replace(chosen.settings, text_encoder_precision=p, ramtorch_text_encoder=st),
+            profile,
+            opts,
+            margin,
+            ("text_cache",),
+        )
         for p in te
         for st in ([fixed["ramtorch_text_encoder"]] if "ramtorch_text_encoder" in fixed else [False, True])
     ]
     text_need = min((need(c, ("text_cache",)) for c in text if vram_fits(c, ("text_cache",))), default=None)
     latent_need = need(chosen, ("latent_cache",))
-    smallest = None
+    smallest = binding = None
     if best_train is not None and text_need is not None:
-        smallest = max(need(best_train, TRAIN_SIDE), text_need, latent_need)
+        sides = {"text caching": text_need, "latent caching": latent_need}
+        sides[max(TRAIN_SIDE, key=lambda n: best_train.phases[n].ram_peak_bytes)] = need(best_train, TRAIN_SIDE)
+        binding = max(sides, key=sides.get)
+        smallest = sides[binding]
     return host_ram.host_summary(
         host,
         chosen_phases=chosen.phases,
         smallest_need_bytes=smallest,
-        smallest_describe=best_train.settings.describe() if best_train is not None else None,
+        smallest_describe=f"{binding} needs the most; training with {best_train.settings.describe()}"
+        if best_train is not None
+        else None,
     )
 
 
