@@ -102,6 +102,9 @@ def probe(
         False, "--simulate", help="With --calibrate: run it on the simulated accelerator at tiny widths (tests)."
     ),
     bandwidth: bool = typer.Option(True, "--bandwidth/--no-bandwidth", help="Measure host-to-device GB/s (GPU only)."),
+    disk_speed: bool = typer.Option(
+        True, "--disk-speed/--no-disk-speed", help="Measure the cache folder's read GB/s (a fresh 256 MiB file)."
+    ),
     cache_dir: Path = typer.Option(Path("."), "--cache-dir", help="Where caches will live (free disk is reported)."),
     resolution: str = typer.Option(
         "832x480", "--resolution", help="Workload (auto-picked settings; --calibrate's shape): WIDTHxHEIGHT."
@@ -122,7 +125,7 @@ def probe(
     if simulate and not calibrate:
         raise UsageError("--simulate only applies to --calibrate: add --calibrate or drop --simulate")
     _workload(resolution, frames, batch)  # a bad workload is refused before anything is measured
-    result, profile = run_probe(measure_bandwidth=bandwidth, disk_path=cache_dir)
+    result, profile = run_probe(measure_bandwidth=bandwidth, disk_path=cache_dir, measure_disk=disk_speed)
     calibration = None
     if calibrate:
         calibration, profile = _calibrate(profile, resolution, frames, batch, simulate, quiet=as_json)
@@ -164,6 +167,10 @@ def probe(
     table.add_row("RAM", f"{_gib(result.ram_total_bytes)} total, {_gib(result.ram_available_bytes)} available")
     table.add_row("CPU cores", str(result.cpu_count))
     table.add_row("free disk", f"{_gib(result.disk_free_bytes)} at {result.disk_path}")
+    if result.disk_read_gbps:
+        table.add_row("  disk read", f"{result.disk_read_gbps:.2f} GB/s (fresh file, page cache dropped)")
+    swap = _gib(result.swap_total_bytes) if result.swap_total_bytes else "none"
+    table.add_row("swap", f"{swap} (never budgeted: a plan that needs it is refused)")
     table.add_row("profile", f"{result.profile} ({result.profile_reason})")
     console.print(table)
     console.print(f"Training {default_model_needs()[0].ref.text} by hub id (flavour dev, with Gemma3) downloads:")
@@ -307,15 +314,29 @@ def _load(config: Path | None, overrides: dict, family_default: str | None = Non
     return cfg
 
 
-def _profile(name: str | None):
+def _profile(name: str | None, host_ram: str | None = None):
+    """The profile to plan for, with the host RAM budgeted against: `--host-ram`, else this machine's (probed)."""
     from lowvram.profiles import load_profile
 
+    host = _host(host_ram)
     if name is not None:
-        return load_profile(name)
-    from lowvram.hardware import probe as run_probe
+        profile = load_profile(name)
+    else:
+        from lowvram.hardware import probe as run_probe
 
-    _, profile = run_probe(measure_bandwidth=True)
-    return profile
+        _, profile = run_probe(measure_bandwidth=True)
+    return profile.model_copy(update={"host_ram_bytes": host.ram_bytes})
+
+
+def _host(host_ram: str | None):
+    from lowvram.plan.host import HostMemory, parse_host_ram, probe_host
+
+    if host_ram is not None:
+        return HostMemory(parse_host_ram(host_ram), "--host-ram")
+    return probe_host()
+
+
+PROFILE_HELP_RAM = "Host RAM to budget against, e.g. 16GiB (default: this machine's RAM, probed)."
 
 
 PROFILE_HELP = "Hardware profile name (see `lowvram profiles`) or a path to a profile .toml; default: probe."
@@ -339,6 +360,7 @@ def plan(
     model_version: str | None = typer.Option(
         None, "--model-version", help="LTX-2 release to plan: 2.0 (19B), 2.3 or 2.5 (22B); default 2.0."
     ),
+    host_ram: str | None = typer.Option(None, "--host-ram", help=PROFILE_HELP_RAM),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Memory-budget dry run for the real LTX-2 (19B 2.0, 22B 2.3/2.5): does it fit, with which settings, how fast
@@ -357,10 +379,11 @@ def plan(
                            precision=precision, margin=margin, model_version=model_version)
     # The real model unless a config names the tiny one: then the plan is the one `train --dry-run` makes for it.
     cfg = _load(config, overrides, family_default="ltx2")
-    hw = _profile(profile or cfg.memory.profile)
+    host = _host(host_ram)
+    hw = _profile(profile or cfg.memory.profile, host_ram)
     from lowvram.plan import plan_run
 
-    result = plan_run(cfg, hw, choose=config is None, gpus=gpus)
+    result = plan_run(cfg, hw, choose=config is None, gpus=gpus, host=host)
     from lowvram.hub import download_estimate
 
     download = download_estimate(cfg)  # hub ids: what the run will fetch (sizes only; nothing is downloaded)
@@ -414,6 +437,7 @@ def train(
     model_version: str | None = typer.Option(
         None, "--model-version", help="LTX-2 release (2.0, 2.3, 2.5); default: read from the checkpoint."
     ),
+    host_ram: str | None = typer.Option(None, "--host-ram", help=PROFILE_HELP_RAM),
 ) -> None:
     """Train a LoRA. With no --config: the embedded demo (synthetic clips, tiny model, CPU, ~100 steps)."""
     _check_run_flags(output_dir=output_dir, max_steps=max_steps, learning_rate=learning_rate, nproc=nproc)
@@ -430,7 +454,7 @@ def train(
         cfg = apply_overrides(default_demo_config(overrides.get("output.output_dir", "output/demo")), overrides)
     else:
         cfg = _load(config, overrides)
-    hw = None if profile is None and config is None else _profile(profile or cfg.memory.profile)
+    hw = None if profile is None and config is None else _profile(profile or cfg.memory.profile, host_ram)
     code = run_train(cfg, profile=hw, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc)
     raise typer.Exit(code)
 

@@ -165,6 +165,11 @@ class MemorySection(Section):
     ramtorch_text_encoder: bool | None = Field(None, description="stream the text encoder's Linear weights too")
     blocks_to_swap: int | None = Field(None, ge=0, description="block swap: transformer blocks kept on the host")
     block_swap_device: Literal["cpu"] = Field("cpu", description="where swapped blocks live")
+    swap_tier: Literal["pinned", "pageable"] | None = Field(
+        None, description="where swapped blocks' masters live in RAM: pinned, or pageable + a pinned staging ring"
+    )
+    blocks_on_disk: int | None = Field(None, ge=0, description="of the swapped blocks, how many are read from disk")
+    disk_tier_dir: str | None = Field(None, description="folder of the disk tier's weight file (default OUTPUT/cache)")
     group_offload: bool | None = Field(None, description="diffusers group offload of the transformer")
     group_offload_type: Literal["block_level", "leaf_level"] = Field("block_level", description="group granularity")
     group_offload_blocks_per_group: int = Field(1, ge=1, description="blocks per group (block_level)")

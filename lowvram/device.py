@@ -110,6 +110,14 @@ class Backend:
         """Work inside is accounted as this device's (the simulated device counts it; real devices need nothing)."""
         return contextlib.nullcontext(self)
 
+    def wait_on_host(self, event) -> None:
+        """Block the calling host thread (a staging worker) until `event` has completed on its stream."""
+        event.synchronize()
+
+    def disk_read_cost(self, nbytes: int) -> None:
+        """Account a file read of `nbytes` on the current stream (the simulated device's disk engine; no-op here)."""
+        return None
+
     # -- memory placement ------------------------------------------------------------------------------------
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of `tensor` in page-locked memory (fast, asynchronous H2D). Plain contiguous on cpu."""

@@ -314,10 +314,14 @@ class SimBackend(Backend):
         h2d_gbps: float = 24.0,
         tflops: float = 165.0,
         check_races: bool | None = None,
+        disk_gbps: float | None = None,
     ):
         self.budget_bytes = budget_bytes
         self.check_races = _races_default() if check_races is None else bool(check_races)
         self.h2d_gbps = h2d_gbps
+        # The disk is one more copy engine: reads issued on a stream of their own (offload/disk_tier.py) occupy it at
+        # this rate, and the host-to-device copies that follow wait for them through events. None: reads are free.
+        self.disk_gbps = disk_gbps
         self.tflops = tflops
         self._device: dict[int, int] = {}  # storage id -> bytes
         self._host: dict[int, int] = {}
@@ -666,8 +670,9 @@ class SimBackend(Backend):
     def _host_wait(self, t: float) -> None:
         self._compute._wait_until(t)
 
-    def _copy_cost(self, nbytes: int) -> None:
-        seconds = nbytes / (self.h2d_gbps * 1e9) if self.h2d_gbps else 0.0
+    def _copy_cost(self, nbytes: int, gbps: float | None = None) -> None:
+        gbps = self.h2d_gbps if gbps is None else gbps
+        seconds = nbytes / (gbps * 1e9) if gbps else 0.0
         if self._current.is_compute:
             self._stall_s += seconds
             self._clock_s += seconds
@@ -750,6 +755,13 @@ class SimBackend(Backend):
 
     def set_memory_cap(self, cap_bytes: int | None) -> None:
         self.set_budget(cap_bytes)
+
+    def wait_on_host(self, event) -> None:
+        return None  # simulated copies finish when issued (the clock models their duration through events)
+
+    def disk_read_cost(self, nbytes: int) -> None:
+        if self.disk_gbps:
+            self._copy_cost(nbytes, self.disk_gbps)
 
     # -- memory placement ------------------------------------------------------------------------------------
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:

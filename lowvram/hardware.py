@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class ProbeResult:
     profile: str
     profile_reason: str
     notes: list[str] = field(default_factory=list)
+    swap_total_bytes: int = 0  # reported, never budgeted (a plan that needs swap is refused)
+    disk_read_gbps: float | None = None  # sequential read of a fresh file in disk_path, page cache dropped
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -107,6 +110,34 @@ def measure_h2d_gbps(backend, nbytes: int = 256 * 2**20, pinned: bool = True, re
         best = min(best, backend.clock_s() - t0)
         del copy
     return nbytes / best / 1e9 if best > 0 else float("inf")
+
+
+def measure_disk_read_gbps(folder: str | os.PathLike, nbytes: int = 256 * 2**20, chunk: int = 8 * 2**20) -> float:
+    """Sequential read GB/s of a fresh file written in `folder`, its pages dropped from the page cache before the
+    read (a re-read of a cached file would measure RAM). The file is removed afterwards."""
+    import tempfile
+
+    import numpy as np
+
+    block = np.random.default_rng(0).integers(0, 256, chunk, dtype=np.uint8).tobytes()  # incompressible
+    fd, name = tempfile.mkstemp(prefix=".lowvram-probe-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(max(1, nbytes // chunk)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(chunk)
+        t0 = time.perf_counter()
+        total = 0
+        with open(name, "rb", buffering=0) as f:
+            while (got := f.readinto(buf)) > 0:
+                total += got
+        return total / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.unlink(name)
 
 
 def nearest_profile(gpu: GpuInfo | None) -> tuple[HardwareProfile, str]:
@@ -182,7 +213,9 @@ def _toml(value) -> str:
     return json.dumps(value)
 
 
-def probe(measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".") -> tuple[ProbeResult, HardwareProfile]:
+def probe(
+    measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".", measure_disk: bool = False
+) -> tuple[ProbeResult, HardwareProfile]:
     """Detect GPUs, RAM, cores and free disk; match a profile. Returns the result and the profile to use: the
     matched built-in one with every figure measured here put in (`profile.measured` names them)."""
     notes: list[str] = []
@@ -205,6 +238,12 @@ def probe(measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".") ->
         g = gpus[0]
         g.h2d_pinned_gbps = measure_h2d_gbps(backend, pinned=True)
         g.h2d_pageable_gbps = measure_h2d_gbps(backend, pinned=False)
+    disk_gbps = None
+    if measure_disk:
+        try:
+            disk_gbps = measure_disk_read_gbps(disk)
+        except OSError as e:
+            notes.append(f"disk read speed not measured in {disk}: {e.strerror or e}")
     primary = gpus[0] if gpus else None
     matched, reason = nearest_profile(primary)
     # What was measured here replaces the built-in figures (a 3090 with 32 GiB of RAM is planned for 32 GiB);
@@ -225,5 +264,9 @@ def probe(measure_bandwidth: bool = True, disk_path: str | os.PathLike = ".") ->
         profile=matched.name,
         profile_reason=reason,
         notes=notes,
+        swap_total_bytes=int(psutil.swap_memory().total),
+        disk_read_gbps=round(disk_gbps, 2) if disk_gbps else None,
     )
+    if disk_gbps:
+        profile = profile.model_copy(update={"disk_read_gbps": round(disk_gbps, 2)})
     return result, profile

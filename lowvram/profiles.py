@@ -57,6 +57,8 @@ class HardwareProfile(BaseModel):
     attention_tflops: float | None = Field(default=None, gt=0, description="measured SDPA TFLOP/s at that shape")
     calibration: str = Field(default="", description="the device, shape and date the measured fields come from")
     measured: tuple[str, ...] = Field(default=(), description="the fields measured on this machine (others: assumed)")
+    # A default so hand-built profiles keep validating; `lowvram probe` measures it on the cache folder.
+    disk_read_gbps: float = Field(2.0, gt=0, description="sequential read of the cache disk, GB/s (page cache dropped)")
     supports: Supports
 
     @field_validator("measured")

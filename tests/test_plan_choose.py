@@ -113,7 +113,7 @@ def test_plan_json_has_the_documented_keys(cache_dir):
     plan = plan_run(ltx2(1), load_profile("4090"), choose=True, cache_dir=cache_dir)
     data = json.loads(json.dumps(plan.to_json()))
     assert {"fits", "profile", "settings", "step_seconds_estimate", "phases"} <= set(data)
-    assert set(data["phases"]) == {"text_cache", "latent_cache", "train"}
+    assert set(data["phases"]) == {"text_cache", "latent_cache", "load", "train", "export"}
     for phase in data["phases"].values():
         assert {"vram_peak_bytes", "ram_peak_bytes", "disk_bytes_per_item", "components"} <= set(phase)
     # settings use the run config's dotted keys, so a plan's settings can be written back as a config

@@ -693,6 +693,7 @@ def load_components(
     text_encoder_precision: str | None = None,
     quant_cache_dir: str | Path | None = None,
     profile: HardwareProfile | None = None,
+    progress_for=None,
 ) -> ltx2.LTX2Components:
     """Every requested component from a checkpoint (+ a Gemma3 folder); the rest of the fields are None.
 
@@ -702,7 +703,8 @@ def load_components(
     peaks near the quantized size; `dtype` stays the dtype of everything left unquantized. `quant_cache_dir` keeps
     the quantized weights for later loads. `profile` refuses a precision the machine cannot run before any file is
     opened. The results of quantized loads are in the returned `quant_loads`. `version` (model.version) is checked
-    against the checkpoint's weights and the text encoder folder's model type.
+    against the checkpoint's weights and the text encoder folder's model type. `progress_for(component, skeleton)`
+    may return a `progress` callback for that quantized load (the disk tier writes blocks as they load).
     """
     from lowvram.quant.precision import check_backend_supported, parse_precision
 
@@ -720,7 +722,7 @@ def load_components(
             continue
         if name in quant:
             loaded[name], results[name] = load_component_quantized(
-                source, name, quant[name], dtype=dtype, cache_dir=quant_cache_dir
+                source, name, quant[name], dtype=dtype, cache_dir=quant_cache_dir, progress_for=progress_for
             )
             loaded[name] = loaded[name].to(device)
         else:
@@ -802,6 +804,7 @@ def load_component_quantized(
     *,
     dtype: torch.dtype,
     cache_dir: str | Path | None = None,
+    progress_for=None,
 ) -> tuple[torch.nn.Module, LoadResult]:
     """`component` built with its parameters on meta, filled by `load_quantized` with its exclude list, frozen and
     ready for peft. Keys and shapes are checked (by name, as `load_component` does) before any tensor is read."""
@@ -815,9 +818,16 @@ def load_component_quantized(
     skeleton = build_empty(lambda: ltx2.build_component(component, config))
     check_keys(component, skeleton, source.tensors[component], source.path)
     wanted = set(skeleton.state_dict(keep_vars=True))
+    progress = progress_for(component, skeleton) if progress_for is not None else None
     with contextlib.closing(ComponentSource(source, component, wanted)) as tensors:
         result = load_quantized(
-            skeleton, tensors, precision, dtype=dtype, exclude=EXCLUDES.get(component, ()), cache_dir=cache_dir
+            skeleton,
+            tensors,
+            precision,
+            dtype=dtype,
+            exclude=EXCLUDES.get(component, ()),
+            cache_dir=cache_dir,
+            progress=progress,
         )
     prepare_for_peft(skeleton)
     return skeleton.eval().requires_grad_(False), result

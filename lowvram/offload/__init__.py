@@ -88,6 +88,12 @@ def memory_plan_refusal(settings: Any, *, training: bool = True) -> str | None:
         return f"{' and '.join(chosen)} both move the transformer's weights: choose one"
     if swap and training and not ckpt:
         return "block swap needs gradient checkpointing in training: enable memory.gradient_checkpointing"
+    on_disk = getattr(settings, "blocks_on_disk", None) or 0
+    if on_disk > (getattr(settings, "blocks_to_swap", None) or 0):
+        return (
+            f"memory.blocks_on_disk={on_disk} is more than memory.blocks_to_swap="
+            f"{getattr(settings, 'blocks_to_swap', None) or 0}: only swapped blocks can live on disk"
+        )
     if group:
         return group_offload_refusal(
             training=training, gradient_checkpointing=ckpt, use_stream=bool(settings.group_offload_use_stream)
@@ -104,13 +110,15 @@ def apply_memory_plan(
     plan: Any = None,
     training: bool = True,
     place: bool = True,
+    prewritten: Any = None,
 ) -> AppliedMemoryPlan:
     """Apply the transformer's memory settings (fields of `lowvram.config.MemorySection`, as `settings` or `memory`)
     with `backend`, then place what stays resident on the device (`place=False` leaves that to the caller).
 
     Call after quantization and LoRA injection. Refusals raise `UsageError` with one line before any module is
     changed. `plan` (the planner's result) is accepted for the loop's call and not needed: the settings carry the
-    decisions. `ramtorch_text_encoder` is for the text encoder: call `apply_weight_streaming(text_encoder, backend)`.
+    decisions. `prewritten`: disk-tier blocks the loader already wrote (offload/disk_tier.py `DiskTierLoader`).
+    `ramtorch_text_encoder` is for the text encoder: call `apply_weight_streaming(text_encoder, backend)`.
     """
     settings = settings if settings is not None else memory
     if settings is None or backend is None:
@@ -129,7 +137,24 @@ def apply_memory_plan(
     if stream_args is not None:
         applied.strategies.append(apply_weight_streaming(transformer, backend, **stream_args))
     if (getattr(settings, "blocks_to_swap", None) or 0) > 0:
-        applied.strategies.append(apply_block_swap(transformer, backend, blocks_to_swap=settings.blocks_to_swap))
+        tier = getattr(settings, "swap_tier", None) or "pinned"
+        on_disk = getattr(settings, "blocks_on_disk", None) or 0
+        if tier == "pinned" and not on_disk:
+            applied.strategies.append(apply_block_swap(transformer, backend, blocks_to_swap=settings.blocks_to_swap))
+        else:
+            from lowvram.offload.disk_tier import apply_staged_block_swap
+
+            applied.strategies.append(
+                apply_staged_block_swap(
+                    transformer,
+                    backend,
+                    blocks_to_swap=settings.blocks_to_swap,
+                    blocks_on_disk=on_disk,
+                    tier=tier,
+                    disk_dir=getattr(settings, "disk_tier_dir", None),
+                    prewritten=prewritten,
+                )
+            )
     if getattr(settings, "group_offload", None):
         applied.strategies.append(
             apply_group_offload(

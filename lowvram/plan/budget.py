@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lowvram.plan import host
 from lowvram.profiles import HardwareProfile
 from lowvram.quant.layout import quantized_linear_bytes, quantized_weight_bytes
 
@@ -40,6 +41,8 @@ class Settings:
     text_encoder_precision: str = "bf16"
     offload: str = "none"  # none | block_swap | ramtorch | group
     blocks_to_swap: int = 0
+    swap_tier: str = "pinned"  # where swapped blocks' masters live in RAM: pinned | pageable (plan/host.py)
+    blocks_on_disk: int = 0  # of the swapped blocks, how many are read from the disk tier's file instead
     ramtorch_share: float = 0.0  # share of the transformer blocks whose Linear weights are streamed
     group_blocks_per_group: int = 1
     group_type: str = "block_level"  # block_level | leaf_level
@@ -66,6 +69,8 @@ class Settings:
             "memory.ramtorch": ramtorch,
             "memory.ramtorch_text_encoder": self.ramtorch_text_encoder,
             "memory.blocks_to_swap": self.blocks_to_swap if self.offload == "block_swap" else 0,
+            "memory.swap_tier": self.swap_tier if self.offload == "block_swap" else "pinned",
+            "memory.blocks_on_disk": self.blocks_on_disk if self.offload == "block_swap" else 0,
             "memory.group_offload": self.offload == "group",
             "memory.group_offload_type": self.group_type,
             "memory.group_offload_blocks_per_group": self.group_blocks_per_group,
@@ -84,7 +89,10 @@ class Settings:
     def describe(self) -> str:
         parts = [self.precision]
         if self.offload == "block_swap":
-            parts.append(f"block swap {self.blocks_to_swap}")
+            tiers = [] if self.swap_tier == "pinned" else ["pageable masters"]
+            if self.blocks_on_disk:
+                tiers.append(f"{self.blocks_on_disk} from disk")
+            parts.append(f"block swap {self.blocks_to_swap}" + (f" ({', '.join(tiers)})" if tiers else ""))
         elif self.offload == "ramtorch":
             parts.append(f"stream {self.ramtorch_share:.0%} of block Linears")
         elif self.offload == "group":
@@ -106,6 +114,7 @@ class PhaseBudget:
     vram: dict[str, int]
     ram: dict[str, int]
     disk_bytes_per_item: int | None = None
+    disk: dict[str, int] = field(default_factory=dict)  # weights kept in files (never counted against RAM)
 
     @property
     def vram_peak_bytes(self) -> int:
@@ -532,7 +541,7 @@ def transformer_host_bytes(m: Measurements, s: Settings, dtype: str) -> dict[str
     n = m.num_layers
     w_block = m.block.bytes(s.precision, dtype)
     if s.offload == "block_swap":
-        return {"swapped blocks (pinned)": min(s.blocks_to_swap, n) * w_block}
+        return host.swap_host_components(s.swap_tier, min(s.blocks_to_swap, n), s.blocks_on_disk, w_block)[0]
     if s.offload == "ramtorch":
         return {"streamed Linears (pinned)": round(s.ramtorch_share * n) * m.block.linear_bytes(s.precision, dtype)}
     if s.offload == "group":
@@ -662,8 +671,35 @@ def budget(
         train_ram["whole transformer while loading (processes in turn)"] = whole
     if s.activation_offload:
         train_ram["offloaded activations (pinned)"] = m.kept_bytes(s.gradient_checkpointing)
-    train = PhaseBudget("train", vram=train_vram, ram=train_ram)
-    return {"text_cache": text, "latent_cache": latent, "train": train}
+    swapped = min(s.blocks_to_swap, n) if s.offload == "block_swap" else 0
+    on_disk = min(s.blocks_on_disk, swapped)
+    disk = host.swap_host_components(s.swap_tier, swapped, on_disk, m.block.bytes(s.precision, dtype))[1]
+    train = PhaseBudget("train", vram=train_vram, ram=train_ram, disk=disk)
+    whole = n * m.block.bytes(s.precision, dtype) + m.rest.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+    load = PhaseBudget(
+        "load",
+        vram={"reserve": reserve},
+        ram={
+            **process,
+            # the transformer's own largest tensor, read and converted (Gemma's embedding is not loaded here)
+            "loading staging": 2 * 2 * max(m.block.largest_param, m.rest.largest_param),
+            **host.load_ram_components(
+                s.swap_tier,
+                swapped,
+                on_disk,
+                m.block.bytes(s.precision, dtype),
+                whole,
+                quantized=s.precision not in ("bf16", "fp32"),
+            ),
+        },
+        disk=disk,
+    )
+    export = PhaseBudget(
+        "export",
+        vram={"reserve": reserve},
+        ram={**process, **host.export_ram_components(lora_params * lora_item)},
+    )
+    return {"text_cache": text, "latent_cache": latent, "load": load, "train": train, "export": export}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -740,7 +776,10 @@ def step_time(
     # (blocks streamed, bytes per forward pass, bytes per backward pass, bandwidth, can overlap)
     if s.offload == "block_swap":
         k = min(s.blocks_to_swap, n)
-        streamed, fwd_bytes, bwd_bytes, bw, overlap = k, w_block, w_block, pinned, async_copies
+        bw = host.swap_bandwidth_bytes_per_s(s.swap_tier, profile.h2d_pinned_gbps, profile.disk_read_gbps)
+        disk_bw = host.swap_bandwidth_bytes_per_s("disk", profile.h2d_pinned_gbps, profile.disk_read_gbps)
+        streamed, fwd_bytes, bwd_bytes, overlap = k, w_block, w_block, async_copies
+        on_disk = min(s.blocks_on_disk, k)
     elif s.offload == "ramtorch":
         k = round(s.ramtorch_share * n)
         # a streamed Linear is copied for forward, for the recompute and again for its backward
@@ -760,9 +799,11 @@ def step_time(
         streamed, fwd_bytes, bwd_bytes, bw, overlap = n, part, part, pinned, True
     else:
         streamed, fwd_bytes, bwd_bytes, bw, overlap = 0, 0, 0, pinned, async_copies
+    if s.offload != "block_swap":
+        disk_bw, on_disk = bw, 0
 
-    def pass_time(compute_s: float, copy_bytes: int, overlapped: bool) -> float:
-        copy_s = copy_bytes / bw
+    def pass_time(compute_s: float, copy_bytes: int, overlapped: bool, rate: float = bw) -> float:
+        copy_s = copy_bytes / rate
         return max(compute_s, copy_s) if overlapped else compute_s + copy_s
 
     total = outside + dequant
@@ -773,9 +814,10 @@ def step_time(
         fb = (fwd_bytes if is_streamed else 0) + kept_by_block[i]
         bb = (bwd_bytes if is_streamed else 0) + kept_by_block[i]
         overlapped = overlap if is_streamed else async_copies
-        total += pass_time(fwds[i], fb, overlapped) + pass_time(bwds[i] + recomputes[i], bb, overlapped)
+        rate = disk_bw if i < on_disk else bw  # which swapped blocks are on disk does not change the sum
+        total += pass_time(fwds[i], fb, overlapped, rate) + pass_time(bwds[i] + recomputes[i], bb, overlapped, rate)
         streamed_bytes += fb + bb
-        transfer += (fb + bb) / bw
+        transfer += (fb + bb) / rate
     if streamed and overlap:
         notes.append(
             f"per streamed block: copy {fwd_bytes / bw * 1e3:.0f} ms vs compute {fwd * 1e3:.0f} ms forward, "

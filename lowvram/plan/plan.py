@@ -14,6 +14,7 @@ from typing import Any
 
 from lowvram.config import MAX_PLANNED_FRAMES, RunConfig, apply_overrides, frames_limit_reason
 from lowvram.errors import LowvramError
+from lowvram.plan import host as host_ram
 from lowvram.plan.budget import (
     CACHE_ITEM_BYTES,
     DEFAULT_EFFICIENCY,
@@ -52,7 +53,8 @@ from lowvram.plan.measure import (
 )
 from lowvram.profiles import HardwareProfile
 
-PHASES = ("text_cache", "latent_cache", "train")
+PHASES = ("text_cache", "latent_cache", "load", "train", "export")
+TRAIN_SIDE = ("load", "train", "export")  # the phases the training settings decide
 # Output error of the tiny LTX-2 with lowvram's exclude list, per precision (`python -m lowvram.quant.exclude_report`,
 # README "Quantized base model"): fp8's is ~10x int8's, so fp8 ranks below both int8 backends.
 OUTPUT_ERROR_PCT = {
@@ -113,6 +115,7 @@ class Plan:
     step_time_measured: bool = False  # the step time rests on this GPU's measured throughput (calibrated profile)
     config: RunConfig | None = field(default=None, compare=False)  # the run config with these settings applied
     measured: dict[str, Any] = field(default_factory=dict)  # the per-block measurements the budget composed
+    host: dict[str, Any] = field(default_factory=dict)  # host RAM: budgeted figure, need, smallest, tiers (host.py)
 
     def summary_line(self) -> str:
         """One line for `probe` and logs: verdict, settings, peak VRAM, predicted s/step."""
@@ -131,7 +134,7 @@ class Plan:
                 "vram_peak_bytes": p.vram_peak_bytes,
                 "ram_peak_bytes": p.ram_peak_bytes,
                 "disk_bytes_per_item": p.disk_bytes_per_item,
-                "components": {"vram": dict(p.vram), "ram": dict(p.ram)},
+                "components": {"vram": dict(p.vram), "ram": dict(p.ram), "disk": dict(p.disk)},
             }
         out = {
             "fits": self.fits,
@@ -147,6 +150,7 @@ class Plan:
             "reason": self.reason,
             "assumptions": list(self.assumptions),
             "measured": dict(self.measured),
+            "host": dict(self.host),
         }
         if self.step is not None:
             out["step"] = {
@@ -199,6 +203,8 @@ class Plan:
                     f"[{style}]{total / 2**30:.2f}[/{style}]",
                     end_section=device == "RAM",
                 )
+            for component, nbytes in phase.disk.items():
+                table.add_row(name, "disk", component, f"{nbytes / 2**30:.2f}")
             if phase.disk_bytes_per_item:
                 table.add_row(
                     name, "disk", "per cached item", f"{phase.disk_bytes_per_item / 2**30:.4f}", end_section=True
@@ -226,8 +232,11 @@ class Plan:
                 why = f": not chosen: {r['why_not']}" if r.get("why_not") else ""
                 console.print(
                     f"  - {r['describe']}: {r['step_seconds']:.2f} s/step, train VRAM "
-                    f"{(r['train_vram_bytes'] - reserve) / 2**30:.1f} GiB{why}"
+                    f"{(r['train_vram_bytes'] - reserve) / 2**30:.1f} GiB, host RAM "
+                    f"{r['host_ram_bytes'] / 2**30:.1f} GiB{why}"
                 )
+        for line in host_ram.summary_lines(self.host):
+            console.print(line)
         if self.reason:
             console.print(f"[red]{self.reason}[/red]")
         if self.measured:
@@ -510,6 +519,9 @@ def _fixed_settings(cfg: RunConfig) -> dict[str, Any]:
         if value is not None:
             fixed[name] = value
     fixed["vae_batch_size"] = mem.vae_batch_size
+    for name in ("swap_tier", "blocks_on_disk"):
+        if getattr(mem, name, None) is not None:
+            fixed[name] = getattr(mem, name)
     return fixed
 
 
@@ -547,7 +559,14 @@ def _train_candidates(
         # paying their copies. So the chooser proposes 3 or more (a config may still fix fewer).
         counts = [fixed["blocks_to_swap"]] if kind == "block_swap" else range(3, n + 1)
         if "block_swap" not in excluded:
-            offloads += [{"offload": "block_swap", "blocks_to_swap": k} for k in counts]
+            tiers = [fixed["swap_tier"]] if "swap_tier" in fixed else list(host_ram.SWAP_TIERS)
+            on_disk = {"blocks_on_disk": fixed["blocks_on_disk"]} if "blocks_on_disk" in fixed else {}
+            offloads += [
+                {"offload": "block_swap", "blocks_to_swap": k, "swap_tier": tier, **on_disk}
+                for k in counts
+                for tier in tiers
+                if k >= on_disk.get("blocks_on_disk", 0)
+            ]
     if kind is None or kind == "ramtorch":
         shares = [fixed["ramtorch_share"]] if kind == "ramtorch" else [0.25, 0.5, 0.75, 1.0]
         if "ramtorch" not in excluded:
@@ -630,7 +649,7 @@ def _supported(precision: str, profile: HardwareProfile) -> bool:
 
 
 def _usable(profile: HardwareProfile, margin: float) -> tuple[int, int]:
-    return int(profile.usable_vram_bytes * (1 - margin)), int(profile.host_ram_bytes * (1 - margin))
+    return int(profile.usable_vram_bytes * (1 - margin)), host_ram.usable_host_bytes(profile.host_ram_bytes)
 
 
 def _evaluate(
@@ -646,6 +665,28 @@ def _evaluate(
     over_v = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok for k, b in budgets.items() if k in phases)
     over_r = max(b.host_demand_bytes(profile.unified_memory) - ram_ok for k, b in budgets.items() if k in phases)
     return Candidate(s, budgets, step_time(m, s, profile, opts), over_v, over_r)
+
+
+def _disk_tier_candidates(
+    m: Measurements, train: list[Candidate], profile: HardwareProfile, opts: BudgetOptions, margin: float
+) -> list[Candidate]:
+    """Block swap setups that fit the device but not host RAM, with just enough swapped blocks moved to the disk tier
+    (more on disk is only slower, so the fewest that fit is the one worth ranking)."""
+    out = []
+    for c in train:
+        s = c.settings
+        if s.offload != "block_swap" or c.over_vram_bytes > 0 or c.over_ram_bytes <= 0 or s.blocks_on_disk:
+            continue
+        if s.precision in ("bf16", "fp32"):
+            continue  # the disk tier is written while quantizing on load (train/loop.py refuses it unquantized)
+        k = min(s.blocks_to_swap, m.num_layers)
+        d = host_ram.blocks_on_disk_needed(c.over_ram_bytes, m.block.bytes(s.precision, opts.compute_dtype), k)
+        for n in sorted({min(k, d + extra) for extra in (0, 1, 2)} if d is not None else {k}):
+            trial = _evaluate(m, replace(s, blocks_on_disk=n), profile, opts, margin, TRAIN_SIDE)
+            if trial.fits or n == k:
+                out.append(trial)
+                break
+    return out
 
 
 def _rank_key(c: Candidate) -> tuple:
@@ -670,6 +711,7 @@ def plan_run(
     cache_dir=None,
     efficiency: float = DEFAULT_EFFICIENCY,
     gpus: int = 1,
+    host: host_ram.HostMemory | None = None,
     _suggest: bool = True,
     _shape: bool = True,
 ) -> Plan:
@@ -679,7 +721,12 @@ def plan_run(
     `choose=False` (`lowvram plan --config F`, `train --dry-run`): precisions and optimizer are the config's. In
     both, memory settings the config leaves None are chosen and the ones it sets are evaluated as given.
     Impossible requests raise LowvramError in one line; a run that fits nowhere returns `fits=False` + `reason`.
+    `host`: the host RAM to budget against (`--host-ram`, or probed by the CLI); default: the profile's.
     """
+    if host is not None:
+        profile = profile.model_copy(update={"host_ram_bytes": host.ram_bytes})
+    else:
+        host = host_ram.HostMemory(profile.host_ram_bytes, f"profile '{profile.name}'")
     from lowvram.quant.precision import check_backend_supported
 
     configs = model_configs(cfg.model.family)
@@ -719,7 +766,7 @@ def plan_run(
     vram_ok, ram_ok = _usable(profile, margin)
 
     train = [
-        _evaluate(m, s, profile, opts, margin, ("train",))
+        _evaluate(m, s, profile, opts, margin, TRAIN_SIDE)
         for s in _train_candidates(m, cfg, profile, choose, fixed, vram_ok)
     ]
     if not train:
@@ -727,10 +774,13 @@ def plan_run(
 
         why = _refusal(_stated_settings(cfg, fixed)) or "the stated memory settings exclude every setup"
         raise UsageError(f"no memory setup can run these settings: {why}")
+    if "blocks_on_disk" not in fixed:
+        train += _disk_tier_candidates(m, train, profile, opts, margin)
     fitting = [c for c in train if c.fits]
     model_line = f"model: LTX-{m.model_version} (its own classes and configs, measured at full size)"
     assumptions = (model_line, *figure_basis(profile, opts.efficiency)) + (
         f"{opts.host_process_bytes / 2**30:.0f} GiB host RAM for the process itself",
+        host_ram.reserve_assumption(),
         f"LoRA parameters and gradients in {opts.lora_dtype} (they take the base weights' dtype)",
         f"{m.attention} attention ({'O(N)' if m.attention == 'flash' else 'O(N^2)'} memory)",
     ) + (
@@ -744,10 +794,12 @@ def plan_run(
     if not fitting:
         best = min(train, key=lambda c: (_shortfall(c), c.time.seconds))
         chosen = _complete(m, best.settings, cfg, profile, opts, margin, fixed, choose)
-        return _unfit_plan(
+        unfit = _unfit_plan(
             cfg, profile, chosen, vram_ok, ram_ok, assumptions, cache_dir, efficiency, _suggest, gpus, choose,
             shape_lines,
         )
+        summary = _host_summary(m, train, chosen, cfg, profile, opts, margin, fixed, choose, host)
+        return replace(unfit, host=summary, reason=host_ram.swap_reason(unfit.reason, summary))
     fitting.sort(key=_rank_key)
     winner = fitting[0]
     chosen = _complete(m, winner.settings, cfg, profile, opts, margin, fixed, choose)
@@ -775,6 +827,7 @@ def plan_run(
                 "describe": c.settings.describe(),
                 "step_seconds": round(c.time.seconds, 3),
                 "train_vram_bytes": c.phases["train"].vram_peak_bytes,
+                "host_ram_bytes": max(p.ram_peak_bytes for p in c.phases.values()),
                 "settings": c.settings.dotted(),
                 "why_not": _why_not(c, chosen),
             }
@@ -799,6 +852,76 @@ def plan_run(
         step_time_measured=profile.train_tflops is not None,
         config=apply_overrides(cfg, settings),
         measured=_measured_summary(m),
+        host=_host_summary(m, train, chosen, cfg, profile, opts, margin, fixed, choose, host),
+    )
+
+
+def _host_summary(
+    m: Measurements,
+    train: list[Candidate],
+    chosen: Candidate,
+    cfg: RunConfig,
+    profile: HardwareProfile,
+    opts: BudgetOptions,
+    margin: float,
+    fixed: dict[str, Any],
+    choose: bool,
+    host: host_ram.HostMemory,
+) -> dict[str, Any]:
+    """Host RAM of the chosen plan and the smallest host RAM that trains this run on this profile's VRAM.
+
+    The phases run one after another, so the smallest RAM is the largest of each side's least need among settings
+    whose VRAM fits: training settings (load, train, export), text-encoder settings, VAE settings.
+    """
+    vram_ok, _ = _usable(profile, margin)
+
+    def vram_fits(c: Candidate, phases: tuple[str, ...]) -> bool:
+        return all(c.phases[n].vram_peak_bytes - c.phases[n].vram.get("reserve", 0) <= vram_ok for n in phases)
+
+    def need(c: Candidate, phases: tuple[str, ...]) -> int:
+        return max(c.phases[n].ram_peak_bytes for n in phases)
+
+    # at the chosen precision: a lower one would buy RAM with quality, which is the user's (or the chooser's) call
+    train_side = [c for c in train if vram_fits(c, ("train",)) and c.settings.precision == chosen.settings.precision]
+    # every swapped block on disk is the least RAM a block swap setup can train with (quantized loads only)
+    train_side += [
+        _evaluate(m, replace(c.settings, blocks_on_disk=min(c.settings.blocks_to_swap, m.num_layers)), profile, opts,
+                  margin, TRAIN_SIDE)
+        for c in train_side
+        if c.settings.offload == "block_swap" and c.settings.swap_tier == "pinned" and not c.settings.blocks_on_disk
+        and c.settings.precision not in ("bf16", "fp32")
+    ]  # fmt: skip
+    best_train = min(train_side, key=lambda c: need(c, TRAIN_SIDE), default=None)
+    te = [cfg.model.text_encoder_precision]
+    if choose and cfg.model.family != "tiny":
+        te = [p for p in ("bf16", "int8-torchao", "int8-quanto", "nf4-bnb") if _supported(p, profile)]
+    text = [
+        _evaluate(
+            m,
+            replace(chosen.settings, text_encoder_precision=p, ramtorch_text_encoder=st),
+            profile,
+            opts,
+            margin,
+            ("text_cache",),
+        )
+        for p in te
+        for st in ([fixed["ramtorch_text_encoder"]] if "ramtorch_text_encoder" in fixed else [False, True])
+    ]
+    text_need = min((need(c, ("text_cache",)) for c in text if vram_fits(c, ("text_cache",))), default=None)
+    latent_need = need(chosen, ("latent_cache",))
+    smallest = binding = None
+    if best_train is not None and text_need is not None:
+        sides = {"text caching": text_need, "latent caching": latent_need}
+        sides[max(TRAIN_SIDE, key=lambda n: best_train.phases[n].ram_peak_bytes)] = need(best_train, TRAIN_SIDE)
+        binding = max(sides, key=sides.get)
+        smallest = sides[binding]
+    return host_ram.host_summary(
+        host,
+        chosen_phases=chosen.phases,
+        smallest_need_bytes=smallest,
+        smallest_describe=f"{binding} needs the most; training with {best_train.settings.describe()}"
+        if best_train is not None
+        else None,
     )
 
 
@@ -970,7 +1093,11 @@ def _explain(
                 f"{vram_ok / GIB:.2f} GiB usable"
             )
         if c.over_ram_bytes > 0:
-            why.append(f"needs {need.ram_peak_bytes / GIB:.1f} GiB host RAM, {ram_ok / GIB:.2f} GiB usable")
+            worst = max(TRAIN_SIDE, key=lambda n: c.phases[n].ram_peak_bytes)
+            why.append(
+                f"needs {c.phases[worst].ram_peak_bytes / GIB:.1f} GiB host RAM ({worst}), "
+                f"{ram_ok / GIB:.1f} GiB usable"
+            )
         lines.append(
             f"would be faster but does not fit: {c.settings.describe()} ({c.time.seconds:.2f} s/step): "
             + "; ".join(why)

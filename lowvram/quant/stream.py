@@ -286,12 +286,17 @@ def materialize(
     dtype: torch.dtype,
     quantized: set[str],
     make_quantized: Callable[[str, nn.Module], nn.Module],
+    progress: Callable[[str | None], None] | None = None,
 ) -> None:
     """Give every meta parameter of `model` its tensor, one module at a time; modules in `quantized` are built by
-    `make_quantized(name, skeleton_module)`. Modules already real are skipped, so a failed pass can be resumed."""
+    `make_quantized(name, skeleton_module)`. Modules already real are skipped, so a failed pass can be resumed.
+    `progress(name)` is called before each module in turn and `progress(None)` after the last (the disk tier
+    writes each finished block to its file there, so the whole model is never held)."""
     groups, buffer_keys = expected_keys(model)
     tie_of = {key: group for group in groups for key in group}
     for name, module in list(model.named_modules()):
+        if progress is not None:
+            progress(name)
         if not _is_meta(module):
             continue
         if name in quantized:
@@ -312,6 +317,8 @@ def materialize(
                 owner = model.get_submodule(owner_name) if owner_name else model
                 owner._parameters[attr] = loaded
             del tensor
+    if progress is not None:
+        progress(None)
     for key in buffer_keys:
         if key in available:
             owner_name, _, attr = key.rpartition(".")
@@ -338,6 +345,7 @@ def load_quantized(
     strict: bool = True,
     profile: HardwareProfile | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: Callable[[str | None], None] | None = None,
 ) -> LoadResult:
     """Load `checkpoint` into `model` (a `build_empty` skeleton, filled in place), quantizing to `precision`.
 
@@ -346,22 +354,25 @@ def load_quantized(
     `key_map`: checkpoint key -> model key (a dict or a function; None drops a tensor); files and state dicts.
     `cache_dir`: save the quantized weights after the first load and use them directly afterwards (cache.py).
     `profile`: refuse a precision the machine cannot run before anything is opened. Missing or foreign keys are
-    refused before any tensor is read. All weights end with `requires_grad=False`.
+    refused before any tensor is read. All weights end with `requires_grad=False`. `progress`: see `materialize`
+    (with it, a quantized cache is read but not written: the model then holds weights moved elsewhere).
     """
     p = parse_precision(precision)
     if profile is not None:
         check_backend_supported(p, profile)
     dtype = dtype or (torch.float32 if p is Precision.FP32 else torch.bfloat16)
     if isinstance(checkpoint, Mapping):  # an in-memory state dict (nothing to fingerprint: never cached)
-        return _load(model, DictSource(checkpoint, key_map), p, dtype, exclude, None, strict, chunk_bytes)
+        return _load(model, DictSource(checkpoint, key_map), p, dtype, exclude, None, strict, chunk_bytes, progress)
     if hasattr(checkpoint, "get") and hasattr(checkpoint, "keys"):
-        return _load(model, checkpoint, p, dtype, exclude, cache_dir, strict, chunk_bytes)
+        return _load(model, checkpoint, p, dtype, exclude, cache_dir, strict, chunk_bytes, progress)
     files = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(f) for f in checkpoint]
     with contextlib.closing(SafetensorsSource(files, key_map)) as source:
-        return _load(model, source, p, dtype, exclude, cache_dir, strict, chunk_bytes)
+        return _load(model, source, p, dtype, exclude, cache_dir, strict, chunk_bytes, progress)
 
 
-def _load(model, source: TensorSource, p, dtype, exclude, cache_dir, strict, chunk_bytes) -> LoadResult:
+def _load(
+    model, source: TensorSource, p, dtype, exclude, cache_dir, strict, chunk_bytes, progress=None
+) -> LoadResult:
     from lowvram.quant import cache as qcache
 
     files = [Path(f) for f in source.files]
@@ -380,7 +391,7 @@ def _load(model, source: TensorSource, p, dtype, exclude, cache_dir, strict, chu
         hit, problem = qcache.open_cache(cache_path, ident, model, quantized)
         if hit is not None:
             try:
-                _load_from_cache(model, hit, backend, dtype=dtype, quantized=quantized)
+                _load_from_cache(model, hit, backend, dtype=dtype, quantized=quantized, progress=progress)
                 return _result("cache", p, model, quantized, cache_path, "hit")
             except (qcache.CacheCorrupt, LowvramError) as err:  # tensors are verified one by one: finish from source
                 problem = f"corrupt: {err}"
@@ -403,14 +414,24 @@ def _load(model, source: TensorSource, p, dtype, exclude, cache_dir, strict, chu
         weight = source.get(f"{name}.weight").to(dtype)
         return backend.quantize(_shell(weight, bias), chunk_bytes=chunk_bytes)
 
-    materialize(model, source.get, source.keys(), dtype=dtype, quantized=quantized, make_quantized=quantize_from_source)
-    if cache_path is not None:
+    materialize(
+        model,
+        source.get,
+        source.keys(),
+        dtype=dtype,
+        quantized=quantized,
+        make_quantized=quantize_from_source,
+        progress=progress,
+    )
+    if cache_path is not None and progress is None:
         qcache.write_cache(cache_path, model, backend, quantized, ident)
         cache_status = "rebuilt" if problem else "written"
     return _result("checkpoint", p, model, quantized, cache_path, cache_status, problem)
 
 
-def _load_from_cache(model: nn.Module, reader, backend: QuantBackend, *, dtype, quantized: set[str]) -> None:
+def _load_from_cache(
+    model: nn.Module, reader, backend: QuantBackend, *, dtype, quantized: set[str], progress=None
+) -> None:
     def rebuild(name: str, skeleton: nn.Module) -> nn.Module:
         info = reader.modules[name]
         parts = {part: reader.get(f"{name}.weight{QUANT_SEP}{part}") for part in info["parts"]}
@@ -424,7 +445,9 @@ def _load_from_cache(model: nn.Module, reader, backend: QuantBackend, *, dtype, 
             dtype=dtype,
         )
 
-    materialize(model, reader.get, reader.keys(), dtype=dtype, quantized=quantized, make_quantized=rebuild)
+    materialize(
+        model, reader.get, reader.keys(), dtype=dtype, quantized=quantized, make_quantized=rebuild, progress=progress
+    )
 
 
 def _result(source, precision, model, quantized, cache_path, status, problem=None) -> LoadResult:

@@ -847,10 +847,34 @@ def load_transformer(cfg, profile=None) -> torch.nn.Module:
         transformer = ltx2.build_tiny_components(seed=0, version=cfg.model.version).transformer
         _quantize_in_memory(transformer, "transformer", cfg.model.precision)
         return transformer
-    return ltx2.load_components(
+    writer = {}
+
+    def disk_tier(component, skeleton):
+        # Blocks of the disk tier go to its file as they load, so the whole transformer is never in host RAM
+        from lowvram.offload.disk_tier import DiskTierLoader, disk_block_indices
+
+        memory = cfg.memory
+        blocks = disk_block_indices(len(skeleton.transformer_blocks), memory.blocks_to_swap, memory.blocks_on_disk)
+        folder = memory.disk_tier_dir or Path(cfg.output.output_dir) / "cache"
+        writer["loader"] = DiskTierLoader(skeleton, Path(folder).expanduser(), blocks, "transformer_blocks")
+        return writer["loader"].progress
+
+    on_disk = (cfg.memory.blocks_on_disk or 0) > 0 and (cfg.memory.blocks_to_swap or 0) > 0
+    transformer = ltx2.load_components(
         cfg.model.checkpoint, None, version=cfg.model.version, dtype=_weights_dtype(cfg), components=("transformer",),
         precision=cfg.model.precision, quant_cache_dir=_quant_cache_dir(cfg), profile=profile,
+        progress_for=disk_tier if on_disk else None,
     ).transformer  # fmt: skip
+    if "loader" in writer:
+        transformer._lowvram_disk_tier_blocks = writer["loader"].finish()
+    elif on_disk:
+        from lowvram.errors import UsageError
+
+        raise UsageError(
+            f"memory.blocks_on_disk needs a quantized model.precision (the loader writes the disk tier while it "
+            f"quantizes); '{cfg.model.precision}' loads whole: set memory.blocks_on_disk = 0"
+        )
+    return transformer
 
 
 def _weights_dtype(cfg) -> torch.dtype:
@@ -976,7 +1000,10 @@ def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, ba
     if memory.gradient_checkpointing is None:
         # On by default: block activations are recomputed in backward, the biggest single saving.
         memory = memory.model_copy(update={"gradient_checkpointing": True})
-    applied = offload.apply_memory_plan(transformer, memory, backend)
+    if getattr(memory, "blocks_on_disk", None) and memory.disk_tier_dir is None:
+        memory = memory.model_copy(update={"disk_tier_dir": str(Path(decision.cfg.output.output_dir) / "cache")})
+    prewritten = getattr(transformer, "_lowvram_disk_tier_blocks", None)  # written by load_transformer
+    applied = offload.apply_memory_plan(transformer, memory, backend, prewritten=prewritten)
     backend.place_module(transformer)
     return applied
 
