@@ -455,7 +455,9 @@ def train(
     else:
         cfg = _load(config, overrides)
     hw = None if profile is None and config is None else _profile(profile or cfg.memory.profile, host_ram)
-    code = run_train(cfg, profile=hw, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc)
+    host = None if hw is None else _host(host_ram)  # the same budget and its source as `lowvram plan` states
+    code = run_train(cfg, profile=hw, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc,
+                     host=host)  # fmt: skip
     raise typer.Exit(code)
 
 

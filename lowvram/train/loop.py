@@ -295,13 +295,23 @@ class RunResult:
 
 
 def run_train(
-    cfg, *, profile=None, force: bool = False, dry_run: bool = False, auto_recover: bool = True, nproc: int = 1
+    cfg,
+    *,
+    profile=None,
+    force: bool = False,
+    dry_run: bool = False,
+    auto_recover: bool = True,
+    nproc: int = 1,
+    host=None,
 ) -> int:
     """`lowvram train`: decide memory, load, cache, inject LoRA, train, export, print the memory summary.
 
-    `profile` is a HardwareProfile (None: the probed machine; the tiny demo needs none). Returns the exit code.
+    `profile` is a HardwareProfile (None: the probed machine; the tiny demo needs none); `host` the host RAM to
+    budget against (plan.host.HostMemory; None: the profile's). Returns the exit code.
     """
-    return run(cfg, profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc).exit_code
+    return run(
+        cfg, profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc, host=host
+    ).exit_code
 
 
 def run_cache(cfg, *, profile=None) -> int:
@@ -356,6 +366,7 @@ def run(
     auto_recover: bool = True,
     nproc: int = 1,
     console=None,
+    host=None,
 ) -> RunResult:
     """The whole run, holding the run folder's lock; where it starts (resume or step 0) is decided first."""
     from lowvram.console import make_console
@@ -363,7 +374,7 @@ def run(
     from lowvram.train import distributed
     from lowvram.train.run_folder import choose_start, run_folder_lock
 
-    kwargs = dict(profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc)
+    kwargs = dict(profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc, host=host)
     if dry_run or distributed.current() is not None:
         # A dry run writes nothing there; torchrun workers run under the lock their launcher holds.
         return _run(cfg, console=console, **kwargs)
@@ -389,6 +400,7 @@ def _run(
     auto_recover: bool = True,
     nproc: int = 1,
     console=None,
+    host=None,
 ) -> RunResult:
     from lowvram.console import make_console
     from lowvram.device import get_backend
@@ -430,7 +442,7 @@ def _run(
 
     # Under FSDP2 the plan is per GPU (sharded weights, gathered blocks) and keeps the weights' offload off.
     gpus = nproc if env is None else env.world_size
-    decision = decide_memory(cfg, profile, force=force, console=console, gpus=gpus)
+    decision = decide_memory(cfg, profile, force=force, console=console, gpus=gpus, host=host)
     cfg = decision.cfg
     from lowvram.demo import is_demo, prepare_demo_dataset
 
@@ -1009,7 +1021,7 @@ def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, ba
 
 
 def decide_memory(
-    cfg, profile, *, force: bool, console=None, gpus: int = 1, caching_only: bool = False
+    cfg, profile, *, force: bool, console=None, gpus: int = 1, caching_only: bool = False, host=None
 ) -> MemoryDecision:
     """Settings the config leaves None are chosen by the planner for `profile` (None: the probed machine) and the
     run's real shapes; stated settings are evaluated as given. A run that would not fit is refused with what it
@@ -1027,7 +1039,7 @@ def decide_memory(
 
         _, profile = probe(measure_bandwidth=False)
     # choose=False: precisions and optimizer stay the config's; memory settings left None are chosen.
-    plan = plan_run(cfg, profile, choose=False, gpus=gpus)  # gpus > 1: FSDP2, budgeted per GPU
+    plan = plan_run(cfg, profile, choose=False, gpus=gpus, host=host)  # gpus > 1: FSDP2, budgeted per GPU
     if console is not None:
         plan.render(console)
     if not plan.fits:
