@@ -246,3 +246,114 @@ def test_the_loop_rolls_out_before_each_step_and_resume_stays_bit_identical(tmp_
     fit(cfg, plain, _batches(), run_dir=tmp_path / "c")
     c = _lora(plain)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the rollout changed what was trained
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+SIM_CASES = {  # (strategy as the offload harness names it, blocks, streamed share)
+    "no_offload": ("none", 4, 1.0),
+    "streaming_all": ("streaming", 4, 1.0),
+    "block_swap_all_but_one": ("block_swap_all_but_one", 4, 1.0),
+}
+
+
+def _tiny_rollout_config():
+    from lowvram.config import apply_overrides
+    from lowvram.offload.harness import tiny_plan_config
+
+    return apply_overrides(tiny_plan_config("fp32"), {"scheduled_sampling.enabled": True})
+
+
+def _simulated_rollout_peak(cfg, settings, blocks: int) -> int:
+    """A real rollout step (the trainer's `rollout`, one no-grad forward) of the tiny model on the simulated device."""
+    from types import SimpleNamespace
+
+    from lowvram.device import get_backend
+    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+    from lowvram.offload import apply_memory_plan
+    from lowvram.offload.harness import plan_batch, tiny_lora_transformer
+
+    transformer = tiny_lora_transformer("fp32", num_layers=blocks, rank=cfg.lora.rank)
+    sim = get_backend("sim")
+    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
+    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
+    batch = plan_batch(transformer, cfg)
+    with sim.session():
+        sim.reset_counters()
+        d = sim.to_device
+        b, s_v, s_a = batch.video.shape[0], batch.video.shape[1], batch.audio.shape[1]
+        text = TextEmbeddings(video=d(batch.text_video), audio=d(batch.text_audio), mask=d(batch.mask))
+        inputs = FlowInputs(
+            video_noisy=d(batch.video), audio_noisy=d(batch.audio), video_target=d(batch.target_video),
+            audio_target=d(batch.target_audio), video_sigma=d(batch.sigma), audio_sigma=d(batch.sigma),
+            video_token_sigma=d(batch.sigma.view(b, 1).expand(b, s_v).contiguous()),
+            video_loss_mask=d(torch.ones(b, s_v)), audio_loss_mask=d(torch.ones(b, s_a)),
+            latent_frames=batch.frames, latent_height=batch.height, latent_width=batch.width,
+            isolate_modalities=False, train_video=True, train_audio=True,
+        )  # fmt: skip
+
+        def predict(inp, *, inference=False):
+            return transformer_forward(
+                transformer, video_tokens=inp.video_noisy, audio_tokens=inp.audio_noisy, text=text,
+                video_sigma=inp.video_sigma, audio_sigma=inp.audio_sigma, video_token_sigma=inp.video_token_sigma,
+                latent_frames=inp.latent_frames, latent_height=inp.latent_height, latent_width=inp.latent_width,
+                fps=25.0,
+            )  # fmt: skip
+
+        rollout(inputs, predict, torch.ones(b, dtype=torch.bool), steps=2, sigma_step=0.05)
+        return sim.stats().peak_bytes
+
+
+@pytest.mark.parametrize("case", sorted(SIM_CASES))
+def test_the_planned_rollout_peak_matches_the_simulated_device_within_5_percent(case, tmp_path_factory):
+    from lowvram.offload.harness import plan_settings
+    from lowvram.plan import predict_peak
+    from lowvram.plan.budget import ROLLOUT_LABEL
+    from lowvram.plan.measure import MeasureCache
+    from lowvram.plan.plan import collect_measurements
+    from lowvram.profiles import load_profile
+
+    strategy, blocks, share = SIM_CASES[case]
+    cache = tmp_path_factory.getbasetemp() / "rollout-plan-cache"
+    cfg = _tiny_rollout_config()
+    settings = plan_settings(strategy, "fp32", checkpointing=True, num_blocks=blocks, share=share)
+    pred = predict_peak(cfg, load_profile("cpu"), settings, num_layers=blocks, cache_dir=cache)
+    m = collect_measurements(cfg, load_profile("cpu"), MeasureCache(cache))
+    acts = next(k for k in pred.components if k.startswith("activations"))
+    # The same resident weights and buffers; the rollout's activations in place of the training step's.
+    predicted = pred.step_bytes - pred.components[acts] - pred.components[ROLLOUT_LABEL] + m.rollout.peak_bytes
+    # LoRA grads do not exist yet before the first backward (the budget's step includes them in its activations).
+    measured = _simulated_rollout_peak(cfg, settings, blocks)
+    assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
+
+
+def test_the_plan_prices_the_rollout_in_time_and_memory(tmp_path):
+    from lowvram.config import apply_overrides
+    from lowvram.plan import plan_run
+    from lowvram.plan.budget import ROLLOUT_LABEL
+    from lowvram.profiles import load_profile
+
+    plain = apply_overrides(_tiny_rollout_config(), {"scheduled_sampling.enabled": False})
+    rolled = apply_overrides(plain, {"scheduled_sampling.enabled": True, "scheduled_sampling.probability": 1.0,
+                                     "scheduled_sampling.steps": 2})  # fmt: skip
+    profile = load_profile("4090")
+    a = plan_run(plain, profile, choose=False, cache_dir=tmp_path)
+    b = plan_run(rolled, profile, choose=False, cache_dir=tmp_path)
+    assert ROLLOUT_LABEL in b.phases["train"].vram and ROLLOUT_LABEL not in a.phases["train"].vram
+    assert b.measured["rollout_forwards_per_step"] == 2.0
+    # two extra forwards of every block and the head, on top of the plain step
+    from dataclasses import replace
+
+    from lowvram.plan.budget import Settings, step_time
+    from lowvram.plan.measure import MeasureCache
+    from lowvram.plan.plan import collect_measurements
+
+    m = collect_measurements(rolled, profile, MeasureCache(tmp_path))
+    with_rollout, without = step_time(m, Settings(), profile), step_time(replace(m, rollout=None), Settings(), profile)
+    step = m.step[True]
+    rate = profile.bf16_tflops * 1e12 * 0.4
+    expected = 2 * (step.flops["head"] + m.num_layers * step.flops["block_fwd"]) / rate
+    assert with_rollout.seconds - without.seconds == pytest.approx(expected, rel=1e-9)
+    assert any("scheduled sampling: 2.00 no-grad forwards" in line for line in b.explanation)
