@@ -297,6 +297,17 @@ def _trackers(value: Any) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+class ScheduledSamplingSection(Section):
+    """Rollout before the training step (lowvram/train/modes/scheduled_sampling.py)."""
+
+    enabled: bool = Field(False, description="roll noisy inputs out with the model's own predictions before a step")
+    probability: float = Field(0.5, ge=0, le=1, description="share of samples rolled out")
+    steps: int = Field(1, ge=1, le=16, description="no-grad Euler denoising steps per rolled-out sample")
+    sigma_step: float = Field(
+        0.025, gt=0, le=1, description="sigma distance of one rollout step (0.025 = a 40-step sampler's step)"
+    )
+
+
 class OutputSection(Section):
     output_dir: str = Field("output", description="run folder: LoRA, checkpoints, metrics.jsonl, memory.jsonl")
     report_to: Annotated[list[str], BeforeValidator(_trackers)] = Field(
@@ -317,6 +328,7 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
+    scheduled_sampling: ScheduledSamplingSection = Field(default_factory=ScheduledSamplingSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
@@ -386,6 +398,15 @@ def _st_epochs(value: Any, out: dict) -> None:
     _set(out, "train.num_train_epochs", value)
 
 
+def _st_rollout_offset(value: Any, out: dict) -> None:
+    # SimpleTuner rolls out when max_step_offset > 0: lowvram's rollout is switched on by the same key.
+    steps = int(value)
+    if steps > 0:
+        _set(out, "scheduled_sampling.enabled", True)
+        _set(out, "scheduled_sampling.steps", steps)
+        _set(out, "scheduled_sampling.sigma_step", 0.001)  # its offsets count 1000-step DDPM timesteps
+
+
 def _st_validation_disable(value: Any, out: dict) -> None:
     _set(out, "validation.enabled", not bool(value))
 
@@ -453,6 +474,8 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
     "frame_rate": "data.fps",
+    "scheduled_sampling_max_step_offset": _st_rollout_offset,
+    "scheduled_sampling_probability": "scheduled_sampling.probability",
 }
 
 # Known SimpleTuner keys we deliberately do not act on, with the reason shown once to the user.
@@ -466,7 +489,9 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "minimum_image_size": "bucketing is defined by data.resolution",
     "override_dataset_config": "caches are keyed by their settings and rebuilt when they change",
     "skip_file_discovery": "discovery is cheap and always runs",
-    "scheduled_sampling_reflexflow": "scheduled sampling is not supported",
+    "scheduled_sampling_reflexflow": "ReflexFlow is not implemented; the rollout trains the plain flow target",
+    "scheduled_sampling_sampler": "lowvram's rollout takes Euler flow-matching steps (scheduled_sampling.sigma_step)",
+    "scheduled_sampling_order": "lowvram's rollout takes first-order Euler steps",
     "validation_disable_unconditional": "validation renders one conditional clip",
     "validation_using_datasets": "validation uses validation.prompt",
     "validation_prompt_library": "validation uses validation.prompt",
@@ -517,6 +542,14 @@ def _st_methods_said(raw: dict[str, Any], out: dict[str, Any], notes: list[str])
             other, why = SIMPLETUNER_PRECISION_MAPPINGS[value]
             model[key] = other
             notes.append(f"'{st_key}': '{value}' is trained as '{other}': {why}")
+    if out.get("scheduled_sampling", {}).get("enabled"):
+        # SimpleTuner (helpers/scheduled_sampling/rollout.py) rolls out only epsilon/v-prediction models: for a
+        # flow-matching model such as LTX-2 its rollout returns the batch unchanged.
+        n = out["scheduled_sampling"]["steps"]
+        notes.append(
+            f"'scheduled_sampling_max_step_offset': {n} is trained as a rollout of exactly {n} Euler step(s) of sigma "
+            "0.001 each (SimpleTuner draws 0..N per sample, and skips its rollout for flow-matching models)"
+        )
     memory = out.get("memory", {})
     if memory.get("group_offload_use_stream") is True and memory.get("gradient_checkpointing") is not False:
         # SimpleTuner does the same under gradient checkpointing (its group offload turns the stream off).

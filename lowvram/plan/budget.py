@@ -343,6 +343,19 @@ class Tread:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """Scheduled sampling's no-grad forwards before each training forward (train/modes/scheduled_sampling.py)."""
+
+    peak_bytes: int  # one rollout forward: the step's inputs, the rolled-out latents, one no-grad forward
+    forwards_per_step: float  # expected per micro-batch: steps x P(any sample of the batch is rolled out)
+    steps: int
+
+
+# The train phase's component for the rollout: only what its forward needs above the training step's own peak.
+ROLLOUT_LABEL = "scheduled sampling rollout (no-grad forward) above the step's peak"
+
+
+@dataclass(frozen=True)
 class Measurements:
     """Everything the budget needs about the model at the run's shapes (all from measure.py)."""
 
@@ -370,6 +383,7 @@ class Measurements:
     nonleaf_params: int = 0  # parameters outside leaf modules, one block + outside the blocks
     tread: Tread | None = None  # TREAD routes (train.tread_routes) with their routed-block measurements
     model_version: str = "2.0"  # the LTX-2 release measured (lowvram.models.versions)
+    rollout: Rollout | None = None  # scheduled sampling (scheduled_sampling.enabled)
 
     def block_steps(self, checkpointing: bool) -> list[StepMeasure]:
         """Each block's measured step (they differ only under TREAD routes)."""
@@ -658,6 +672,7 @@ def budget(
         acts_label: acts,
         # with gradient accumulation the previous micro-batches' grads are alive through the next forward
         "LoRA grads held between micro-batches": lora_params * lora_item if opts.grad_accumulation_steps > 1 else 0,
+        **({ROLLOUT_LABEL: max(0, m.rollout.peak_bytes - acts)} if m.rollout is not None else {}),
         **resident_except("transformer"),
     }
     if s.precision not in ("bf16", "fp32"):
@@ -809,6 +824,7 @@ def step_time(
     total = outside + dequant
     streamed_bytes = 0
     transfer = 0.0
+    no_grad_forward = f.get("head", 0) / flops_rate  # a rollout forward: head, blocks (streamed as in forward)
     for i in range(n):
         is_streamed = i < streamed
         fb = (fwd_bytes if is_streamed else 0) + kept_by_block[i]
@@ -816,8 +832,19 @@ def step_time(
         overlapped = overlap if is_streamed else async_copies
         rate = disk_bw if i < on_disk else bw  # which swapped blocks are on disk does not change the sum
         total += pass_time(fwds[i], fb, overlapped, rate) + pass_time(bwds[i] + recomputes[i], bb, overlapped, rate)
+        no_grad_forward += pass_time(fwds[i], fwd_bytes if is_streamed else 0, overlapped, rate)
         streamed_bytes += fb + bb
         transfer += (fb + bb) / rate
+    if m.rollout is not None:
+        k = m.rollout.forwards_per_step
+        total += k * no_grad_forward
+        compute += k * (f.get("head", 0) / flops_rate + sum(fwds))
+        rollout_copies = k * fwd_bytes * streamed
+        streamed_bytes += round(rollout_copies)
+        transfer += rollout_copies / bw
+        notes.append(
+            f"scheduled sampling: {k:.2f} no-grad forwards expected per step, {k * no_grad_forward:.2f} s of the step"
+        )
     if streamed and overlap:
         notes.append(
             f"per streamed block: copy {fwd_bytes / bw * 1e3:.0f} ms vs compute {fwd * 1e3:.0f} ms forward, "

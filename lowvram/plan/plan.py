@@ -51,6 +51,7 @@ from lowvram.plan.measure import (
     transformer_weights,
     vae_weights,
 )
+from lowvram.plan.modes import rollout_cost
 from lowvram.profiles import HardwareProfile
 
 PHASES = ("text_cache", "latent_cache", "load", "train", "export")
@@ -469,6 +470,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         nonleaf_params=nonleaf["block_nonleaf_params"] + nonleaf["rest_nonleaf_params"],
         tread=tread,
         model_version=configs.version,
+        rollout=rollout_cost(cfg, configs, shape, lora, dtype, attention, cache),
     )
 
 
@@ -944,6 +946,9 @@ def _measured_summary(m: Measurements) -> dict[str, Any]:
         routed = m.tread.step[(m.tread.routes[0][2], True)]
         out["tread_routed_kept_per_block_no_checkpointing_bytes"] = routed.recomputed_per_block_bytes
         out["tread_routed_block_forward_flops"] = routed.flops["block_fwd"]
+    if m.rollout is not None:
+        out["rollout_forward_peak_bytes"] = m.rollout.peak_bytes
+        out["rollout_forwards_per_step"] = m.rollout.forwards_per_step
     return out
 
 
@@ -1075,6 +1080,8 @@ def _explain(
                 "why it overlaps: the next block's weights are copied on a side stream while the current "
                 "block computes, so a copy costs nothing while it is shorter than that block's compute"
             )
+    else:
+        lines.extend(t.notes)  # e.g. scheduled sampling's rollout forwards
     fitting_strategies = {_strategy(c.settings) for c in train if c.fits}
     closest: dict[tuple, Candidate] = {}
     for c in train:

@@ -21,6 +21,7 @@ import torch
 from lowvram.errors import LowvramError
 from lowvram.fsutil import atomic_write_text
 from lowvram.train.batches import BatchSource, DiskBatches, LatentBatch
+from lowvram.train.modes import build_modes
 from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
 from lowvram.train.run_folder import LORA_FILE, METRICS_FILE
 from lowvram.train.tread import TreadRouter
@@ -57,6 +58,18 @@ class TrainContext:
     audio_channels: int | None = None
     video_channels: int | None = None
     data_parallel: Any = None  # distributed.DataParallel under torchrun: this rank's rows and the global loss
+    modes: tuple = ()  # train/modes/: each prepares the step's inputs (build_modes)
+
+
+@contextlib.contextmanager
+def _inference(module: torch.nn.Module):
+    """The module in eval mode (no LoRA dropout) for a no-grad prediction, back in its mode afterwards."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
 
 
 def forward_loss(ctx: TrainContext, batch: LatentBatch):
@@ -83,30 +96,36 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
     text = TextEmbeddings(
         video=batch.text_video.to(dev, dt), audio=batch.text_audio.to(dev, dt), mask=batch.text_mask.to(dev)
     )
-    if ctx.data_parallel is not None:
-        # The whole batch was noised (same draws as one process); this rank runs only its rows through the model.
-        local = ctx.data_parallel.take_rows(inputs, text)
-        inputs, text = local.inputs, local.text
     autocast = (
         torch.autocast(dev.type, dtype=ctx.autocast_dtype)
         if ctx.autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    with autocast:
-        video_pred, audio_pred = transformer_forward(
-            ctx.transformer,
-            video_tokens=inputs.video_noisy,
-            audio_tokens=inputs.audio_noisy,
-            text=text,
-            video_sigma=inputs.video_sigma,
-            audio_sigma=inputs.audio_sigma,
-            video_token_sigma=inputs.video_token_sigma,
-            latent_frames=inputs.latent_frames,
-            latent_height=inputs.latent_height,
-            latent_width=inputs.latent_width,
-            fps=batch.fps,
-            isolate_modalities=inputs.isolate_modalities,
-        )
+
+    def predict(inp, *, inference: bool = False):
+        with autocast, _inference(ctx.transformer) if inference else contextlib.nullcontext():
+            return transformer_forward(
+                ctx.transformer,
+                video_tokens=inp.video_noisy,
+                audio_tokens=inp.audio_noisy,
+                text=text,
+                video_sigma=inp.video_sigma,
+                audio_sigma=inp.audio_sigma,
+                video_token_sigma=inp.video_token_sigma,
+                latent_frames=inp.latent_frames,
+                latent_height=inp.latent_height,
+                latent_width=inp.latent_width,
+                fps=batch.fps,
+                isolate_modalities=inp.isolate_modalities,
+            )
+
+    for mode in ctx.modes:  # training modes (train/modes/): rolled-out inputs and the like
+        inputs = mode.prepare(inputs, predict, ctx.generator)
+    if ctx.data_parallel is not None:
+        # The whole batch was noised (same draws as one process); this rank runs only its rows through the model.
+        local = ctx.data_parallel.take_rows(inputs, text)
+        inputs, text = local.inputs, local.text
+    video_pred, audio_pred = predict(inputs)
     if ctx.data_parallel is not None:
         return ctx.data_parallel.loss(video_pred, audio_pred, local, objective)
     return flow_loss(video_pred, audio_pred, inputs, objective)
@@ -621,6 +640,7 @@ def fit(
         audio_channels=transformer.config.audio_in_channels,
         video_channels=transformer.config.in_channels,
         data_parallel=None if env is None else distributed.DataParallel(env),
+        modes=build_modes(cfg),
     )
 
     start_step = 0
