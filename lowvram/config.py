@@ -263,6 +263,14 @@ class ValidationSection(Section):
     num_inference_steps: int = Field(20, ge=1, description="denoising steps")
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale")
     seed: int = Field(42, description="validation seed")
+    prompts: list[str] | str | None = Field(
+        None, description="validation prompts: a list, or a text file with one per line (default: [prompt])"
+    )
+    negative_prompt: str = Field("", description="negative prompt for classifier-free guidance")
+    offload_optimizer: bool | None = Field(
+        None, description="move optimizer state off the device while validating (default: planner chooses)"
+    )
+    vae_tiling: bool | None = Field(None, description="tiled VAE decode for validation (default: planner chooses)")
 
 
 class OutputSection(Section):

@@ -51,7 +51,7 @@ from lowvram.plan.measure import (
 )
 from lowvram.profiles import HardwareProfile
 
-PHASES = ("text_cache", "latent_cache", "train")
+PHASES = ("text_cache", "latent_cache", "train")  # + "validation" (plan/validation.py) when enabled
 # Output error of the tiny LTX-2 with lowvram's exclude list, per precision (`python -m lowvram.quant.exclude_report`,
 # README "Quantized base model"): fp8's is ~10x int8's, so fp8 ranks below both int8 backends.
 OUTPUT_ERROR_PCT = {
@@ -766,12 +766,22 @@ def plan_run(
     if not chosen.fits:  # training fits; a caching phase does not
         reason = _phase_shortfall(chosen, vram_ok, ram_ok, profile)
         reason += "; try building the text and latent caches on a machine with more memory (they are portable files)"
+    phases, fits = dict(chosen.phases), chosen.fits
+    if cfg.validation.enabled:
+        from lowvram.plan.validation import plan_validation
+
+        phases["validation"], chosen_validation, refusal = plan_validation(
+            cfg, m, chosen.settings, profile, opts, vram_ok, ram_ok, cache, configs, m.attention
+        )
+        settings.update(chosen_validation)
+        if refusal is not None and fits:
+            fits, reason = False, refusal
     return Plan(
-        fits=chosen.fits,
+        fits=fits,
         profile=profile.name,
         settings=settings,
         step_seconds_estimate=round(chosen.time.seconds, 3),
-        phases=chosen.phases,
+        phases=phases,
         vram_usable_bytes=vram_ok,
         ram_usable_bytes=ram_ok,
         explanation=tuple(explanation),
