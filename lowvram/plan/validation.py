@@ -39,6 +39,7 @@ class ValidationShape:
     text_tokens: int
     rows: int  # 2 with classifier-free guidance ([negative, prompt] in one batch), else 1
     mode: str
+    audio: bool = True  # the run renders audio (data.audio and not a video-only run)
 
     @property
     def video_tokens(self) -> int:
@@ -59,7 +60,8 @@ def validation_shape(cfg, configs: ModelConfigs, *, frames: int | None = None, g
                     text_tokens=cfg.data.max_text_tokens, audio=cfg.data.audio, mode=cfg.train.mode)  # fmt: skip
     g = max(guidance_values(cfg)) if guidance is None else guidance
     return ValidationShape(width, height, frames, t.latent_frames, t.latent_height, t.latent_width, t.audio_tokens,
-                           t.text_tokens, 2 if g != 1.0 else 1, cfg.train.mode)  # fmt: skip
+                           t.text_tokens, 2 if g != 1.0 else 1, cfg.train.mode,
+                           cfg.data.audio and cfg.train.mode != "video")  # fmt: skip
 
 
 def guidance_values(cfg) -> list[float]:
@@ -79,7 +81,7 @@ def sample_shape(vs: ValidationShape, transformer_config: dict, fps: float):
         audio_channels=transformer_config["audio_in_channels"],
         fps=fps,
         video=vs.mode != "audio",
-        audio=vs.mode != "video",
+        audio=vs.audio,
     )
 
 
