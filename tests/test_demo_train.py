@@ -57,7 +57,7 @@ def test_demo_trains_with_falling_loss_and_writes_lora_metrics_memory_and_a_vali
         torch.set_num_threads(threads)
     assert len(list((out / "dataset").glob("*.mp4"))) == 8
     _check_run_folder(out, 40)
-    # Each validation is a folder of clips with their prompts beside them (issue 19); the last step is not rendered twice.
+    # A folder of clips + prompt sidecars per validation (issue 19); the last step is not rendered twice.
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-20", "step-40"]
     assert sorted(p.name for p in (out / "validation" / "step-40").iterdir()) == ["00.json", "00.mp4"]
     assert json.loads((out / "validation" / "step-40" / "00.json").read_text())["prompt"] == cfg.validation.prompt

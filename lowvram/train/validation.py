@@ -88,17 +88,27 @@ def sample_shape_for(cfg, transformer, vaes):
 
 @contextlib.contextmanager
 def visiting(modules, backend) -> Iterator[None]:
-    """The frozen modules' weights on the device for the block, then back to their host tensors (no copy back)."""
+    """The frozen modules' weights on the device for the block, then their host tensors back (no copy back).
+
+    The device copies replace the parameter and buffer entries; the host tensors are never read through an op
+    while they are away, so nothing but the copy itself touches them.
+    """
     saved = []
     try:
         for module in modules:
-            for t in [*module.parameters(), *module.buffers()]:
-                saved.append((t, t.data))
-                t.data = backend.to_device(t.data)
+            for sub in module.modules():
+                for table in (sub._parameters, sub._buffers):
+                    for name, t in table.items():
+                        if t is None:
+                            continue
+                        saved.append((table, name, t))
+                        copy = backend.to_device(t)
+                        is_param = table is sub._parameters
+                        table[name] = torch.nn.Parameter(copy, requires_grad=False) if is_param else copy
         yield
     finally:
-        for t, host in saved:
-            t.data = host
+        for table, name, t in reversed(saved):
+            table[name] = t
 
 
 @contextlib.contextmanager
