@@ -41,7 +41,8 @@ def test_plan_has_a_validation_phase_and_refuses_a_shape_that_cannot_fit_in_one_
     # A card where every other phase fits but validation at this shape does not: refused before training, with the
     # longest clip that fits (17 frames: between the other phases' need and 25 frames' by construction).
     shorter = plan_run(apply_overrides(cfg, {"validation.num_frames": 17}), profile, choose=False, cache_dir=cache_dir)
-    usable = (max(others, shorter.phases["validation"].vram_peak_bytes - profile.reserve_bytes) + need["validation"]) // 2
+    fits_17 = shorter.phases["validation"].vram_peak_bytes - profile.reserve_bytes
+    usable = (max(others, fits_17) + need["validation"]) // 2
     small = profile.model_copy(update={"vram_bytes": profile.reserve_bytes + int(usable / 0.9)})
     plan = plan_run(cfg, small, choose=False, cache_dir=cache_dir)
     assert not plan.fits and plan.reason.startswith("validation at 64x64x25 needs"), plan.reason
@@ -104,7 +105,8 @@ def test_validation_every_n_steps_leaves_the_lora_bit_identical_and_never_loads_
         with_validation = _demo(tmp_path / "val", **{
             "validation.enabled": True, "validation.every_n_steps": 2, "validation.resolution": "64x64",
             "validation.num_frames": 9, "validation.num_inference_steps": 2, "validation.guidance": 3.0,
-            "validation.prompts": ["a red circle", "a blue square"], "validation.negative_prompt": "noise"})  # fmt: skip
+            "validation.prompts": ["a red circle", "a blue square"], "validation.negative_prompt": "noise",
+        })  # fmt: skip
         assert loop.run_train(with_validation) == 0
     finally:
         torch.set_num_threads(threads)
