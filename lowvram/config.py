@@ -350,6 +350,12 @@ def _st_validation_disable(value: Any, out: dict) -> None:
     _set(out, "validation.enabled", not bool(value))
 
 
+def _st_prompt_library(value: Any, out: dict) -> None:
+    # SimpleTuner: {"shortname": "prompt", ...} (or a list); lowvram renders each prompt in order.
+    prompts = list(value.values()) if isinstance(value, dict) else value
+    _set(out, "validation.prompts", prompts)
+
+
 SIMPLETUNER_KEYS: dict[str, Any] = {
     "model_family": _st_family,
     "model_flavour": "model.flavour",
@@ -405,6 +411,8 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "validation_guidance": "validation.guidance",
     "validation_seed": "validation.seed",
     "validation_steps": "validation.every_n_steps",
+    "validation_prompt_library": _st_prompt_library,
+    "validation_negative_prompt": "validation.negative_prompt",
     "framerate": "data.fps",
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
@@ -426,12 +434,11 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "override_dataset_config": "caches are keyed by their settings and rebuilt when they change",
     "skip_file_discovery": "discovery is cheap and always runs",
     "scheduled_sampling_reflexflow": "scheduled sampling is not supported",
-    "validation_disable_unconditional": "validation renders one conditional clip",
-    "validation_using_datasets": "validation uses validation.prompt",
-    "validation_prompt_library": "validation uses validation.prompt",
-    "validation_adapter_path": "validation uses the LoRA being trained only",
-    "validation_adapter_config": "validation uses the LoRA being trained only",
-    "eval_dataset_id": "validation uses validation.prompt",
+    "validation_disable_unconditional": "validation renders the clips with the LoRA being trained only",
+    "validation_using_datasets": "validation renders validation.prompts",
+    "validation_adapter_path": "validation adapters are not supported yet: the LoRA being trained only",
+    "validation_adapter_config": "validation adapters are not supported yet: the LoRA being trained only",
+    "eval_dataset_id": "validation renders validation.prompts",
     "quantize_via": "quantization runs where the memory plan puts it",
     "crepa_enabled": "CREPA needs DINOv2 weights from a hub",
 }

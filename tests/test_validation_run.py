@@ -125,3 +125,31 @@ def test_validation_every_n_steps_leaves_the_lora_bit_identical_and_never_loads_
     assert [("validation_seconds" in m) for m in metrics] == [False, True, False, True]
     phases = [json.loads(line) for line in (tmp_path / "val" / "memory.jsonl").read_text().splitlines()]
     assert [p["name"] for p in phases if p["type"] == "phase"].count("validation") == 2
+
+
+def test_simpletuner_prompt_library_and_negative_prompt_are_mapped():
+    from lowvram.config import from_simpletuner
+
+    nested, notes = from_simpletuner({"validation_prompt_library": {"cat": "a cat", "dog": "a dog"},
+                                      "validation_negative_prompt": "blurry"})  # fmt: skip
+    assert nested["validation"] == {"prompts": ["a cat", "a dog"], "negative_prompt": "blurry"} and notes == []
+
+
+def test_a_validation_phase_inside_train_keeps_both_peaks_apart(tmp_path):
+    from lowvram.device import get_backend
+    from lowvram.telemetry import MemoryMonitor
+
+    sim = get_backend("sim")
+    monitor = MemoryMonitor(tmp_path, sim)
+    with sim.session():
+        with monitor.phase("train"):
+            step = torch.zeros(1000)  # 4000 bytes: the training step's peak
+            del step
+            with monitor.phase("validation"):
+                sample = torch.zeros(3000)  # 12000 bytes: validation's own peak
+                del sample
+            after = torch.zeros(500)
+            del after
+    monitor.finish()
+    peaks = {p.name: p.device_max_allocated_bytes for p in monitor.phases}
+    assert peaks == {"train": 4000, "validation": 12000}
