@@ -192,7 +192,7 @@ class ValidationMeasure:
     sample_peak_bytes: int
     text_bytes: int
     latent_bytes: int  # the denoised video + audio tokens alive through the decodes
-    decode: dict[bool, dict]  # tiling -> measure_decode
+    decode: dict[bool, dict | None]  # tiling -> measure_decode (None: the tiled decode cannot run this shape)
 
 
 def collect_validation(cfg, configs: ModelConfigs, cache: MeasureCache, *, attention: str, compute_dtype: str,
@@ -204,12 +204,19 @@ def collect_validation(cfg, configs: ModelConfigs, cache: MeasureCache, *, atten
                        lambda: measure_sampling(configs, vs, lora, compute_dtype=compute_dtype, attention=attention,
                                                 fps=cfg.data.fps))  # fmt: skip
     vae_key = {**base, "video_vae": configs.video_vae, "audio_vae": configs.audio_vae}
-    decode = {
-        tiling: cache.get("validation-decode", {**vae_key, "tiling": tiling},
-                          lambda tiling=tiling: measure_decode(configs, vs, tiling=tiling, compute_dtype=compute_dtype,
-                                                               fps=cfg.data.fps))  # fmt: skip
-        for tiling in (False, True)
-    }
+    decode: dict[bool, dict | None] = {}
+    for tiling in (False, True):
+        try:
+            decode[tiling] = cache.get("validation-decode", {**vae_key, "tiling": tiling},
+                                       lambda tiling=tiling: measure_decode(configs, vs, tiling=tiling,
+                                                                            compute_dtype=compute_dtype,
+                                                                            fps=cfg.data.fps))  # fmt: skip
+        except RuntimeError:
+            if not tiling:
+                raise
+            # diffusers' tiled decode cannot run this shape (e.g. 480 px: a last tile one latent row high, which its
+            # reflection padding refuses), so tiling is not an option here.
+            decode[tiling] = None
     t = configs.transformer
     latent_bytes = (vs.video_tokens * t["in_channels"] + vs.audio_tokens * t["audio_in_channels"]) * _itemsize(
         compute_dtype
@@ -296,6 +303,8 @@ def plan_validation(cfg, m: Measurements, s: Settings, profile, opts: BudgetOpti
     def evaluate(vm: ValidationMeasure):
         best = None
         for o, t in options:
+            if vm.decode[t] is None:
+                continue
             b = validation_budget(m, vm, s, profile, opts, offload_optimizer=o, vae_tiling=t)
             over = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok, b.ram_peak_bytes - ram_ok)
             if over <= 0:
@@ -306,6 +315,13 @@ def plan_validation(cfg, m: Measurements, s: Settings, profile, opts: BudgetOpti
 
     dtype = opts.compute_dtype
     vm = collect_validation(cfg, configs, cache, attention=attention, compute_dtype=dtype)
+    if v.vae_tiling and vm.decode[True] is None:
+        from lowvram.errors import UsageError
+
+        raise UsageError(
+            f"validation.vae_tiling = true: diffusers' tiled VAE decode cannot run {vm.shape.key} (its last tile "
+            "would be too small to pad): set validation.vae_tiling = false, or a resolution whose sides tile evenly"
+        )
     b, (o, t), over = evaluate(vm)
     chosen = {"validation.offload_optimizer": o, "validation.vae_tiling": t}
     if over <= 0:
