@@ -141,7 +141,11 @@ def decode_video(video_vae, tokens: torch.Tensor, shape: SampleShape, options=No
         # The same tiling switches as caching (spatial tiles, and temporal tiles through use_framewise_decoding).
         context = vae_memory_options(video_vae, options)
     with context:
-        pixels = video_vae.decode(latents, None, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
+        # A timestep-conditioned decoder gets LTX2Pipeline's default decode_timestep 0 (its noise scale 0 too).
+        temb = None
+        if getattr(video_vae.config, "timestep_conditioning", False):
+            temb = torch.zeros(1, device=latents.device, dtype=latents.dtype)
+        pixels = video_vae.decode(latents, temb, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
     del latents
     frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0)
