@@ -43,7 +43,8 @@ def _text(cfg, seed):
 def measured_and_predicted(cache_dir, *, offload_optimizer: bool, tiling: bool = False):
     from lowvram.models.ltx2 import build_tiny_components
     from lowvram.plan import Settings
-    from lowvram.plan.validation import predict_validation_peak, validation_peak_bytes
+    from lowvram.plan.plan import predict_validation_peak
+    from lowvram.plan.validation import validation_peak_bytes
     from lowvram.profiles import load_profile
     from lowvram.train.validation import optimizer_off_device, render_sample, sample_shape_for
 

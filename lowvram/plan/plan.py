@@ -1128,3 +1128,19 @@ def predict_peak(
     reserve = components.pop("reserve", 0)
     optimizer = components.pop("optimizer state", 0)
     return PeakPrediction(sum(components.values()), optimizer, reserve, components)
+
+
+def predict_validation_peak(cfg, profile, settings: Settings, *, num_layers: int | None = None, cache_dir=None,
+                            offload_optimizer: bool = False, vae_tiling: bool = False) -> PhaseBudget:  # fmt: skip
+    """The validation phase's budget for exactly these settings (the simulated-device tests compare it)."""
+    from lowvram.plan.validation import collect_validation, validation_budget
+
+    cache = MeasureCache(cache_dir)
+    m = collect_measurements(cfg, profile, cache)
+    if num_layers is not None:
+        m = replace(m, num_layers=num_layers)
+    vm = collect_validation(cfg, model_configs(cfg.model.family), cache, attention=m.attention,
+                            compute_dtype=_compute_dtype(cfg))  # fmt: skip
+    opts = _budget_options(cfg, DEFAULT_EFFICIENCY)
+    return validation_budget(m, vm, settings, profile, opts, offload_optimizer=offload_optimizer,
+                             vae_tiling=vae_tiling)  # fmt: skip

@@ -348,23 +348,3 @@ def validation_peak_bytes(budget: PhaseBudget) -> int:
     return budget.vram_peak_bytes - budget.vram.get("reserve", 0)
 
 
-
-
-def predict_validation_peak(cfg, profile, settings: Settings, *, num_layers: int | None = None, cache_dir=None,
-                            offload_optimizer: bool = False, vae_tiling: bool = False) -> PhaseBudget:  # fmt: skip
-    """The validation phase's budget for exactly these settings (the simulated-device tests compare it)."""
-    from dataclasses import replace
-
-    from lowvram.plan.budget import DEFAULT_EFFICIENCY
-    from lowvram.plan.measure import model_configs
-    from lowvram.plan.plan import _budget_options, _compute_dtype, collect_measurements
-
-    cache = MeasureCache(cache_dir)
-    m = collect_measurements(cfg, profile, cache)
-    if num_layers is not None:
-        m = replace(m, num_layers=num_layers)
-    vm = collect_validation(cfg, model_configs(cfg.model.family), cache, attention=m.attention,
-                            compute_dtype=_compute_dtype(cfg))  # fmt: skip
-    opts = _budget_options(cfg, DEFAULT_EFFICIENCY)
-    return validation_budget(m, vm, settings, profile, opts, offload_optimizer=offload_optimizer,
-                             vae_tiling=vae_tiling)  # fmt: skip
