@@ -153,3 +153,22 @@ def test_a_validation_phase_inside_train_keeps_both_peaks_apart(tmp_path):
     monitor.finish()
     peaks = {p.name: p.device_max_allocated_bytes for p in monitor.phases}
     assert peaks == {"train": 4000, "validation": 12000}
+
+
+@pytest.mark.parametrize("mode", ["video", "audio"])
+def test_single_modality_runs_render_their_modality_only(mode):
+    from lowvram.device import get_backend
+    from lowvram.models.ltx2 import build_tiny_components, encode_text
+    from lowvram.train.validation import render_sample, sample_shape_for
+
+    parts = build_tiny_components(seed=0)
+    text = encode_text(parts, ["a cat"], 8)
+    cfg = _tiny_plan_cfg(**{"train.mode": mode, "validation.num_frames": 9})
+    shape = sample_shape_for(cfg, parts.transformer, parts)
+    frames, wave = render_sample(parts.transformer, parts, text, text, shape, steps=2, guidance=3.0, seed=1,
+                                 backend=get_backend("cpu"))  # fmt: skip
+    assert (frames is None) == (mode == "audio") and (wave is None) == (mode == "video")
+    if frames is not None:
+        assert frames.shape == (9, 64, 64, 3) and frames.dtype == torch.uint8
+    if wave is not None:
+        assert wave.shape[0] == 2 and torch.isfinite(wave).all()
