@@ -281,6 +281,14 @@ class ValidationSection(Section):
     num_inference_steps: int = Field(20, ge=1, description="denoising steps")
     guidance: float = Field(5.0, ge=0, description="classifier-free guidance scale")
     seed: int = Field(42, description="validation seed")
+    prompts: list[str] | str | None = Field(
+        None, description="validation prompts: a list, or a text file with one per line (default: [prompt])"
+    )
+    negative_prompt: str = Field("", description="negative prompt for classifier-free guidance")
+    offload_optimizer: bool | None = Field(
+        None, description="move optimizer state off the device while validating (default: planner chooses)"
+    )
+    vae_tiling: bool | None = Field(None, description="tiled VAE decode for validation (default: planner chooses)")
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -411,6 +419,12 @@ def _st_validation_disable(value: Any, out: dict) -> None:
     _set(out, "validation.enabled", not bool(value))
 
 
+def _st_prompt_library(value: Any, out: dict) -> None:
+    # SimpleTuner: {"shortname": "prompt", ...} (or a list); lowvram renders each prompt in order.
+    prompts = list(value.values()) if isinstance(value, dict) else value
+    _set(out, "validation.prompts", prompts)
+
+
 SIMPLETUNER_KEYS: dict[str, Any] = {
     "model_family": _st_family,
     "model_flavour": _st_flavour,
@@ -470,6 +484,8 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "tracker_project_name": "output.tracker_project_name",
     "tracker_run_name": "output.tracker_run_name",
     "pretrained_gemma_model_name_or_path": "model.text_encoder_path",
+    "validation_prompt_library": _st_prompt_library,
+    "validation_negative_prompt": "validation.negative_prompt",
     "framerate": "data.fps",
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
@@ -492,12 +508,11 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "scheduled_sampling_reflexflow": "ReflexFlow is not implemented; the rollout trains the plain flow target",
     "scheduled_sampling_sampler": "lowvram's rollout takes Euler flow-matching steps (scheduled_sampling.sigma_step)",
     "scheduled_sampling_order": "lowvram's rollout takes first-order Euler steps",
-    "validation_disable_unconditional": "validation renders one conditional clip",
-    "validation_using_datasets": "validation uses validation.prompt",
-    "validation_prompt_library": "validation uses validation.prompt",
-    "validation_adapter_path": "validation uses the LoRA being trained only",
-    "validation_adapter_config": "validation uses the LoRA being trained only",
-    "eval_dataset_id": "validation uses validation.prompt",
+    "validation_disable_unconditional": "validation renders the clips with the LoRA being trained only",
+    "validation_using_datasets": "validation renders validation.prompts",
+    "validation_adapter_path": "validation adapters are not supported yet: the LoRA being trained only",
+    "validation_adapter_config": "validation adapters are not supported yet: the LoRA being trained only",
+    "eval_dataset_id": "validation renders validation.prompts",
     "quantize_via": "quantization runs where the memory plan puts it",
     "crepa_enabled": "CREPA needs DINOv2 weights from a hub",
 }

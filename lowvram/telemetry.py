@@ -154,7 +154,14 @@ class MemoryMonitor:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[PhaseRecord]:
         """Attribute everything sampled inside to `name`; device allocator peaks are reset at its start."""
-        if self.backend is not None and getattr(self.backend, "is_accelerator", False):
+        accelerator = self.backend is not None and getattr(self.backend, "is_accelerator", False)
+        outer = self._current
+        if accelerator:
+            if outer is not None:  # a phase inside another (validation inside train): the outer keeps its peak so far
+                so_far = self.backend.memory_stats()
+                o = outer
+                o.device_max_allocated_bytes = max(o.device_max_allocated_bytes or 0, so_far.max_allocated_bytes)
+                o.device_max_reserved_bytes = max(o.device_max_reserved_bytes or 0, so_far.max_reserved_bytes)
             self.backend.reset_peak_memory_stats()
         baseline = process_rss_bytes(self._proc)
         record = PhaseRecord(name=name, start_s=time.monotonic() - self._t0, rss_baseline_bytes=baseline,
@@ -171,10 +178,13 @@ class MemoryMonitor:
             yield record
         finally:
             self.sample()
-            if self.backend is not None and getattr(self.backend, "is_accelerator", False):
+            if accelerator:
                 stats = self.backend.memory_stats()
-                record.device_max_allocated_bytes = stats.max_allocated_bytes
-                record.device_max_reserved_bytes = stats.max_reserved_bytes
+                r = record
+                r.device_max_allocated_bytes = max(r.device_max_allocated_bytes or 0, stats.max_allocated_bytes)
+                r.device_max_reserved_bytes = max(r.device_max_reserved_bytes or 0, stats.max_reserved_bytes)
+                if outer is not None:
+                    self.backend.reset_peak_memory_stats()  # the outer phase's peak goes on from here, not from ours
             record.end_s = time.monotonic() - self._t0
             with self._lock:
                 self._current = previous

@@ -57,12 +57,11 @@ def test_demo_trains_with_falling_loss_and_writes_lora_metrics_memory_and_a_vali
         torch.set_num_threads(threads)
     assert len(list((out / "dataset").glob("*.mp4"))) == 8
     _check_run_folder(out, 40)
-    assert sorted(p.name for p in (out / "validation").iterdir()) == [
-        "final.mp4",
-        "step-00000020.mp4",
-        "step-00000040.mp4",
-    ]
-    with av.open(str(out / "validation" / "final.mp4")) as clip:
+    # A folder of clips + prompt sidecars per validation (issue 19); the last step is not rendered twice.
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-20", "step-40"]
+    assert sorted(p.name for p in (out / "validation" / "step-40").iterdir()) == ["00.json", "00.mp4"]
+    assert json.loads((out / "validation" / "step-40" / "00.json").read_text())["prompt"] == cfg.validation.prompt
+    with av.open(str(out / "validation" / "step-40" / "00.mp4")) as clip:
         assert clip.streams.video and clip.streams.audio
         frames = [f.to_ndarray(format="rgb24") for f in clip.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (64, 64, 3)

@@ -54,7 +54,7 @@ from lowvram.plan.measure import (
 from lowvram.plan.modes import rollout_cost
 from lowvram.profiles import HardwareProfile
 
-PHASES = ("text_cache", "latent_cache", "load", "train", "export")
+PHASES = ("text_cache", "latent_cache", "load", "train", "export")  # + "validation" (plan/validation.py) when enabled
 TRAIN_SIDE = ("load", "train", "export")  # the phases the training settings decide
 # Output error of the tiny LTX-2 with lowvram's exclude list, per precision (`python -m lowvram.quant.exclude_report`,
 # README "Quantized base model"): fp8's is ~10x int8's, so fp8 ranks below both int8 backends.
@@ -838,12 +838,22 @@ def plan_run(
     if not chosen.fits:  # training fits; a caching phase does not
         reason = _phase_shortfall(chosen, vram_ok, ram_ok, profile)
         reason += "; try building the text and latent caches on a machine with more memory (they are portable files)"
+    phases, fits = dict(chosen.phases), chosen.fits
+    if cfg.validation.enabled:
+        from lowvram.plan.validation import plan_validation
+
+        phases["validation"], chosen_validation, refusal = plan_validation(
+            cfg, m, chosen.settings, profile, opts, vram_ok, ram_ok, cache, configs, m.attention
+        )
+        settings.update(chosen_validation)
+        if refusal is not None and fits:
+            fits, reason = False, refusal
     return Plan(
-        fits=chosen.fits,
+        fits=fits,
         profile=profile.name,
         settings=settings,
         step_seconds_estimate=round(chosen.time.seconds, 3),
-        phases=chosen.phases,
+        phases=phases,
         vram_usable_bytes=vram_ok,
         ram_usable_bytes=ram_ok,
         explanation=tuple(explanation),
@@ -1289,3 +1299,19 @@ def predict_step_time(
     if num_layers is not None:
         m = replace(m, num_layers=num_layers)
     return step_time(m, settings, profile, _budget_options(cfg, DEFAULT_EFFICIENCY))
+
+
+def predict_validation_peak(cfg, profile, settings: Settings, *, num_layers: int | None = None, cache_dir=None,
+                            offload_optimizer: bool = False, vae_tiling: bool = False) -> PhaseBudget:  # fmt: skip
+    """The validation phase's budget for exactly these settings (the simulated-device tests compare it)."""
+    from lowvram.plan.validation import collect_validation, validation_budget
+
+    cache = MeasureCache(cache_dir)
+    m = collect_measurements(cfg, profile, cache)
+    if num_layers is not None:
+        m = replace(m, num_layers=num_layers)
+    vm = collect_validation(cfg, model_configs(cfg.model.family), cache, attention=m.attention,
+                            compute_dtype=_compute_dtype(cfg))  # fmt: skip
+    opts = _budget_options(cfg, DEFAULT_EFFICIENCY)
+    return validation_budget(m, vm, settings, profile, opts, offload_optimizer=offload_optimizer,
+                             vae_tiling=vae_tiling)  # fmt: skip

@@ -255,11 +255,12 @@ class Progress:
             TextColumn("VRAM {task.fields[vram]}"),
             TextColumn("RAM {task.fields[ram]}"),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
             console=console,
             transient=False,
         )
         self._task = self._bar.add_task(
-            "train", total=total_steps, completed=start_step, loss="-", sps="-", vram="-", ram="-"
+            "train", total=total_steps, completed=start_step, loss="-", sps="-", vram="-", ram="-", status=""
         )
 
     def __enter__(self) -> Progress:
@@ -268,6 +269,11 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        """A status beside the bar (e.g. 'validating at step 200'); empty clears it."""
+        self._bar.update(self._task, status=text)
+        self._bar.refresh()
 
     def update(self, step: int, loss: float, seconds: float, vram_peak_bytes: int | None, rss_peak_bytes: int) -> None:
         self._bar.update(
@@ -428,7 +434,7 @@ def _run(
     from lowvram.train import distributed
     from lowvram.train.checkpoint import ResumeFailed
     from lowvram.train.recover import fit_with_recovery
-    from lowvram.train.validation import render_validation
+    from lowvram.train.validation import ValidationJob, render_validation, validation_prompts
 
     run_dir = Path(cfg.output.output_dir).expanduser()
     env = distributed.current()
@@ -475,6 +481,8 @@ def _run(
             _say(console, line)
         return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
     check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
+    # Validation prompts are read now (a missing prompts file fails before caching) and encoded with the captions.
+    job = ValidationJob(validation_prompts(cfg), cfg.validation.negative_prompt) if cfg.validation.enabled else None
 
     with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
         cfg = resolve_model_paths(cfg, console)
@@ -490,12 +498,27 @@ def _run(
     mirror = tracking.RunMirror(run_dir, [])  # trackers follow the run folder; the loop only says "a step ended"
     try:
         with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
-            batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console, profile=decision.profile)
+            batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console, profile=decision.profile,
+                                    validation=job)  # fmt: skip
         if distributed.is_main():
             mirror = tracking.start(cfg, run_dir, plan=decision.plan, total_steps=resolve_total_steps(cfg, batches),
                                     metrics_dir=distributed.rank_dir(run_dir), console=console)  # fmt: skip
-        # Validation renders with the encoders and VAEs again: loaded on the host when first needed, not kept.
-        validation_parts = _Lazy(lambda: load_encoders(cfg)) if cfg.validation.enabled else None
+        # Validation decodes with the VAEs and the vocoder (never Gemma3: its prompts are cached): loaded on the host
+        # when first needed.
+        validation_parts = _Lazy(lambda: load_encoders(cfg, VAE_PARTS)) if job is not None else None
+        compute_dtype, autocast_dtype = _precision(cfg, backend)
+        rendered: set[int] = set()
+
+        def render(step: int) -> list[Path]:
+            vram_bytes, ram_bytes = decision.predicted_peaks("validation")
+            monitor.set_prediction("validation", vram_bytes=vram_bytes, ram_bytes=ram_bytes)
+            with monitor.phase("validation"):
+                paths = render_validation(cfg, job, validation_parts.get(), holder["transformer"],
+                                          run_dir / "validation" / f"step-{step}", backend=backend,
+                                          dtype=compute_dtype, autocast_dtype=autocast_dtype)  # fmt: skip
+            rendered.add(step)
+            return paths
+
         with monitor.phase("load_transformer"), distributed.in_turn():
             transformer = load_transformer(cfg, decision.profile)
             if env is not None:
@@ -509,10 +532,8 @@ def _run(
         if validation_parts is not None:
 
             def validate(step: int) -> None:
-                path = render_validation(
-                    cfg, validation_parts.get(), holder["transformer"], run_dir / "validation" / f"step-{step:08d}.mp4"
-                )
-                _say(console, f"validation clip written to {path}")
+                paths = render(step)
+                _say(console, f"validation: {len(paths)} clip(s) written to {paths[0].parent}")
 
         with monitor.phase("train"):
             transformer, result = fit_with_recovery(
@@ -537,9 +558,12 @@ def _run(
             first, last = (sum(r.loss for r in part) / len(part) for part in (result[:10], result[-10:]))
             console.print(f"mean loss: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
         if validation_parts is not None:
-            with monitor.phase("validation"):
-                path = render_validation(cfg, validation_parts.get(), transformer, run_dir / "validation" / "final.mp4")
-            console.print(f"validation clip written to {path}")
+            holder["transformer"] = transformer
+            logged = read_metrics(distributed.rank_dir(run_dir))
+            final = logged[-1]["step"] if logged else 0
+            if final not in rendered:
+                paths = render(final)
+                console.print(f"validation: {len(paths)} clip(s) written to {paths[0].parent}")
     except ResumeFailed:
         # A resume that did not resume leaves the run's memory.jsonl and run.json as they were.
         monitor.run_dir = None
@@ -585,6 +609,7 @@ def fit(
     from lowvram.telemetry import process_rss_bytes
     from lowvram.train import checkpoint, distributed
     from lowvram.train.optim import build_lr_scheduler, build_optimizer
+    from lowvram.train.validation import optimizer_off_device
 
     backend = backend or get_backend("cpu")
     decision = decision or MemoryDecision(cfg=cfg, fits=True)
@@ -707,6 +732,15 @@ def fit(
 
             def on_step(step: int, r: StepResult, seconds: float) -> None:
                 vram = backend.memory_stats().max_allocated_bytes if backend.is_accelerator else None
+                validation_seconds = None
+                if validate is not None and cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0:
+                    progress.note(f"validating at step {step}")
+                    t0 = time.perf_counter()
+                    with optimizer_off_device(optimizer, backend) if cfg.validation.offload_optimizer else \
+                            contextlib.nullcontext():  # fmt: skip
+                        validate(step)
+                    validation_seconds = time.perf_counter() - t0
+                    progress.note("")
                 rss = process_rss_bytes()
                 peak_rss[0] = max(peak_rss[0], rss)
                 metrics.write(
@@ -721,13 +755,12 @@ def fit(
                         "epoch": batches.position()["epoch"],
                         "peak_vram_bytes": vram,
                         "rss_bytes": rss,
+                        **({"validation_seconds": validation_seconds} if validation_seconds is not None else {}),
                     }
                 )
                 progress.update(step, r.loss, seconds, vram, peak_rss[0])
                 if (every and step % every == 0) or step == last_step:
                     save(step)
-                if validate is not None and cfg.validation.every_n_steps and step % cfg.validation.every_n_steps == 0:
-                    validate(step)
                 if after_step is not None:
                     after_step(step)
 
@@ -930,7 +963,8 @@ def _cache_dir(cfg, run_dir: Path) -> Path:
     return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else run_dir / "cache"
 
 
-def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, profile=None) -> BatchSource:
+def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, profile=None,
+                  validation=None) -> BatchSource:  # fmt: skip
     """Fill the text and latent caches (data/) in startup phases and return the resumable batch stream over them.
 
     Phase `text_cache`: Gemma3 + connectors on the device (their Linear weights streamed from host RAM with
@@ -976,6 +1010,12 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
         parts = SimpleNamespace(text_encoder=text["text_encoder"], connectors=text["connectors"],
                                 tokenizer=tokenizers[-1])  # fmt: skip
         cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
+        if validation is not None:  # encoded now, with the captions: Gemma3 is never loaded again for validation
+            from lowvram.data.text_cache import build_text_cache
+
+            texts = [*validation.prompts, validation.negative_prompt]
+            done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
+            validation.text_paths.update(done.paths)
 
     def load_vaes() -> nn.Module:
         parts = load_encoders(cfg, VAE_PARTS)
@@ -1069,7 +1109,7 @@ def decide_memory(
             )
         if not caching_only:
             _say(console, "[yellow]--force: training although the plan says it will not fit[/yellow]")
-    chosen = {k: v for k, v in plan.settings.items() if k.startswith("memory.")}
+    chosen = {k: v for k, v in plan.settings.items() if k.startswith(("memory.", "validation."))}
     cache_phases = [plan.phases[n] for n in ("text_cache", "latent_cache") if n in plan.phases]
     train_phase = plan.phases.get("train")
     return MemoryDecision(
