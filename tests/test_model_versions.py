@@ -413,7 +413,8 @@ def test_validation_renders_a_clip_with_each_release(tmp_path, tiny, version):
     import av
 
     from lowvram.config import RunConfig
-    from lowvram.train.validation import render_validation
+    from lowvram.device import get_backend
+    from lowvram.train.validation import ValidationJob, render_validation
 
     comps = tiny[version]
     cfg = RunConfig.model_validate(
@@ -423,7 +424,11 @@ def test_validation_renders_a_clip_with_each_release(tmp_path, tiny, version):
             "validation": {"resolution": "64x64", "num_frames": 9, "num_inference_steps": 2, "prompt": "a red circle"},
         }
     )
-    path = render_validation(cfg, comps, comps.transformer, tmp_path / "v.mp4")
+    from lowvram.data.text_cache import build_text_cache
+
+    job = ValidationJob(["a red circle"], cfg.validation.negative_prompt)
+    job.text_paths = build_text_cache([*job.prompts, job.negative_prompt], comps, tmp_path, max_length=32).paths
+    (path,) = render_validation(cfg, job, comps, comps.transformer, tmp_path / "step-0", backend=get_backend("cpu"))
     with av.open(str(path)) as f:
         rates = [s.rate for s in f.streams.audio]
     assert rates == [comps.vocoder.config.output_sampling_rate] == [48000]  # the BWE vocoder's rate
