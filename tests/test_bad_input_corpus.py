@@ -494,7 +494,7 @@ def test_out_of_memory_while_caching_is_one_line_and_keeps_nothing_half_written(
     import lowvram.train.loop as loop
     from lowvram.config import RunConfig
 
-    def encode_out_of_memory(cfg, run_dir, backend, *, monitor, console=None, profile=None):
+    def encode_out_of_memory(cfg, run_dir, backend, *, monitor, console=None, profile=None, validation=None):
         with monitor.phase("latent_cache"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB total)")
 
