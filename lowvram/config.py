@@ -101,7 +101,8 @@ class ModelSection(Section):
     family: Literal["ltx2", "tiny"] = Field("ltx2", description="ltx2 = the real 19B model; tiny = CPU demo/test model")
     version: str | None = Field(
         None,
-        description=f"LTX-2 release: {', '.join(VERSIONS)} (default: read from the checkpoint; 2.0 without one)",
+        description=f"LTX-2 release: {', '.join(VERSIONS)} (default: from the checkpoint or a hub id's release repo, "
+        "else 2.0)",
     )
     flavour: Literal["dev", "dev-fp8", "dev-fp4", "distilled", "distilled-fp8"] = Field(
         "dev", description="official checkpoint flavour (picks the file of a hub id such as Lightricks/LTX-2)"

@@ -32,6 +32,20 @@ OFFICIAL_FILES: dict[tuple[str, str], tuple[str, str]] = {
     ("Lightricks/LTX-2.3", "dev-fp8"): ("Lightricks/LTX-2.3-fp8", "ltx-2.3-22b-dev-fp8.safetensors"),
     ("Lightricks/LTX-2.3-fp8", "dev-fp8"): ("Lightricks/LTX-2.3-fp8", "ltx-2.3-22b-dev-fp8.safetensors"),
 }
+# The release each official repo holds: before anything is downloaded (plan, probe) the repo is the evidence of the
+# version a hub id trains. Lightricks/LTX-2.5 ships its weights as separate component files (diffusion_models/,
+# vae/, text_encoders/ per its model card's `hf download` lines, file names left as placeholders there), not one
+# combined file lowvram's single-file loader reads, so it has no OFFICIAL_FILES row: name its file as repo:file.
+RELEASE_REPOS: dict[str, str] = {
+    "Lightricks/LTX-2": "2.0",
+    "Lightricks/LTX-2.3": "2.3",
+    "Lightricks/LTX-2.3-fp8": "2.3",
+    "Lightricks/LTX-2.5": "2.5",
+}
+# The repo a version's official files are looked up in when the config names the family repo Lightricks/LTX-2 with
+# another model.version (a pasted SimpleTuner config keeps `pretrained_model_name_or_path: Lightricks/LTX-2` and
+# names the release in `model_flavour: 2.3-distilled`, which config.py maps to version 2.3 + flavour distilled).
+VERSION_REPOS: dict[str, str] = {"2.0": "Lightricks/LTX-2", "2.3": "Lightricks/LTX-2.3"}
 # The text encoder the official trainer and SimpleTuner use for LTX-2 (probe's estimate assumes it).
 DEFAULT_TEXT_ENCODER = "google/gemma-3-12b-it-qat-q4_0-unquantized"
 DEFAULT_CHECKPOINT = "Lightricks/LTX-2"
@@ -87,25 +101,37 @@ def parse_ref(value: str | None, key: str) -> HubRef | None:
     return HubRef(m.group("repo"), m.group("rev"), m.group("file"), key, text)
 
 
-def needed_files(ref: HubRef, *, flavour: str = "dev", with_text_encoder: bool = False) -> Needed:
-    """Which files of `ref` a run needs: an explicit file; the official file for (repo, flavour); else a diffusers
-    layout's component folders (with text_encoder/ and tokenizer/ when no separate text encoder is named)."""
+def needed_files(
+    ref: HubRef, *, flavour: str = "dev", with_text_encoder: bool = False, version: str | None = None
+) -> Needed:
+    """Which files of `ref` a run needs: an explicit file; the official file for (repo, version, flavour); else a
+    diffusers layout's component folders (with text_encoder/ and tokenizer/ when no separate text encoder is named).
+
+    `version` is model.version: the family repo Lightricks/LTX-2 then means that release's repo; a release's repo
+    that `version` contradicts, and a release with no known single file (2.5), are refused in one line.
+    """
     if ref.key == "model.text_encoder_path":
         if ref.filename is not None:
             raise UsageError(f"{ref.key} '{ref.text}': a text encoder is a whole repo: drop ':{ref.filename}'")
         return Needed(ref, ref.repo_id, patterns=tuple(_TEXT_ENCODER_PATTERNS), folders=("",))
+    repo = _release_repo(ref, version)
     if ref.filename is not None:
         if not ref.filename.endswith(_WEIGHT_SUFFIXES):
             raise UsageError(f"{ref.key} '{ref.text}': lowvram loads .safetensors files only; name one after ':'")
-        return Needed(ref, ref.repo_id, filename=ref.filename)
-    official = OFFICIAL_FILES.get((ref.repo_id, flavour))
+        return Needed(ref, repo, filename=ref.filename)
+    official = OFFICIAL_FILES.get((repo, flavour))
     if official is not None:
         return Needed(ref, official[0], filename=official[1])
-    known = sorted({f for (repo, f) in OFFICIAL_FILES if repo == ref.repo_id})
+    known = sorted({f for (r, f) in OFFICIAL_FILES if r == repo})
     if known:
         raise UsageError(
-            f"{ref.key} '{ref.text}' has no '{flavour}' file: set model.flavour to one of {', '.join(known)}, "
-            f"or name the file as {ref.repo_id}:FILE.safetensors"
+            f"{ref.key} '{ref.text}' has no '{flavour}' file{'' if repo == ref.repo_id else ' in ' + repo}: set "
+            f"model.flavour to one of {', '.join(known)}, or name the file as {repo}:FILE.safetensors"
+        )
+    if RELEASE_REPOS.get(repo) is not None:  # a release with no known single file (LTX-2.5)
+        raise UsageError(
+            f"{ref.key} '{ref.text}': no LTX-{RELEASE_REPOS[repo]} single file is known (known: "
+            f"{_known_files()}): name the file as {repo}:PATH.safetensors"
         )
     parts = _DIFFUSERS_PARTS + (_TEXT_PARTS if with_text_encoder else ())
     patterns = ["model_index.json"] + [f"{p}/*{s}" for p in parts for s in (".json", ".safetensors")]
@@ -114,13 +140,52 @@ def needed_files(ref: HubRef, *, flavour: str = "dev", with_text_encoder: bool =
     return Needed(ref, ref.repo_id, patterns=tuple(patterns), folders=parts)
 
 
+def _release_repo(ref: HubRef, version: str | None) -> str:
+    """The repo `ref`'s files come from for model.version `version` (checked against the release the repo holds)."""
+    holds = RELEASE_REPOS.get(ref.repo_id)
+    if version is None or holds is None or holds == version:
+        return ref.repo_id
+    family = ref.repo_id == DEFAULT_CHECKPOINT and ref.filename is None and ref.revision is None
+    if family and version in VERSION_REPOS:
+        return VERSION_REPOS[version]
+    if family:
+        raise UsageError(
+            f"{ref.key} '{ref.text}' with model.version {version}: no LTX-{version} single file is known (known: "
+            f"{_known_files()}): name the file as REPO:PATH.safetensors"
+        )
+    raise UsageError(
+        f"{ref.key} '{ref.text}' is an LTX-{holds} repo but model.version is {version}: set model.version = "
+        f'"{holds}", or name an LTX-{version} checkpoint'
+    )
+
+
+def _known_files() -> str:
+    by_version: dict[str, list[str]] = {}
+    for repo, name in sorted(set(OFFICIAL_FILES.values())):
+        by_version.setdefault(RELEASE_REPOS[repo], []).append(f"{repo}:{name}")
+    return "; ".join(f"LTX-{v}: {', '.join(files)}" for v, files in sorted(by_version.items()))
+
+
+def checkpoint_version(model) -> str | None:
+    """The version a run trains by what `model.checkpoint`'s hub id names, when it is one: model.version (checked
+    against the repo), else the release of the repo its file comes from; None for a local path or another repo.
+    Nothing is downloaded: at plan time the repo is the only evidence (the weights are checked when loaded)."""
+    ref = parse_ref(model.checkpoint, "model.checkpoint")
+    if ref is None:
+        return None
+    need = needed_files(ref, flavour=model.flavour, version=model.version, with_text_encoder=True)
+    return model.version or RELEASE_REPOS.get(need.repo_id)
+
+
 def model_refs(cfg) -> list[Needed]:
     """Every hub reference of a run config (checkpoint, text encoder), with the files each needs."""
     m = cfg.model
     out = []
     ckpt = parse_ref(m.checkpoint, "model.checkpoint")
     if ckpt is not None:
-        out.append(needed_files(ckpt, flavour=m.flavour, with_text_encoder=m.text_encoder_path is None))
+        out.append(
+            needed_files(ckpt, flavour=m.flavour, with_text_encoder=m.text_encoder_path is None, version=m.version)
+        )
     te = parse_ref(m.text_encoder_path, "model.text_encoder_path")
     if te is not None:
         out.append(needed_files(te))
@@ -154,6 +219,9 @@ def resolve_model_paths(cfg, console=None):
     Bad references, gated repos without access, and files missing offline raise one line (what to do).
     """
     updates = {}
+    version = checkpoint_version(cfg.model) if cfg.model.version is None else None
+    if version is not None:
+        updates["version"] = version  # what the plan assumed from the repo; the loader checks the weights against it
     for need in model_refs(cfg):
         if console is not None:
             console.print(f"{need.ref.key}: {need.label}" + (" (offline: cache only)" if offline() else ""))

@@ -479,7 +479,10 @@ def run_model_version(model: Any) -> str:
     checkpoint = getattr(model, "checkpoint", None)
     if checkpoint and Path(checkpoint).expanduser().exists():
         return open_checkpoint(Path(checkpoint).expanduser(), version=model.version).version
-    return model.version or versions.DEFAULT_VERSION
+    from lowvram.hub import checkpoint_version
+
+    # A hub id (nothing downloaded yet): the release its repo holds, checked against model.version.
+    return checkpoint_version(model) or model.version or versions.DEFAULT_VERSION
 
 
 def _open_diffusers_folder(path: Path, family: str | None, version: str | None = None) -> CheckpointSource:
