@@ -1262,6 +1262,12 @@ class PeakPrediction:
         return self.step_bytes + self.optimizer_bytes + self.reserve_bytes
 
 
+def _measured(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, num_layers: int | None):
+    """The planner's measurements for `cfg`, at `num_layers` blocks when given (the blocks are identical)."""
+    m = collect_measurements(cfg, profile, cache)
+    return m if num_layers is None else replace(m, num_layers=num_layers)
+
+
 def predict_peak(
     cfg: RunConfig,
     profile: HardwareProfile,
@@ -1275,9 +1281,7 @@ def predict_peak(
     `num_layers` overrides the model's depth (the blocks are identical, so the one-block measurement composes to
     any depth): the offload tests run a 4-6 block tiny model on the simulated device and compare.
     """
-    m = collect_measurements(cfg, profile, MeasureCache(cache_dir))
-    if num_layers is not None:
-        m = replace(m, num_layers=num_layers)
+    m = _measured(cfg, profile, MeasureCache(cache_dir), num_layers)
     train = budget(m, settings, profile, _budget_options(cfg, DEFAULT_EFFICIENCY))["train"]
     components = dict(train.vram)
     reserve = components.pop("reserve", 0)
@@ -1295,9 +1299,7 @@ def predict_step_time(
 ) -> StepTime:
     """The step time `plan_run` predicts for exactly `settings` (`num_layers` as in `predict_peak`): for tools that
     put a measured step beside it (tools/gpu_acceptance.py)."""
-    m = collect_measurements(cfg, profile, MeasureCache(cache_dir))
-    if num_layers is not None:
-        m = replace(m, num_layers=num_layers)
+    m = _measured(cfg, profile, MeasureCache(cache_dir), num_layers)
     return step_time(m, settings, profile, _budget_options(cfg, DEFAULT_EFFICIENCY))
 
 
@@ -1307,9 +1309,7 @@ def predict_validation_peak(cfg, profile, settings: Settings, *, num_layers: int
     from lowvram.plan.validation import collect_validation, validation_budget
 
     cache = MeasureCache(cache_dir)
-    m = collect_measurements(cfg, profile, cache)
-    if num_layers is not None:
-        m = replace(m, num_layers=num_layers)
+    m = _measured(cfg, profile, cache, num_layers)
     vm = collect_validation(cfg, model_configs(cfg.model.family), cache, attention=m.attention,
                             compute_dtype=_compute_dtype(cfg))  # fmt: skip
     opts = _budget_options(cfg, DEFAULT_EFFICIENCY)
