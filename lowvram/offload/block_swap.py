@@ -236,6 +236,19 @@ class BlockSwap:
         self._slots.clear()
 
 
+def swappable_blocks(transformer: nn.Module, blocks_attr: str) -> nn.ModuleList:
+    """The transformer's blocks a ring can swap, or a one-line refusal: no such ModuleList, or checkpointing off
+    (training would keep every block's weights for backward: OneTrainer #1306's recycled-buffer bug)."""
+    blocks = getattr(transformer, blocks_attr, None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise UsageError(
+            f"block swap needs the transformer's '{blocks_attr}' ModuleList; {type(transformer).__name__} has none"
+        )
+    if not getattr(transformer, "is_gradient_checkpointing", False):
+        raise UsageError("block swap needs gradient checkpointing in training: enable memory.gradient_checkpointing")
+    return blocks
+
+
 def apply_block_swap(
     transformer: nn.Module,
     backend: Backend,
@@ -250,13 +263,7 @@ def apply_block_swap(
     Refuses up front when gradient checkpointing is off (training would keep every block's weights for backward).
     Apply after quantization and LoRA injection, before `backend.place_module(transformer)`.
     """
-    blocks = getattr(transformer, blocks_attr, None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise UsageError(
-            f"block swap needs the transformer's '{blocks_attr}' ModuleList; {type(transformer).__name__} has none"
-        )
-    if not getattr(transformer, "is_gradient_checkpointing", False):
-        raise UsageError("block swap needs gradient checkpointing in training: enable memory.gradient_checkpointing")
+    blocks = swappable_blocks(transformer, blocks_attr)
     refuse_unmovable(blocks, "block swap")
     if ring_slots < 2:
         raise UsageError("block swap needs at least 2 ring slots (one computing, one loading)")

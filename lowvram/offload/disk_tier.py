@@ -35,6 +35,7 @@ from lowvram.offload.block_swap import (
     _SwappedBlock,
     _typed_view,
     choose_swapped_blocks,
+    swappable_blocks,
 )
 from lowvram.offload.weights import frozen_parameters, refuse_unmovable, set_contents, stand_in_like
 
@@ -613,13 +614,7 @@ def apply_staged_block_swap(
     are written block by block to a file in `disk_dir` and freed from RAM. Refusals (no checkpointing, a folder
     without room, a changed or mismatched file) are one line, raised before the module is changed.
     """
-    blocks = getattr(transformer, blocks_attr, None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise UsageError(
-            f"block swap needs the transformer's '{blocks_attr}' ModuleList; {type(transformer).__name__} has none"
-        )
-    if not getattr(transformer, "is_gradient_checkpointing", False):
-        raise UsageError("block swap needs gradient checkpointing in training: enable memory.gradient_checkpointing")
+    blocks = swappable_blocks(transformer, blocks_attr)
     if tier not in ("pinned", "pageable"):
         raise UsageError(f"memory.swap_tier '{tier}' is unknown: use 'pinned' or 'pageable'")
     if not 0 <= blocks_on_disk <= blocks_to_swap:
