@@ -314,11 +314,11 @@ def _load(config: Path | None, overrides: dict, family_default: str | None = Non
     return cfg
 
 
-def _profile(name: str | None, host_ram: str | None = None):
-    """The profile to plan for, with the host RAM budgeted against: `--host-ram`, else this machine's (probed)."""
+def _profile(name: str | None, host=None):
+    """The profile to plan for, with the host RAM budgeted against: `host` (from `_host`), else this machine's."""
     from lowvram.profiles import load_profile
 
-    host = _host(host_ram)
+    host = host or _host(None)
     if name is not None:
         profile = load_profile(name)
     else:
@@ -380,7 +380,7 @@ def plan(
     # The real model unless a config names the tiny one: then the plan is the one `train --dry-run` makes for it.
     cfg = _load(config, overrides, family_default="ltx2")
     host = _host(host_ram)
-    hw = _profile(profile or cfg.memory.profile, host_ram)
+    hw = _profile(profile or cfg.memory.profile, host)
     from lowvram.plan import plan_run
 
     result = plan_run(cfg, hw, choose=config is None, gpus=gpus, host=host)
@@ -454,8 +454,8 @@ def train(
         cfg = apply_overrides(default_demo_config(overrides.get("output.output_dir", "output/demo")), overrides)
     else:
         cfg = _load(config, overrides)
-    hw = None if profile is None and config is None else _profile(profile or cfg.memory.profile, host_ram)
-    host = None if hw is None else _host(host_ram)  # the same budget and its source as `lowvram plan` states
+    host = None if profile is None and config is None else _host(host_ram)  # the budget and source `plan` states
+    hw = None if host is None else _profile(profile or cfg.memory.profile, host)
     code = run_train(cfg, profile=hw, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc,
                      host=host)  # fmt: skip
     raise typer.Exit(code)
