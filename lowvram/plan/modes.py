@@ -1,4 +1,4 @@
-"""What the training modes (train/modes/) cost the plan: scheduled sampling's no-grad rollout forwards.
+"""What the training modes (method/modes/) cost the plan: scheduled sampling's no-grad rollout forwards.
 
 Measured like the training step (measure.py): the real transformer on fake tensors at the run's shapes, running the
 trainer's own rollout. It only measures; budget.py adds the bytes and seconds.

@@ -680,7 +680,7 @@ def _disk_tier_candidates(
         if s.offload != "block_swap" or c.over_vram_bytes > 0 or c.over_ram_bytes <= 0 or s.blocks_on_disk:
             continue
         if s.precision in ("bf16", "fp32"):
-            continue  # the disk tier is written while quantizing on load (train/loop.py refuses it unquantized)
+            continue  # the disk tier is written while quantizing on load (train/run.py refuses it unquantized)
         k = min(s.blocks_to_swap, m.num_layers)
         d = host_ram.blocks_on_disk_needed(c.over_ram_bytes, m.block.bytes(s.precision, opts.compute_dtype), k)
         for n in sorted({min(k, d + extra) for extra in (0, 1, 2)} if d is not None else {k}):

@@ -60,7 +60,7 @@ class TrainContext:
     audio_channels: int | None = None
     video_channels: int | None = None
     data_parallel: Any = None  # distributed.DataParallel under torchrun: this rank's rows and the global loss
-    modes: tuple = ()  # train/modes/: each prepares the step's inputs (build_modes)
+    modes: tuple = ()  # method/modes/: each prepares the step's inputs (build_modes)
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
                 isolate_modalities=inp.isolate_modalities,
             )
 
-    for mode in ctx.modes:  # training modes (train/modes/): rolled-out inputs and the like
+    for mode in ctx.modes:  # training modes (method/modes/): rolled-out inputs and the like
         inputs = mode.prepare(inputs, predict, ctx.generator)
     if ctx.data_parallel is not None:
         # The whole batch was noised (same draws as one process); this rank runs only its rows through the model.
@@ -581,7 +581,7 @@ def _say(console, text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Seams to LoRA (train/lora.py) and the offload strategies (offload/), applied to the modules before the loop
+# Seams to LoRA (method/lora.py) and the offload strategies (offload/), applied to the modules before the loop
 
 
 def inject_lora(transformer: torch.nn.Module, cfg) -> None:

@@ -1,7 +1,7 @@
 """The LTX-2 forward for training: text encoding, latent normalize/pack, one transformer call.
 
 It calls the real diffusers / transformers modules; it does not sample sigmas, compute losses, or move modules
-between devices (train/objective.py and the offload strategies do), and it builds or loads nothing.
+between devices (method/objective.py and the offload strategies do), and it builds or loads nothing.
 """
 
 from __future__ import annotations
