@@ -541,8 +541,8 @@ def measure_text_encode(
     if vision_cfg and "num_hidden_layers" in vision_cfg:  # Gemma3's SigLIP tower; Gemma 4's embedder has no layers
         vision_cfg = {**vision_cfg, "num_hidden_layers": 1}
     for layers in (1, 2):
-        # The class models/ltx2/build.py builds (its LM head computes logits too); a text-only input never runs the vision
-        # tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
+        # The class models/ltx2/build.py builds (its LM head computes logits too); a text-only input never runs the
+        # vision tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
         # A config.json's layer_types (and Gemma 4's per-layer overrides of its global layers) list every layer:
         # rebuilt for the reduced depth, the last layer global as transformers requires.
         reduced = {k: v for k, v in text_cfg.items() if k not in ("layer_types", "per_layer_config")}
