@@ -290,6 +290,21 @@ class ValidationSection(Section):
         None, description="move optimizer state off the device while validating (default: planner chooses)"
     )
     vae_tiling: bool | None = Field(None, description="tiled VAE decode for validation (default: planner chooses)")
+    # Conditioning inputs (lowvram/train/validation_inputs.py): I2V from a first frame, S2V from held audio.
+    reference_image: str | None = Field(None, description="I2V: image (or clip) whose first frame conditions")
+    reference_from_dataset: str | None = Field(None, description="I2V: first frame of this dataset's first clip")
+    reference_audio: str | None = Field(None, description="S2V: audio file the video is generated for")
+    reference_audio_from_dataset: str | None = Field(
+        None, description="S2V: cached audio latents of this dataset's first clip with audio"
+    )
+
+    @model_validator(mode="after")
+    def _one_reference_each(self) -> ValidationSection:
+        for a, b in (("reference_image", "reference_from_dataset"),
+                     ("reference_audio", "reference_audio_from_dataset")):  # fmt: skip
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise ValueError(f"validation.{a} and validation.{b} are both set: keep one of them")
+        return self
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -346,7 +361,24 @@ class RunConfig(Section):
             raise ValueError("train.mode='audio' needs data.audio=true")
         if self.train.max_train_steps == 0 and self.train.num_train_epochs == 0:
             raise ValueError("train.max_train_steps and train.num_train_epochs are both 0: set one of them above 0")
+        self._validation_references()
         return self
+
+    def _validation_references(self) -> None:
+        v = self.validation
+        image = "reference_image" if v.reference_image is not None else "reference_from_dataset"
+        audio = "reference_audio" if v.reference_audio is not None else "reference_audio_from_dataset"
+        for key, used in ((image, getattr(v, image) is not None), (audio, getattr(v, audio) is not None)):
+            if used and not v.enabled:
+                raise ValueError(f"validation.{key} is set but validation.enabled is false: enable validation, or "
+                                 "remove it")  # fmt: skip
+        if getattr(v, image) is not None and self.train.mode == "audio":
+            raise ValueError(f"validation.{image} (image-to-video) on an audio-only run (train.mode = 'audio') has "
+                             "no video to condition: remove it, or train.mode = 'av'")  # fmt: skip
+        if getattr(v, audio) is not None and (self.train.mode == "video" or not self.data.audio):
+            why = "train.mode = 'video'" if self.train.mode == "video" else "data.audio = false"
+            raise ValueError(f"validation.{audio} (audio-to-video) on a run without audio ({why}) has no audio "
+                             "branch to hold the sound: remove it, or train audio and video (train.mode = 'av')")  # fmt: skip
 
     def dotted(self) -> dict[str, Any]:
         """Flat `{"section.key": value}` view (what `lowvram plan --json` reports as settings)."""
