@@ -378,7 +378,7 @@ class RunConfig(Section):
         if getattr(v, audio) is not None and (self.train.mode == "video" or not self.data.audio):
             why = "train.mode = 'video'" if self.train.mode == "video" else "data.audio = false"
             raise ValueError(f"validation.{audio} (audio-to-video) on a run without audio ({why}) has no audio "
-                             "branch to hold the sound: remove it, or train audio and video (train.mode = 'av')")  # fmt: skip
+                             "to hold: remove it, or train audio and video (train.mode = 'av')")  # fmt: skip
 
     def dotted(self) -> dict[str, Any]:
         """Flat `{"section.key": value}` view (what `lowvram plan --json` reports as settings)."""

@@ -138,7 +138,8 @@ def pick_from_dataset(inputs: ValidationInputs | None, items, data, cfg) -> None
         clips = [it for it in items if it.dataset_id == name and it.kind in ("video", "image")]
         if not clips:
             raise LowvramError(f"validation.reference_from_dataset: dataset '{name}' has no usable clip (see the "
-                               "skipped items above): fix its files, or give validation.reference_image", exit_code=2)  # fmt: skip
+                               "skipped items above): fix its files, or give validation.reference_image",
+                               exit_code=2)  # fmt: skip
         item = clips[0]
         width, height = parse_resolution(cfg.validation.resolution)
         try:
