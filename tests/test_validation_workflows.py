@@ -100,8 +100,16 @@ def test_i2v_reference_of_another_size_is_cropped_like_a_clip_and_held_as_the_fi
     expected = torch.from_numpy(np.ascontiguousarray(frame[:, 32:96])).permute(2, 0, 1).float() / 127.5 - 1.0
     assert torch.equal(inputs.pixels[:, 0], expected)
     encode_inputs(inputs, parts.video_vae, parts.audio_vae, tmp_path, cfg, VaeOptions())
+    # As LTX2ImageToVideoPipeline: re-compressed with H.264 at CRF 33 (LTX-2.0) by diffusers' own helper, then encoded.
+    from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+
+    rgb = ((inputs.pixels[:, 0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    assert np.array_equal(rgb, frame[:, 32:96])
+    recompressed = apply_image_conditioning_crf(rgb, 33)
+    assert inputs.image_crf == 33 and not np.array_equal(recompressed, rgb)
+    conditioning = torch.from_numpy(recompressed.copy()).permute(2, 0, 1).float()[:, None] / 127.5 - 1.0
     with torch.no_grad():
-        own = parts.video_vae.encode(inputs.pixels[None]).latent_dist.mode()
+        own = parts.video_vae.encode(conditioning[None]).latent_dist.mode()
     assert torch.equal(inputs.first_frame, pack_video_latents(normalize_video_latents(own, parts.video_vae)))
     shape, video, audio = _denoise(parts, cfg, inputs)
     n = shape.latent_height * shape.latent_width
@@ -145,6 +153,7 @@ def test_a_run_renders_i2v_and_s2v_from_a_dataset_with_the_references_encoded_at
     from lowvram.data.latent_cache import latent_path
     from lowvram.models.ltx2 import normalize_video_latents, pack_audio_latents, pack_video_latents
     from lowvram.train import loop, validation, validation_inputs
+    from lowvram.train.validation_inputs import conditioning_frame
 
     events, seen = [], {}
     real_encode, real_inputs, real_render = (AutoencoderKLLTX2Video.encode, validation_inputs.encode_inputs,
@@ -183,11 +192,11 @@ def test_a_run_renders_i2v_and_s2v_from_a_dataset_with_the_references_encoded_at
     clip = tmp_path / "run" / "dataset" / "clip_000.mp4"  # the dataset's first clip in discovery order
     assert sidecar["workflow"] == "i2v+s2v"
     assert sidecar["reference_image"] == sidecar["reference_audio"] == f"dataset dataset: {clip}"
-    assert sidecar["prompt"] == cfg.validation.prompt
+    assert sidecar["prompt"] == cfg.validation.prompt and sidecar["reference_image_crf"] == 33
     # The held tokens are that clip's first frame through the run's video VAE, and its cached audio latents.
     inputs = seen["inputs"]
     vaes = loop.load_encoders(cfg, loop.VAE_PARTS)
-    pixels = media.decode_video(clip, fps=25.0, frames=1, width=64, height=64)
+    pixels = conditioning_frame(media.decode_video(clip, fps=25.0, frames=1, width=64, height=64), "2.0")
     with torch.no_grad():
         own = real_encode(vaes.video_vae, pixels[None]).latent_dist.mode()
     assert torch.allclose(inputs.first_frame, pack_video_latents(normalize_video_latents(own, vaes.video_vae)))

@@ -42,7 +42,7 @@ def main(name: str) -> None:
         print(f"{name} {workflow}: fits={plan.fits} validation {peaks[workflow] / GIB:.3f} GiB "
               f"(x{peaks[workflow] / peaks['t2v']:.4f} of t2v), worst point entries: "
               f"{[k for k in v.vram if '(at ' in k]}, sampling activations + references {sampling / GIB:.3f} GiB "
-              f"(x{sampling / sampling_t2v:.4f}), "
+              f"(x{sampling / sampling_t2v:.4f}, {(sampling - sampling_t2v) / 2**20:+.2f} MiB), "
               f"reference encode beyond a clip {extra_encode / GIB:.3f} GiB")
     print(f"i2v_validation_vram_gib_{name}={peaks['i2v'] / GIB:.2f}")
 

@@ -36,6 +36,7 @@ class ValidationInputs:
     audio_path: Path | None = None  # reference_audio: the file
     audio_item: object | None = None  # reference_audio_from_dataset: the dataset Item whose cached latents are held
     first_frame: torch.Tensor | None = None  # [1, latent_h * latent_w, C] normalized video tokens of latent frame 0
+    image_crf: int | None = None  # the H.264 CRF the frame was re-compressed with before encoding
     audio_tokens: torch.Tensor | None = None  # [1, S_a, C_a] normalized packed audio tokens
 
     @property
@@ -47,6 +48,7 @@ class ValidationInputs:
         out = {}
         if self.image_key is not None:
             out["reference_image"] = self.image_ref
+            out["reference_image_crf"] = self.image_crf
         if self.audio_key is not None:
             out["reference_audio"] = self.audio_ref
         return out
@@ -172,6 +174,22 @@ def pick_from_dataset(inputs: ValidationInputs | None, items, data, cfg) -> None
         inputs.audio_ref = f"dataset {name}: {inputs.audio_item.audio_path}"
 
 
+def image_crf(version: str) -> int:
+    """The H.264 CRF the official pipelines re-compress a conditioning image with (diffusers' ltx2 utils)."""
+    from diffusers.pipelines.ltx2.utils import DEFAULT_IMAGE_CRF, LTX2_5_IMAGE_CRF
+
+    return LTX2_5_IMAGE_CRF if str(version) == "2.5" else DEFAULT_IMAGE_CRF
+
+
+def conditioning_frame(pixels: torch.Tensor, version: str) -> torch.Tensor:
+    """`[3, 1, H, W]` in [-1, 1] through diffusers' `apply_image_conditioning_crf` (uint8 RGB in and out)."""
+    from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf
+
+    rgb = ((pixels[:, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    out = apply_image_conditioning_crf(rgb, image_crf(version))
+    return (torch.from_numpy(out.copy()).permute(2, 0, 1).float() / 127.5 - 1.0)[:, None]
+
+
 @torch.no_grad()
 def encode_inputs(inputs: ValidationInputs | None, video_vae, audio_vae, cache_dir: Path, cfg, vae_options) -> None:
     """In the `latent_cache` phase (the VAEs on the device for the clips): the reference frame encoded by the video
@@ -182,11 +200,16 @@ def encode_inputs(inputs: ValidationInputs | None, video_vae, audio_vae, cache_d
     from lowvram.vae import encode_video
 
     if inputs.pixels is not None:
-        # As diffusers 0.42.1's LTX2ImageToVideoPipeline.prepare_latents: the image alone as a one-frame video
-        # (`vae.encode(image.unsqueeze(2))`, the posterior's mode), normalized with the VAE's latents mean / std;
-        # the sampler then keeps these tokens as the clean first latent frame (models/sampling.denoise).
+        # As diffusers 0.42.1's LTX2ImageToVideoPipeline: the frame re-compressed with H.264 at the release's image
+        # CRF (33; 18 for LTX-2.5, ltx-pipelines' `load_image_and_preprocess`) so it carries training's compression,
+        # then encoded alone as a one-frame video (`vae.encode(image.unsqueeze(2))`, the posterior's mode) and
+        # normalized with the VAE's latents mean / std; the sampler keeps these tokens as the clean first latent
+        # frame at timestep 0 (models/sampling.denoise). The resize differs on purpose: the pipeline stretches the
+        # image to the output size, we cover-crop it as every training clip is cropped.
+        pixels = conditioning_frame(inputs.pixels, cfg.model.version)
+        inputs.image_crf = image_crf(cfg.model.version)
         param = next(video_vae.parameters())
-        latents = encode_video(video_vae, inputs.pixels[None].to(param.device, param.dtype), vae_options)
+        latents = encode_video(video_vae, pixels[None].to(param.device, param.dtype), vae_options)
         latents = normalize_video_latents(latents, video_vae)  # [1, C, 1, h, w]
         inputs.first_frame = pack_video_latents(latents).to("cpu", torch.float32)
     if inputs.audio_key is None:
