@@ -290,6 +290,21 @@ class ValidationSection(Section):
         None, description="move optimizer state off the device while validating (default: planner chooses)"
     )
     vae_tiling: bool | None = Field(None, description="tiled VAE decode for validation (default: planner chooses)")
+    # Conditioning inputs (lowvram/train/validation_inputs.py): I2V from a first frame, S2V from held audio.
+    reference_image: str | None = Field(None, description="I2V: image (or clip) whose first frame conditions")
+    reference_from_dataset: str | None = Field(None, description="I2V: first frame of this dataset's first clip")
+    reference_audio: str | None = Field(None, description="S2V: audio file the video is generated for")
+    reference_audio_from_dataset: str | None = Field(
+        None, description="S2V: cached audio latents of this dataset's first clip with audio"
+    )
+
+    @model_validator(mode="after")
+    def _one_reference_each(self) -> ValidationSection:
+        for a, b in (("reference_image", "reference_from_dataset"),
+                     ("reference_audio", "reference_audio_from_dataset")):  # fmt: skip
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise ValueError(f"validation.{a} and validation.{b} are both set: keep one of them")
+        return self
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -346,7 +361,24 @@ class RunConfig(Section):
             raise ValueError("train.mode='audio' needs data.audio=true")
         if self.train.max_train_steps == 0 and self.train.num_train_epochs == 0:
             raise ValueError("train.max_train_steps and train.num_train_epochs are both 0: set one of them above 0")
+        self._validation_references()
         return self
+
+    def _validation_references(self) -> None:
+        v = self.validation
+        image = "reference_image" if v.reference_image is not None else "reference_from_dataset"
+        audio = "reference_audio" if v.reference_audio is not None else "reference_audio_from_dataset"
+        for key, used in ((image, getattr(v, image) is not None), (audio, getattr(v, audio) is not None)):
+            if used and not v.enabled:
+                raise ValueError(f"validation.{key} is set but validation.enabled is false: enable validation, or "
+                                 "remove it")  # fmt: skip
+        if getattr(v, image) is not None and self.train.mode == "audio":
+            raise ValueError(f"validation.{image} (image-to-video) on an audio-only run (train.mode = 'audio') has "
+                             "no video to condition: remove it, or train.mode = 'av'")  # fmt: skip
+        if getattr(v, audio) is not None and (self.train.mode == "video" or not self.data.audio):
+            why = "train.mode = 'video'" if self.train.mode == "video" else "data.audio = false"
+            raise ValueError(f"validation.{audio} (audio-to-video) on a run without audio ({why}) has no audio "
+                             "to hold: remove it, or train audio and video (train.mode = 'av')")  # fmt: skip
 
     def dotted(self) -> dict[str, Any]:
         """Flat `{"section.key": value}` view (what `lowvram plan --json` reports as settings)."""
@@ -487,6 +519,9 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "pretrained_gemma_model_name_or_path": "model.text_encoder_path",
     "validation_prompt_library": _st_prompt_library,
     "validation_negative_prompt": "validation.negative_prompt",
+    "validation_using_datasets": None,  # with eval_dataset_id: _st_validation_inputs
+    "eval_dataset_id": None,
+    "validation_input": None,
     "framerate": "data.fps",
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
@@ -510,10 +545,8 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "scheduled_sampling_sampler": "lowvram's rollout takes Euler flow-matching steps (scheduled_sampling.sigma_step)",
     "scheduled_sampling_order": "lowvram's rollout takes first-order Euler steps",
     "validation_disable_unconditional": "validation renders the clips with the LoRA being trained only",
-    "validation_using_datasets": "validation renders validation.prompts",
     "validation_adapter_path": "validation adapters are not supported yet: the LoRA being trained only",
     "validation_adapter_config": "validation adapters are not supported yet: the LoRA being trained only",
-    "eval_dataset_id": "validation renders validation.prompts",
     "quantize_via": "quantization runs where the memory plan puts it",
     "crepa_enabled": "CREPA needs DINOv2 weights from a hub",
 }
@@ -546,7 +579,59 @@ def from_simpletuner(raw: dict[str, Any], source: str = "config.json") -> tuple[
         except ValueError as e:
             raise ConfigError(f"{source}: '{key}': {e}") from None
     _st_methods_said(raw, out, notes)
+    _st_validation_inputs({k.lstrip("-"): v for k, v in raw.items()}, out, notes, source)
     return out, notes
+
+
+def _st_validation_inputs(raw: dict[str, Any], out: dict[str, Any], notes: list[str], source: str) -> None:
+    """SimpleTuner's image-conditioned validation inputs -> validation.reference_* (I2V).
+
+    `validation_input` (a list of {path, prompt}: standalone input images) -> reference_image + prompts, when every
+    entry names the same image (lowvram conditions every prompt on one image). `validation_using_datasets` with
+    `eval_dataset_id` (SimpleTuner's LTX-2 I2V validation from a dataset) -> reference_from_dataset; without an id
+    SimpleTuner samples random images from every dataset, which lowvram does not: refused, or a note when off.
+    """
+    v = out.get("validation", {})
+    entries = raw.get("validation_input")
+    if isinstance(entries, str) and entries.strip().startswith("["):
+        try:
+            entries = json.loads(entries)
+        except ValueError:
+            raise ConfigError(f"{source}: 'validation_input' is not a JSON list of {{path, prompt}} objects") from None
+    off = v.get("enabled") is not True
+    if entries not in (None, [], "", "None") and off:
+        notes.append("ignored 'validation_input': validation is off (set validation_disable = false to validate)")
+    elif entries not in (None, [], "", "None"):
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("path") for e in entries):
+            raise ConfigError(f"{source}: 'validation_input' must be a list of {{\"path\": ..., \"prompt\": ...}}")
+        paths = {str(e["path"]) for e in entries}
+        if len(paths) > 1:
+            raise ConfigError(f"{source}: 'validation_input' names {len(paths)} images: lowvram conditions every "
+                              "validation prompt on one validation.reference_image, give one path")  # fmt: skip
+        v["reference_image"] = paths.pop()
+        prompts = [str(e["prompt"]) for e in entries if str(e.get("prompt") or "").strip()]
+        if prompts:
+            v["prompts"] = prompts
+    if raw.get("validation_using_datasets"):
+        name = raw.get("eval_dataset_id")
+        if off:
+            notes.append("ignored 'validation_using_datasets': validation is off (set validation_disable = false to "
+                         "validate)")  # fmt: skip
+        elif not name:
+            raise ConfigError(f"{source}: 'validation_using_datasets' without 'eval_dataset_id': lowvram takes the "
+                              "reference frame from one named dataset, set eval_dataset_id to its id")  # fmt: skip
+        elif "reference_image" in v:
+            raise ConfigError(f"{source}: 'validation_input' and 'validation_using_datasets' both give the I2V "
+                              "image: keep one of them")  # fmt: skip
+        else:
+            v["reference_from_dataset"] = str(name)
+            notes.append(f"'validation_using_datasets': the first frame of the first clip of '{name}' conditions "
+                         "every validation clip (image-to-video); for audio-to-video set "
+                         "validation.reference_audio_from_dataset")  # fmt: skip
+    elif raw.get("eval_dataset_id"):
+        notes.append("ignored 'eval_dataset_id': it picks validation inputs only with validation_using_datasets")
+    if v:
+        out["validation"] = v
 
 
 def _st_methods_said(raw: dict[str, Any], out: dict[str, Any], notes: list[str]) -> None:

@@ -152,15 +152,21 @@ def _encode_audio(item: Item, encoders: LatentEncoders) -> tuple[torch.Tensor, b
     if not encoders.audio_enabled:
         shape = (vae.config.latent_channels, frames, vae.config.mel_bins // vae.mel_compression_ratio)
         return torch.zeros(shape, dtype=next(vae.parameters()).dtype), False
+    return encode_audio_file(vae, item.audio_path, frames)
+
+
+def encode_audio_file(vae, path: Path | None, frames: int) -> tuple[torch.Tensor, bool]:
+    """`frames` latent frames (25 a second) of the audio in `path` from its start, as training encodes a clip's
+    audio: normalized `[C, T, M]` and whether there was audio (a short track is zero-padded; None: silence floor)."""
     mel_frames = frames * vae.temporal_compression_ratio
     mel_bins = vae.config.mel_bins
     channels = vae.config.in_channels
     param = next(vae.parameters())
-    if item.audio_path is None:
+    if path is None:
         has_audio = False
         mel = torch.full((channels, mel_frames, mel_bins), float(torch.log(torch.tensor(media.MEL_LOG_FLOOR))))
     else:
-        wave, has_audio = media.decode_audio(item.audio_path, duration_s=frames / AUDIO_LATENT_FPS, channels=channels)
+        wave, has_audio = media.decode_audio(path, duration_s=frames / AUDIO_LATENT_FPS, channels=channels)
         mel = media.mel_spectrogram(wave, mel_bins)
         # 1 + samples/hop frames come out (centred STFT); LTX-2 takes 4 mel frames per latent frame, 25 per second
         mel = _fit_time(mel, mel_frames)

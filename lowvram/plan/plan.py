@@ -848,6 +848,16 @@ def plan_run(
         settings.update(chosen_validation)
         if refusal is not None and fits:
             fits, reason = False, refusal
+        from lowvram.plan.validation import with_reference_encode  # I2V / S2V references encode while caching
+
+        phases["latent_cache"] = with_reference_encode(cfg, phases["latent_cache"], chosen.settings, configs, cache,
+                                                       opts.compute_dtype)  # fmt: skip
+        over = phases["latent_cache"].vram_peak_bytes - phases["latent_cache"].vram.get("reserve", 0) - vram_ok
+        if over > 0 and fits:
+            fits, reason = False, (
+                f"the validation reference encode (1 frame at {cfg.validation.resolution}) needs {over / 2**30:.2f} "
+                "GiB more device memory than usable in the latent_cache phase: lower validation.resolution, or set "
+                "memory.vae_tiling = true")  # fmt: skip
     return Plan(
         fits=fits,
         profile=profile.name,

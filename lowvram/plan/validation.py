@@ -40,6 +40,8 @@ class ValidationShape:
     rows: int  # 2 with classifier-free guidance ([negative, prompt] in one batch), else 1
     mode: str
     audio: bool = True  # the run renders audio (data.audio and not a video-only run)
+    first_frame: bool = False  # I2V: a clean first latent frame (per-token timesteps), its tokens on the device
+    audio_held: bool = False  # S2V: the reference audio tokens held at sigma 0, on the device
 
     @property
     def video_tokens(self) -> int:
@@ -59,9 +61,18 @@ def validation_shape(cfg, configs: ModelConfigs, *, frames: int | None = None, g
     t = train_shape(configs, width=width, height=height, frames=frames, fps=cfg.data.fps, batch=1,
                     text_tokens=cfg.data.max_text_tokens, audio=cfg.data.audio, mode=cfg.train.mode)  # fmt: skip
     g = max(guidance_values(cfg)) if guidance is None else guidance
+    i2v = v.reference_image is not None or v.reference_from_dataset is not None
+    s2v = v.reference_audio is not None or v.reference_audio_from_dataset is not None
     return ValidationShape(width, height, frames, t.latent_frames, t.latent_height, t.latent_width, t.audio_tokens,
                            t.text_tokens, 2 if g != 1.0 else 1, cfg.train.mode,
-                           cfg.data.audio and cfg.train.mode != "video")  # fmt: skip
+                           cfg.data.audio and cfg.train.mode != "video", i2v, s2v)  # fmt: skip
+
+
+def reference_bytes(vs: ValidationShape, transformer_config: dict, item: int) -> int:
+    """The I2V first-frame tokens and the S2V audio tokens, on the device while sampling (train/validation.py)."""
+    frame = vs.latent_height * vs.latent_width * transformer_config["in_channels"] if vs.first_frame else 0
+    audio = vs.audio_tokens * transformer_config["audio_in_channels"] if vs.audio_held else 0
+    return (frame + audio) * item
 
 
 def guidance_values(cfg) -> list[float]:
@@ -117,10 +128,19 @@ def measure_sampling(configs: ModelConfigs, vs: ValidationShape, lora: LoraSpec,
 
         prompt, negative = text(), text()  # on the device before sampling: counted as "text embeddings"
         live.ignore(*prompt.__dict__.values(), *negative.__dict__.values())
+        # I2V / S2V references: on the device before sampling, counted as "reference latents" (reference_bytes).
+        refs = {
+            "first_frame": torch.empty(1, vs.latent_height * vs.latent_width, shape.video_channels, dtype=dtype)
+            if vs.first_frame else None,
+            "audio_clean": torch.empty(1, vs.audio_tokens, shape.audio_channels, dtype=dtype) if vs.audio_held
+            else None,
+        }  # fmt: skip
+        live.ignore(*(t for t in refs.values() if t is not None))
         with live, attention_backend(attention):
             live.enter_section("sample")
             denoise(model, shape, prompt, negative if vs.rows == 2 else None, steps=1, guidance=2.0 if vs.rows == 2
-                    else 1.0, generator=torch.Generator(), device=torch.device("cpu"), dtype=dtype)  # fmt: skip
+                    else 1.0, generator=torch.Generator(), device=torch.device("cpu"), dtype=dtype,
+                    **refs)  # fmt: skip
     text_bytes = 2 * (2 * vs.text_tokens * caption * _itemsize(compute_dtype) + vs.text_tokens * 8)
     return {"sample_peak_bytes": live.peak_bytes, "text_bytes": text_bytes}
 
@@ -193,6 +213,7 @@ class ValidationMeasure:
     text_bytes: int
     latent_bytes: int  # the denoised video + audio tokens alive through the decodes
     decode: dict[bool, dict | None]  # tiling -> measure_decode (None: the tiled decode cannot run this shape)
+    reference_bytes: int = 0  # I2V / S2V reference tokens (reference_bytes)
 
 
 def collect_validation(cfg, configs: ModelConfigs, cache: MeasureCache, *, attention: str, compute_dtype: str,
@@ -221,7 +242,8 @@ def collect_validation(cfg, configs: ModelConfigs, cache: MeasureCache, *, atten
     latent_bytes = (vs.video_tokens * t["in_channels"] + vs.audio_tokens * t["audio_in_channels"]) * _itemsize(
         compute_dtype
     )
-    return ValidationMeasure(vs, sample["sample_peak_bytes"], sample["text_bytes"], latent_bytes, decode)
+    return ValidationMeasure(vs, sample["sample_peak_bytes"], sample["text_bytes"], latent_bytes, decode,
+                             reference_bytes(vs, t, _itemsize(compute_dtype)))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,7 +285,11 @@ def validation_budget(
     latents = vm.latent_bytes
     decode = vm.decode[vae_tiling]
     points = {
-        "sampling": {f"sampling activations ({vs.rows} guidance rows)": vm.sample_peak_bytes},
+        "sampling": {
+            f"sampling activations ({vs.rows} guidance rows)": vm.sample_peak_bytes,
+            # freed after denoising (the held S2V audio lives on as the denoised audio, in "denoised latents")
+            **({"reference latents (I2V frame / S2V audio)": vm.reference_bytes} if vm.reference_bytes else {}),
+        },
         "video decode": {
             "denoised latents": latents,
             "video VAE decoder": decode["video_decoder_params"] * item,
@@ -348,3 +374,41 @@ def validation_peak_bytes(budget: PhaseBudget) -> int:
     return budget.vram_peak_bytes - budget.vram.get("reserve", 0)
 
 
+
+
+def with_reference_encode(cfg, phase: PhaseBudget, s: Settings, configs: ModelConfigs, cache: MeasureCache,
+                          compute_dtype: str) -> PhaseBudget:  # fmt: skip
+    """The `latent_cache` phase with the I2V / S2V reference encodes (train/validation_inputs.encode_inputs).
+
+    They run in that phase, after the training clips, by the VAEs already on the device: one frame at the validation
+    resolution through the video encoder (the caching VAE options), the validation clip's audio through the audio
+    encoder. The phase's peak is then the larger of a clip's encode and the references' (weights shared), so only
+    what the references need beyond a clip is added. Validation itself never runs an encoder.
+    """
+    from dataclasses import replace
+
+    from lowvram.plan.budget import vae_option_name
+    from lowvram.plan.measure import measure_audio_vae_encode, measure_video_vae_encode
+
+    vs = validation_shape(cfg, configs)
+    if not (vs.first_frame or vs.audio_held):
+        return phase
+    per_clip = "+".join(p for p in vae_option_name(s).split("+") if p != "slicing") or "none"
+    options = {part: True for part in per_clip.split("+")} if per_clip != "none" else {}
+    vae_key = {"family": configs.family, "video_vae": configs.video_vae, "audio_vae": configs.audio_vae}
+    need = 0
+    if vs.first_frame:
+        key = {**vae_key, "w": vs.width, "h": vs.height, "frames": 1, "options": options, "dtype": compute_dtype}
+        raw = cache.get("video-encode", key, lambda: measure_video_vae_encode(
+            configs, vs.width, vs.height, 1, options, batch=1, compute_dtype=compute_dtype))  # fmt: skip
+        need += raw["activation_peak_bytes"] + 3 * vs.width * vs.height * _itemsize(compute_dtype)
+    if vs.audio_held and (cfg.validation.reference_audio is not None):  # a dataset's audio is read from its cache
+        mel_frames = vs.audio_tokens * 4
+        raw = cache.get("audio-encode", {**vae_key, "mel_frames": mel_frames, "dtype": compute_dtype},
+                        lambda: measure_audio_vae_encode(configs, mel_frames, batch=1,
+                                                         compute_dtype=compute_dtype))  # fmt: skip
+        need += raw["peak_bytes"]
+    clip_parts = ("clip input", "audio encode activations", "VAE encode activations")
+    clip = sum(v for k, v in phase.vram.items() if k.startswith(clip_parts))
+    vram = {**phase.vram, "validation reference encode (beyond a clip's)": max(0, need - clip)}
+    return replace(phase, vram=vram)

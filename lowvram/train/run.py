@@ -207,6 +207,10 @@ def _run(
     check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
     # Validation prompts are read now (a missing prompts file fails before caching) and encoded with the captions.
     job = ValidationJob(validation_prompts(cfg), cfg.validation.negative_prompt) if cfg.validation.enabled else None
+    if job is not None:  # I2V / S2V files and dataset names: checked (and a reference image read) before caching
+        from lowvram.train.validation_inputs import read_inputs
+
+        job.inputs = read_inputs(cfg)
 
     with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
         cfg = resolve_model_paths(cfg, console)
@@ -454,7 +458,12 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
 
         # Header only: a wrong, pickle or other-version checkpoint fails before any work.
         open_checkpoint(cfg.model.checkpoint, version=cfg.model.version)
-    job = start_caching(data_config_from_run(cfg), strict=cfg.data.strict)  # finds bad files before any model loads
+    data = data_config_from_run(cfg)
+    job = start_caching(data, strict=cfg.data.strict)  # finds bad files before any model loads
+    if validation is not None:  # a `*_from_dataset` validation input picks its clip now, before any model loads
+        from lowvram.train.validation_inputs import encode_inputs, pick_from_dataset
+
+        pick_from_dataset(validation.inputs, job.items, data, cfg)
     tokenizers = []
 
     def load_text() -> nn.Module:
@@ -481,8 +490,11 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
 
     def encode_latents(vaes: nn.Module):
         parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"])
-        return cache_latents(job, parts, cache_dir, vae_options=vae_options, audio=cfg.data.audio,
-                             strict=cfg.data.strict)  # fmt: skip
+        summary = cache_latents(job, parts, cache_dir, vae_options=vae_options, audio=cfg.data.audio,
+                                strict=cfg.data.strict)  # fmt: skip
+        if validation is not None:  # the I2V frame / S2V audio, by the VAEs already here (no encoder visit later)
+            encode_inputs(validation.inputs, parts.video_vae, parts.audio_vae, cache_dir, cfg, vae_options)
+        return summary
 
     results = offload_during_startup(
         [Phase("text_cache", load_text, encode_text), Phase("latent_cache", load_vaes, encode_latents)],

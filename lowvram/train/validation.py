@@ -58,6 +58,7 @@ class ValidationJob:
     prompts: list[str]
     negative_prompt: str
     text_paths: dict[str, Path] = field(default_factory=dict)  # filled by the text cache phase
+    inputs: object | None = None  # I2V / S2V conditioning (train/validation_inputs.py), encoded while caching
 
 
 def sample_shape_for(cfg, transformer, vaes):
@@ -148,8 +149,10 @@ def _on_device(text, backend, dtype):
 @torch.no_grad()
 def render_sample(transformer, vaes, text, negative, shape, *, steps: int, guidance: float, seed: int, backend,
                   dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None, tiling: bool = False,
-                  on_step=None):  # fmt: skip
-    """The device part of one clip: denoise, decode video, decode audio. Returns (frames uint8 [F,H,W,3], wave)."""
+                  on_step=None, first_frame=None, audio_clean=None):  # fmt: skip
+    """The device part of one clip: denoise, decode video, decode audio. Returns (frames uint8 [F,H,W,3], wave).
+
+    `first_frame` / `audio_clean`: host tokens of the I2V frame / S2V audio, on the device for the whole clip."""
     from lowvram.models.sampling import decode_audio, decode_video, denoise
     from lowvram.vae import VaeOptions
 
@@ -162,11 +165,13 @@ def render_sample(transformer, vaes, text, negative, shape, *, steps: int, guida
         with torch.random.fork_rng(devices=[]):
             prompt = _on_device(text, backend, dtype)
             neg = _on_device(negative, backend, dtype) if negative is not None and guidance != 1.0 else None
+            refs = [None if t is None else backend.to_device(t.to(dtype)) for t in (first_frame, audio_clean)]
             with autocast:
                 video, audio = denoise(transformer, shape, prompt, neg, steps=steps, guidance=guidance,
                                        generator=torch.Generator().manual_seed(seed), device=backend.device,
-                                       dtype=dtype, on_step=on_step)  # fmt: skip
-            del prompt, neg
+                                       dtype=dtype, on_step=on_step, first_frame=refs[0],
+                                       audio_clean=refs[1])  # fmt: skip
+            del prompt, neg, refs
             frames = wave = None
             if shape.video:
                 with visiting([vaes.video_vae.decoder], backend):
@@ -190,12 +195,14 @@ def render_validation(cfg, job: ValidationJob, vaes, transformer, step_dir: Path
     v = cfg.validation
     shape = sample_shape_for(cfg, transformer, vaes)
     negative = _text(job.text_paths[job.negative_prompt]) if v.guidance != 1.0 else None
+    inputs = job.inputs
+    refs = {} if inputs is None else {"first_frame": inputs.first_frame, "audio_clean": inputs.audio_tokens}
     written = []
     for i, prompt in enumerate(job.prompts):
         frames, wave = render_sample(
             transformer, vaes, _text(job.text_paths[prompt]), negative, shape, steps=v.num_inference_steps,
             guidance=v.guidance, seed=v.seed, backend=backend, dtype=dtype, autocast_dtype=autocast_dtype,
-            tiling=bool(v.vae_tiling), on_step=on_step,
+            tiling=bool(v.vae_tiling), on_step=on_step, **refs,
         )  # fmt: skip
         path = Path(step_dir) / f"{i:02d}.mp4"
         rate = int(getattr(vaes.vocoder.config, "output_sampling_rate", 16000)) if vaes.vocoder is not None else 0
@@ -206,7 +213,8 @@ def render_validation(cfg, job: ValidationJob, vaes, transformer, step_dir: Path
         sidecar = {
             "prompt": prompt,
             "negative_prompt": job.negative_prompt,
-            "workflow": "t2v",
+            "workflow": "t2v" if inputs is None else inputs.workflow,
+            **({} if inputs is None else inputs.sidecar()),
             "resolution": v.resolution,
             "num_frames": v.num_frames,
             "num_inference_steps": v.num_inference_steps,
