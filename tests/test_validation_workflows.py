@@ -152,7 +152,7 @@ def test_a_run_renders_i2v_and_s2v_from_a_dataset_with_the_references_encoded_at
     from lowvram.data import media
     from lowvram.data.latent_cache import latent_path
     from lowvram.models.ltx2 import normalize_video_latents, pack_audio_latents, pack_video_latents
-    from lowvram.train import loop, validation, validation_inputs
+    from lowvram.train import run, validation, validation_inputs
     from lowvram.train.validation_inputs import conditioning_frame
 
     events, seen = [], {}
@@ -179,7 +179,7 @@ def test_a_run_renders_i2v_and_s2v_from_a_dataset_with_the_references_encoded_at
     cfg = _demo(tmp_path / "run", **{"validation.reference_from_dataset": "dataset",
                                      "validation.reference_audio_from_dataset": "dataset"})  # fmt: skip
     try:
-        assert loop.run_train(cfg) == 0
+        assert run.run_train(cfg) == 0
     finally:
         torch.set_num_threads(threads)
     # The video encoder ran while caching (clips, then the reference frame), never for validation.
@@ -195,7 +195,7 @@ def test_a_run_renders_i2v_and_s2v_from_a_dataset_with_the_references_encoded_at
     assert sidecar["prompt"] == cfg.validation.prompt and sidecar["reference_image_crf"] == 33
     # The held tokens are that clip's first frame through the run's video VAE, and its cached audio latents.
     inputs = seen["inputs"]
-    vaes = loop.load_encoders(cfg, loop.VAE_PARTS)
+    vaes = run.load_encoders(cfg, run.VAE_PARTS)
     pixels = conditioning_frame(media.decode_video(clip, fps=25.0, frames=1, width=64, height=64), "2.0")
     with torch.no_grad():
         own = real_encode(vaes.video_vae, pixels[None]).latent_dist.mode()
@@ -325,18 +325,18 @@ def test_unreadable_references_and_unknown_datasets_are_refused_in_one_line(tmp_
 
 
 def test_a_run_refuses_a_bad_reference_before_any_caching(tmp_path):
-    from lowvram.train import loop
+    from lowvram.train import run
 
     threads = torch.get_num_threads()
     try:
         with pytest.raises(ConfigError) as err:
-            loop.run_train(_demo(tmp_path / "a", **{"validation.reference_image": str(tmp_path / "gone.png")}))
+            run.run_train(_demo(tmp_path / "a", **{"validation.reference_image": str(tmp_path / "gone.png")}))
         assert "validation.reference_image" in one_line(err.value)
         assert not (tmp_path / "a" / "cache").exists()
         # The dataset's clips (17 frames) cache 17 audio latent frames; a 25-frame clip needs 25: refused after
         # discovery, before any model loads or any cache is written.
         with pytest.raises(LowvramError) as err:
-            loop.run_train(_demo(tmp_path / "b", **{"validation.num_frames": 25,
+            run.run_train(_demo(tmp_path / "b", **{"validation.num_frames": 25,
                                                     "validation.reference_audio_from_dataset": "dataset"}))  # fmt: skip
     finally:
         torch.set_num_threads(threads)

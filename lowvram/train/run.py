@@ -105,27 +105,19 @@ def _run_cache(cfg, profile, run_dir: Path, console) -> int:
     return 0
 
 
-def run(
-    cfg,
-    *,
-    profile=None,
-    force: bool = False,
-    dry_run: bool = False,
-    auto_recover: bool = True,
-    nproc: int = 1,
-    console=None,
-    host=None,
-) -> RunResult:
-    """The whole run, holding the run folder's lock; where it starts (resume or step 0) is decided first."""
+def run(cfg, *, console=None, **options) -> RunResult:
+    """The whole run, holding the run folder's lock; where it starts (resume or step 0) is decided first.
+
+    `options` are `_run`'s (profile, force, dry_run, auto_recover, nproc, host), passed on as given.
+    """
     from lowvram.console import make_console
     from lowvram.paths import writable_dir
     from lowvram.train import distributed
     from lowvram.train.run_folder import choose_start, run_folder_lock
 
-    kwargs = dict(profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc, host=host)
-    if dry_run or distributed.current() is not None:
+    if options.get("dry_run") or distributed.current() is not None:
         # A dry run writes nothing there; torchrun workers run under the lock their launcher holds.
-        return _run(cfg, console=console, **kwargs)
+        return _run(cfg, console=console, **options)
     run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
     console = console or make_console()
     with run_folder_lock(run_dir, command="train"):
@@ -136,7 +128,7 @@ def run(
             check_resume_settings(start.resume, cfg)  # another rank or optimizer: refused before any work
         chosen = {"resume": None if start.resume is None else str(start.resume), "start_over": False}
         cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=chosen)})
-        return _run(cfg, console=console, **kwargs)
+        return _run(cfg, console=console, **options)
 
 
 def _run(

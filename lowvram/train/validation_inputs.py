@@ -196,7 +196,7 @@ def encode_inputs(inputs: ValidationInputs | None, video_vae, audio_vae, cache_d
     VAE, the reference audio by the audio VAE (a dataset's audio read from its latent cache entry); host tensors."""
     if inputs is None:
         return
-    from lowvram.models.ltx2 import normalize_video_latents, pack_audio_latents, pack_video_latents
+    from lowvram.models.ltx2.forward import normalize_video_latents, pack_audio_latents, pack_video_latents
     from lowvram.vae import encode_video
 
     if inputs.pixels is not None:
