@@ -21,7 +21,7 @@ import torch
 from lowvram.errors import LowvramError
 from lowvram.fsutil import atomic_write_text
 from lowvram.train.batches import BatchSource, DiskBatches, LatentBatch
-from lowvram.train.modes import build_modes
+from lowvram.train.modes import attach_mode_modules, build_modes
 from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
 from lowvram.train.run_folder import LORA_FILE, METRICS_FILE
 from lowvram.train.tread import TreadRouter
@@ -128,7 +128,11 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
     video_pred, audio_pred = predict(inputs)
     if ctx.data_parallel is not None:
         return ctx.data_parallel.loss(video_pred, audio_pred, local, objective)
-    return flow_loss(video_pred, audio_pred, inputs, objective)
+    parts = flow_loss(video_pred, audio_pred, inputs, objective)
+    for mode in ctx.modes:  # auxiliary losses of the modes (CREPA)
+        if hasattr(mode, "finish"):
+            parts = mode.finish(parts, inputs, batch)
+    return parts
 
 
 def train_step(ctx: TrainContext) -> StepResult:
@@ -617,6 +621,7 @@ def fit(
 
     torch.manual_seed(cfg.train.seed)  # LoRA initialisation draws from the global generator
     inject_lora(transformer, cfg)
+    attach_mode_modules(transformer, cfg)  # e.g. CREPA's projection head: trained, checkpointed with the LoRA
     if cfg.optim.optimizer != "adamw_bf16":
         # fp32 master copies of the LoRA weights: Adam updates are far below a bf16 ulp of the weight. adamw_bf16
         # keeps them in the base dtype and rounds stochastically instead.
@@ -665,7 +670,7 @@ def fit(
         audio_channels=transformer.config.audio_in_channels,
         video_channels=transformer.config.in_channels,
         data_parallel=None if env is None else distributed.DataParallel(env),
-        modes=build_modes(cfg),
+        modes=build_modes(cfg, transformer),
     )
 
     start_step = 0
@@ -785,6 +790,7 @@ def resume_settings(cfg) -> dict[str, Any]:
         "lora.alpha": cfg.lora.alpha,
         "lora.targets": list(cfg.lora.targets),
         "train.mode": cfg.train.mode,
+        "crepa.enabled": cfg.crepa.enabled,  # the checkpoint's trainable state holds the CREPA head or not
     }
 
 
@@ -1017,12 +1023,25 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
             done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
             validation.text_paths.update(done.paths)
 
+    if cfg.crepa.enabled:  # the DINOv2 folder / hub-cache entry is checked before any model loads
+        from lowvram.data.crepa_features import CrepaFeatureEncoder, feature_dim, load_encoder
+        from lowvram.plan.modes import check_crepa_for_run
+
+        check_crepa_for_run(cfg)  # block index vs the model's depth, TREAD routes
+        feature_dim(cfg.crepa.encoder)
+
     def load_vaes() -> nn.Module:
         parts = load_encoders(cfg, VAE_PARTS)
-        return nn.ModuleDict({"video_vae": parts.video_vae, "audio_vae": parts.audio_vae})
+        mods = {"video_vae": parts.video_vae, "audio_vae": parts.audio_vae}
+        if cfg.crepa.enabled:  # CREPA: DINOv2 visits the same decoded clips in this phase (planned with it)
+            mods["crepa_encoder"] = load_encoder(cfg.crepa.encoder, dtype=next(parts.video_vae.parameters()).dtype)
+        return nn.ModuleDict(mods)
 
     def encode_latents(vaes: nn.Module):
-        parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"])
+        crepa = None
+        if "crepa_encoder" in vaes:
+            crepa = CrepaFeatureEncoder.build(vaes["crepa_encoder"], cfg.crepa.image_size)
+        parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"], crepa_encoder=crepa)
         return cache_latents(job, parts, cache_dir, vae_options=vae_options, audio=cfg.data.audio,
                              strict=cfg.data.strict)  # fmt: skip
 
