@@ -476,3 +476,31 @@ def test_the_plan_prices_crepa_in_every_phase_it_touches(dino_dir, tmp_path):
     rate = profile.bf16_tflops * 1e12 * 0.4
     assert with_head.seconds - without.seconds == pytest.approx(m.crepa.head_flops / rate, rel=1e-9)
     assert m.crepa.head_flops > 0
+
+
+def test_a_tiny_run_caches_the_features_with_dinov2_and_trains_the_head(dino_dir, tmp_path):
+    """The whole run (lowvram train's path): DINOv2 loads in the latent-cache phase, the entries hold the features,
+    the loop trains the head, the checkpoint holds it and the exported LoRA does not."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lowvram.data.build import read_index
+    from lowvram.demo import default_demo_config
+    from lowvram.train.checkpoint import list_checkpoints
+    from lowvram.train.loop import run_train
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "out"
+    cfg = apply_overrides(default_demo_config(out), {
+        "train.max_train_steps": 2, "validation.enabled": False, "crepa.enabled": True, "crepa.block_index": 1,
+        "crepa.encoder": str(dino_dir), "crepa.image_size": 16})  # fmt: skip
+    try:
+        assert run_train(cfg) == 0
+    finally:
+        torch.set_num_threads(threads)
+    items = read_index(out / "cache")
+    assert items and all(load_file(str(i.latent_path))["crepa_features"].shape[-1] == DINO_DIM for i in items)
+    with safe_open(str(list_checkpoints(out)[-1] / "lora.safetensors"), framework="pt") as f:
+        assert any(k.startswith("crepa_head.") for k in f.keys())
+    with safe_open(str(out / "lora.safetensors"), framework="pt") as f:
+        assert f.keys() and not any("crepa" in k for k in f.keys())
