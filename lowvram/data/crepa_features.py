@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowvram.errors import LowvramError
+from lowvram.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,9 +31,9 @@ def _source(encoder: str) -> tuple[str, bool]:
     return (str(path), True) if path.is_dir() else (encoder, False)
 
 
-def _missing(encoder: str, err: Exception) -> LowvramError:
+def _missing(encoder: str, err: Exception) -> ConfigError:
     first = (str(err).splitlines() or [""])[0][:200]
-    return LowvramError(
+    return ConfigError(
         f"crepa.encoder '{encoder}': no DINOv2 safetensors found as a local folder or in the hub cache ({first}); "
         f"give a folder with config.json + model.safetensors, or fetch it: hf download {encoder}"
     )
