@@ -307,7 +307,7 @@ def _trackers(value: Any) -> list[str]:
 
 
 class ScheduledSamplingSection(Section):
-    """Rollout before the training step (lowvram/train/modes/scheduled_sampling.py)."""
+    """Rollout before the training step (lowvram/method/modes/scheduled_sampling.py)."""
 
     enabled: bool = Field(False, description="roll noisy inputs out with the model's own predictions before a step")
     probability: float = Field(0.5, ge=0, le=1, description="share of samples rolled out")
@@ -318,7 +318,7 @@ class ScheduledSamplingSection(Section):
 
 
 class CrepaSection(Section):
-    """CREPA temporal regularizer (lowvram/train/modes/crepa.py); defaults are SimpleTuner's crepa_* defaults."""
+    """CREPA temporal regularizer (lowvram/method/modes/crepa.py); defaults are SimpleTuner's crepa_* defaults."""
 
     enabled: bool = Field(False, description="align a block's video hidden states with cached DINOv2 frame features")
     block_index: int = Field(8, ge=0, description="transformer block (0-based) whose video output is aligned")

@@ -13,9 +13,9 @@ import torch
 
 from lowvram.config import apply_overrides, load_config
 from lowvram.errors import ConfigError, UsageError
+from lowvram.method.modes import build_modes
+from lowvram.method.modes.crepa import Crepa
 from lowvram.models.crepa import attach_head, crepa_term, frame_similarity
-from lowvram.train.modes import build_modes
-from lowvram.train.modes.crepa import Crepa
 
 DINO_DIM = 12
 
@@ -101,9 +101,9 @@ def _config(run_dir, dino_dir, resume=None, **crepa):
 
 
 def _context(transformer, cfg, checkpointing: bool = False):
+    from lowvram.method.modes import attach_mode_modules
+    from lowvram.method.objective import ObjectiveConfig
     from lowvram.train.loop import TrainContext, inject_lora
-    from lowvram.train.modes import attach_mode_modules
-    from lowvram.train.objective import ObjectiveConfig
 
     torch.manual_seed(0)
     inject_lora(transformer, cfg)
@@ -295,7 +295,8 @@ def test_bad_values_and_impossible_combinations_are_refused_in_one_line(tmp_path
     with pytest.raises(ConfigError, match="crepa.enabled = true needs video"):
         load_config(path)
 
-    from lowvram.plan.modes import check_crepa, check_crepa_for_run
+    from lowvram.method.modes.crepa import check_crepa
+    from lowvram.plan.modes import check_crepa_for_run
 
     cfg, _ = load_config(None, {"crepa.enabled": True, "crepa.block_index": 48})
     with pytest.raises(ConfigError, match=r"crepa.block_index = 48 is out of range: LTX-2.0 has 48 blocks \(0..47\)"):
@@ -377,7 +378,7 @@ def _simulated_crepa_step(cfg, settings, blocks: int):
             latent_width=batch.width, fps=25.0,
         )  # fmt: skip
         flow = (video_pred - d(batch.target_video)).pow(2).mean() + (audio_pred - d(batch.target_audio)).pow(2).mean()
-        from lowvram.train.objective import LossParts
+        from lowvram.method.objective import LossParts
 
         parts = LossParts(total=flow, video=flow.detach(), audio=flow.detach())
         inputs = SimpleNamespace(latent_frames=t, train_video=True)
@@ -489,7 +490,7 @@ def test_a_tiny_run_caches_the_features_with_dinov2_and_trains_the_head(dino_dir
     from lowvram.data.build import read_index
     from lowvram.demo import default_demo_config
     from lowvram.train.checkpoint import list_checkpoints
-    from lowvram.train.loop import run_train
+    from lowvram.train.run import run_train
 
     threads = torch.get_num_threads()
     out = tmp_path / "out"

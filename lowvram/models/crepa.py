@@ -1,6 +1,6 @@
-"""CREPA's trainable projection head and its loss term (the definition: lowvram/train/modes/crepa.py's docstring).
+"""CREPA's trainable projection head and its loss term (the definition: lowvram/method/modes/crepa.py's docstring).
 
-Here, beside the model classes, so the trainer (train/modes/crepa.py) and the planner (plan/modes.py, which measures
+Here, beside the model classes, so the trainer (method/modes/crepa.py) and the planner (plan/modes.py, which measures
 them on fake tensors) use the same code without the planner importing the trainer.
 """
 

@@ -1,4 +1,4 @@
-"""What the training modes (train/modes/) cost the plan: scheduled sampling's no-grad rollout forwards.
+"""What the training modes (method/modes/) cost the plan: scheduled sampling's no-grad rollout forwards.
 
 Measured like the training step (measure.py): the real transformer on fake tensors at the run's shapes, running the
 trainer's own rollout. It only measures; budget.py adds the bytes and seconds.
@@ -25,10 +25,10 @@ def measure_rollout_forward(
     """Peak live bytes (parameters excluded) of one rollout step: the step's inputs, the rolled-out latents and one
     no-grad transformer forward. Its peak does not depend on depth (each block's activations die with it), so one
     block is measured."""
+    from lowvram.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
+    from lowvram.method.modes.scheduled_sampling import rollout
+    from lowvram.method.objective import FlowInputs
     from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
-    from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
-    from lowvram.train.modes.scheduled_sampling import rollout
-    from lowvram.train.objective import FlowInputs
 
     dtype = _dtype(compute_dtype)
     model = build_lora_transformer(transformer_config, 1, lora, dtype)
@@ -95,7 +95,7 @@ def rollout_cost(cfg, configs, shape: TrainShape, lora: LoraSpec, dtype: str, at
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# CREPA (train/modes/crepa.py): the projection head in the train phase, DINOv2 in the latent-cache phase, the cached
+# CREPA (method/modes/crepa.py): the projection head in the train phase, DINOv2 in the latent-cache phase, the cached
 # features on disk and in each batch.
 
 # The released DINOv2 checkpoints' architecture (facebook/dinov2-* config.json), so a plan needs no download; a local
@@ -129,33 +129,12 @@ def dinov2_config(encoder: str) -> dict:
     )
 
 
-def check_crepa(cfg, num_layers: int, version: str = "") -> None:
-    """Refuse, in one line, a CREPA setting this model cannot train (call before caching or loading)."""
-    from lowvram.errors import ConfigError
-    from lowvram.plan.measure import resolve_tread_routes
-
-    c = cfg.crepa
-    if not c.enabled:
-        return
-    if c.block_index >= num_layers:
-        model = f"LTX-{version}" if version else "this model"
-        raise ConfigError(
-            f"crepa.block_index = {c.block_index} is out of range: {model} has {num_layers} blocks "
-            f"(0..{num_layers - 1}): lower crepa.block_index"
-        )
-    for start, end, _ in resolve_tread_routes(cfg.train.tread_routes, num_layers) if cfg.train.tread_routes else ():
-        if start <= c.block_index <= end:
-            raise ConfigError(
-                f"crepa.block_index = {c.block_index} lies in the TREAD route over blocks {start}..{end}, which drops "
-                "video tokens there: align a block outside the routes, or move the route"
-            )
-
-
 def check_crepa_for_run(cfg) -> None:
     """`check_crepa` against the depth of the model version the run trains (from its shipped config, no weights)."""
     if not cfg.crepa.enabled:
         return
-    from lowvram.models.ltx2_checkpoint import run_model_version
+    from lowvram.method.modes.crepa import check_crepa
+    from lowvram.models.ltx2.checkpoint import run_model_version
     from lowvram.plan.measure import model_configs
 
     configs = model_configs(cfg.model.family, run_model_version(cfg.model))
@@ -168,8 +147,8 @@ def measure_crepa_head(hidden_size: int, feature_dim: int, shape: TrainShape, *,
     """Peak live bytes (parameters and the block's hidden states excluded) of the CREPA term's forward + backward on
     fake tensors: the batch's features on the device, the head's activations, the similarities, their grads and the
     grad it sends into the block's hidden states; and the head's FLOPs."""
+    from lowvram.fakemem import LiveBytes, fake_mode, register_module_storages
     from lowvram.models.crepa import CrepaHead, crepa_term
-    from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
 
     dtype, hdtype = _dtype(compute_dtype), _dtype(head_dtype)
     b, t = shape.batch, shape.latent_frames
@@ -192,7 +171,7 @@ def measure_dinov2_forward(config: dict, frames: int, image_size: int, *, comput
     """Parameters and no-grad forward peak (parameters excluded) of DINOv2 on `frames` frames, on fake tensors."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
+    from lowvram.fakemem import LiveBytes, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
     with torch.device("meta"):
@@ -213,6 +192,7 @@ def measure_dinov2_forward(config: dict, frames: int, image_size: int, *, comput
 def crepa_cost(cfg, configs, shape: TrainShape, dtype: str, cache: MeasureCache):
     """`budget.Crepa` for `cfg.crepa` (None when it is off), measured once per shape and cached."""
     from lowvram.data.crepa_features import feature_bytes_per_item
+    from lowvram.method.modes.crepa import check_crepa
     from lowvram.models.crepa import head_params, hidden_size_of
     from lowvram.plan.budget import CACHE_ITEM_BYTES, Crepa
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from lowvram.train.objective import FlowInputs
+from lowvram.method.objective import FlowInputs
 
 # `predict(inputs, inference=False)` -> (video, audio) velocity predictions of the transformer being trained, under
 # the run's autocast; `inference=True` runs it as at sampling time (eval mode: no LoRA dropout).
@@ -41,12 +41,11 @@ def build_modes(cfg, transformer: torch.nn.Module | None = None) -> tuple[Traini
     modes: list[TrainingMode] = []
     ss = cfg.scheduled_sampling
     if ss.enabled:
-        from lowvram.train.modes.scheduled_sampling import ScheduledSampling
+        from lowvram.method.modes.scheduled_sampling import ScheduledSampling
 
         modes.append(ScheduledSampling(probability=ss.probability, steps=ss.steps, sigma_step=ss.sigma_step))
     if cfg.crepa.enabled:
-        from lowvram.plan.modes import check_crepa
-        from lowvram.train.modes.crepa import Crepa
+        from lowvram.method.modes.crepa import Crepa, check_crepa
 
         check_crepa(cfg, len(transformer.transformer_blocks))
         c = cfg.crepa

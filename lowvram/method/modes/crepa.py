@@ -26,8 +26,30 @@ from torch import nn
 from lowvram.errors import LowvramError
 from lowvram.models.crepa import HEAD_NAME, CrepaHead, attach_head, crepa_term, frame_similarity, head_params
 
-__all__ = ["HEAD_NAME", "Crepa", "CrepaHead", "HiddenCapture", "attach_head", "crepa_term", "frame_similarity",
-           "head_params"]  # fmt: skip
+__all__ = ["HEAD_NAME", "Crepa", "CrepaHead", "HiddenCapture", "attach_head", "check_crepa", "crepa_term",
+           "frame_similarity", "head_params"]  # fmt: skip
+
+def check_crepa(cfg, num_layers: int, version: str = "") -> None:
+    """Refuse, in one line, a CREPA setting this model cannot train (call before caching or loading)."""
+    from lowvram.errors import ConfigError
+    from lowvram.method.tread import resolve_routes
+
+    c = cfg.crepa
+    if not c.enabled:
+        return
+    if c.block_index >= num_layers:
+        model = f"LTX-{version}" if version else "this model"
+        raise ConfigError(
+            f"crepa.block_index = {c.block_index} is out of range: {model} has {num_layers} blocks "
+            f"(0..{num_layers - 1}): lower crepa.block_index"
+        )
+    for start, end, _ in resolve_routes(cfg.train.tread_routes, num_layers) if cfg.train.tread_routes else ():
+        if start <= c.block_index <= end:
+            raise ConfigError(
+                f"crepa.block_index = {c.block_index} lies in the TREAD route over blocks {start}..{end}, which drops "
+                "video tokens there: align a block outside the routes, or move the route"
+            )
+
 
 class HiddenCapture:
     """A forward hook on one block keeping its video output, only while armed (the no-grad rollout forwards before
