@@ -332,6 +332,20 @@ class ScheduledSamplingSection(Section):
     )
 
 
+class CrepaSection(Section):
+    """CREPA temporal regularizer (lowvram/method/modes/crepa.py); defaults are SimpleTuner's crepa_* defaults."""
+
+    enabled: bool = Field(False, description="align a block's video hidden states with cached DINOv2 frame features")
+    block_index: int = Field(8, ge=0, description="transformer block (0-based) whose video output is aligned")
+    weight: float = Field(0.5, ge=0, description="the auxiliary loss's weight (SimpleTuner crepa_lambda)")
+    adjacent_distance: int = Field(1, ge=0, description="frame offset d of the neighbours aligned (0: own frame only)")
+    temporal_decay: float = Field(1.0, gt=0, description="neighbour weight exp(-d / temporal_decay) (SimpleTuner tau)")
+    encoder: str = Field(
+        "facebook/dinov2-giant", min_length=1, description="DINOv2 weights: a local folder or a hub id in the hub cache"
+    )
+    image_size: int = Field(518, ge=14, description="frames are resized to image_size x image_size for DINOv2")
+
+
 class OutputSection(Section):
     output_dir: str = Field("output", description="run folder: LoRA, checkpoints, metrics.jsonl, memory.jsonl")
     report_to: Annotated[list[str], BeforeValidator(_trackers)] = Field(
@@ -353,12 +367,15 @@ class RunConfig(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     scheduled_sampling: ScheduledSamplingSection = Field(default_factory=ScheduledSamplingSection)
+    crepa: CrepaSection = Field(default_factory=CrepaSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.model.family == "ltx2" and self.train.mode == "audio" and not self.data.audio:
             raise ValueError("train.mode='audio' needs data.audio=true")
+        if self.crepa.enabled and self.train.mode == "audio":
+            raise ValueError("crepa.enabled = true needs video: an audio-only run (train.mode='audio') has no frames")
         if self.train.max_train_steps == 0 and self.train.num_train_epochs == 0:
             raise ValueError("train.max_train_steps and train.num_train_epochs are both 0: set one of them above 0")
         self._validation_references()
@@ -448,6 +465,28 @@ def _st_rollout_offset(value: Any, out: dict) -> None:
         _set(out, "scheduled_sampling.sigma_step", 0.001)  # its offsets count 1000-step DDPM timesteps
 
 
+# SimpleTuner names DINOv2 by its torch hub entry point (dinov2_vitg14); lowvram loads transformers' Dinov2Model from
+# safetensors, so the torch hub names map to the same checkpoints' hub repos (facebook/dinov2-*).
+CREPA_ENCODERS = {
+    "dinov2_vits14": "facebook/dinov2-small",
+    "dinov2_vitb14": "facebook/dinov2-base",
+    "dinov2_vitl14": "facebook/dinov2-large",
+    "dinov2_vitg14": "facebook/dinov2-giant",
+    "dinov2_s": "facebook/dinov2-small",
+    "dino_v2_s": "facebook/dinov2-small",
+    "dinov2-vitb14": "facebook/dinov2-base",
+    "dinov2_g": "facebook/dinov2-giant",
+    "dino_v2_g": "facebook/dinov2-giant",
+    "dinov2-vitg14": "facebook/dinov2-giant",
+}
+
+
+def _st_crepa_encoder(value: Any, out: dict) -> None:
+    if value:
+        name = str(value).strip()
+        _set(out, "crepa.encoder", CREPA_ENCODERS.get(name.lower(), name))
+
+
 def _st_validation_disable(value: Any, out: dict) -> None:
     _set(out, "validation.enabled", not bool(value))
 
@@ -528,6 +567,14 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "frame_rate": "data.fps",
     "scheduled_sampling_max_step_offset": _st_rollout_offset,
     "scheduled_sampling_probability": "scheduled_sampling.probability",
+    "crepa_enabled": "crepa.enabled",
+    "crepa_block_index": "crepa.block_index",
+    "crepa_lambda": "crepa.weight",
+    "crepa_adjacent_distance": "crepa.adjacent_distance",
+    "crepa_adjacent_tau": "crepa.temporal_decay",
+    "crepa_model": _st_crepa_encoder,
+    "crepa_encoder": _st_crepa_encoder,
+    "crepa_encoder_image_size": "crepa.image_size",
 }
 
 # Known SimpleTuner keys we deliberately do not act on, with the reason shown once to the user.
@@ -548,7 +595,21 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "validation_adapter_path": "validation adapters are not supported yet: the LoRA being trained only",
     "validation_adapter_config": "validation adapters are not supported yet: the LoRA being trained only",
     "quantize_via": "quantization runs where the memory plan puts it",
-    "crepa_enabled": "CREPA needs DINOv2 weights from a hub",
+    "crepa_spatial_align": "CREPA always resamples the DINOv2 patch grid onto the latent grid (2-D, bilinear)",
+    "crepa_normalize_by_frames": "the CREPA term is always averaged over frames",
+    "crepa_cumulative_neighbors": "CREPA aligns the neighbours at exactly adjacent_distance (SimpleTuner's default)",
+    "crepa_use_backbone_features": "CREPA aligns with DINOv2 features only",
+    "crepa_teacher_block_index": "CREPA aligns with DINOv2 features only",
+    "crepa_drop_vae_encoder": "the DINOv2 features are cached with the latents: no VAE is kept while training",
+    "crepa_scheduler": "the CREPA weight is constant (SimpleTuner's default scheduler)",
+    "crepa_warmup_steps": "the CREPA weight is constant (SimpleTuner's default scheduler)",
+    "crepa_decay_steps": "the CREPA weight is constant (SimpleTuner's default scheduler)",
+    "crepa_lambda_end": "the CREPA weight is constant (SimpleTuner's default scheduler)",
+    "crepa_cutoff_step": "the CREPA weight is constant (SimpleTuner's default scheduler)",
+    "crepa_similarity_threshold": "the CREPA weight is constant (no similarity cutoff)",
+    "crepa_similarity_ema_decay": "the CREPA weight is constant (no similarity cutoff)",
+    "crepa_threshold_mode": "the CREPA weight is constant (no similarity cutoff)",
+    "crepa_power": "the CREPA weight is constant (SimpleTuner's default scheduler)",
 }
 
 

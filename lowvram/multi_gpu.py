@@ -30,6 +30,9 @@ def check_distributed_supported(cfg, nproc: int) -> None:
     if cfg.scheduled_sampling.enabled:
         # Every rank would roll the whole batch out (the rollout runs before the rows are split).
         raise UsageError(f"scheduled_sampling.enabled = true does not run on {many}: train it on one GPU")
+    if cfg.crepa.enabled:
+        # The CREPA term needs the whole batch's hidden states beside its features; the ranks split the rows.
+        raise UsageError(f"crepa.enabled = true does not run on {many}: train it on one GPU")
     if cfg.model.precision not in ("bf16", "fp32"):
         raise UsageError(_QUANT_REFUSAL.format(p=cfg.model.precision))
     m = cfg.memory

@@ -42,6 +42,7 @@ class Batch:
     text_audio: torch.Tensor  # [B, L, D] connector outputs for the audio stream
     text_mask: torch.Tensor  # [B, L]
     latent_paths: list[Path]
+    crepa_features: torch.Tensor | None = None  # [B, F', H'*W', D] DINOv2 features (CREPA runs' entries only)
 
 
 def epoch_plan(
@@ -115,4 +116,5 @@ def load_batch(members: list[CachedItem], position: int = 0, epoch: int = 0, tex
         text_audio=torch.stack([t["audio"] for t in texts]),
         text_mask=torch.stack([t["mask"] for t in texts]).long(),
         latent_paths=[m.latent_path for m in members],
+        crepa_features=torch.stack([x["crepa_features"] for x in lat]) if "crepa_features" in lat[0] else None,
     )

@@ -36,6 +36,7 @@ class LatentEncoders:
     video_fingerprint: str = ""
     audio_fingerprint: str = ""
     audio_enabled: bool = True
+    crepa: object | None = None  # data/crepa_features.CrepaFeatureEncoder: DINOv2 features stored in each entry
 
     @classmethod
     def from_components(cls, components, *, audio: bool = True) -> LatentEncoders:
@@ -46,6 +47,7 @@ class LatentEncoders:
             module_fingerprint(video_vae) if video_vae is not None else "",
             module_fingerprint(audio_vae) if audio_vae is not None and audio else "",
             audio_enabled=audio and audio_vae is not None,
+            crepa=getattr(components, "crepa_encoder", None),
         )
 
 
@@ -89,6 +91,8 @@ def entry_key(item: Item, encoders: LatentEncoders) -> str:
         "video_vae": encoders.video_fingerprint if item.kind != "audio" else None,
         "audio_vae": encoders.audio_fingerprint,
     }
+    if encoders.crepa is not None and item.kind != "audio":
+        parts["crepa"] = encoders.crepa.fingerprint  # only then: entries of runs without CREPA keep their key
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -130,6 +134,12 @@ def encode_items(
         latents = _normalize_video(latents, vae)
         for i in range(len(items)):
             out[i]["video_latents"] = latents[i].to("cpu", dtype or latents.dtype).contiguous()
+        if encoders.crepa is not None:  # CREPA: DINOv2 features of the same decoded frames, on the latent grid
+            from lowvram.data.crepa_features import FEATURES_KEY
+
+            features = encoders.crepa.encode(video, *latents.shape[2:])
+            for i in range(len(items)):
+                out[i][FEATURES_KEY] = features[i].to(dtype or latents.dtype).contiguous()
     for i, it in enumerate(items):
         audio, has_audio = _encode_audio(it, encoders)
         out[i]["audio_latents"] = audio.to("cpu", dtype or audio.dtype).contiguous()

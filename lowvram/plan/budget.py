@@ -356,6 +356,22 @@ ROLLOUT_LABEL = "scheduled sampling rollout (no-grad forward) above the step's p
 
 
 @dataclass(frozen=True)
+class Crepa:
+    """CREPA's projection head (train phase) and DINOv2 (latent-cache phase); plan/modes.py measures them."""
+
+    head_params: int
+    head_peak_bytes: int  # the term's forward + backward: batch features on the device, head activations, grads
+    head_flops: int
+    feature_item_bytes: int  # one clip's cached DINOv2 features
+    encoder_params: int
+    encoder_peak_bytes: int  # DINOv2's no-grad forward over one clip's latent frames
+
+
+CREPA_HEAD_LABEL = "CREPA head (weights + grads)"
+CREPA_ACTS_LABEL = "CREPA term (features, head activations + grads)"
+
+
+@dataclass(frozen=True)
 class Measurements:
     """Everything the budget needs about the model at the run's shapes (all from measure.py)."""
 
@@ -384,6 +400,7 @@ class Measurements:
     tread: Tread | None = None  # TREAD routes (train.tread_routes) with their routed-block measurements
     model_version: str = "2.0"  # the LTX-2 release measured (lowvram.models.versions)
     rollout: Rollout | None = None  # scheduled sampling (scheduled_sampling.enabled)
+    crepa: Crepa | None = None  # CREPA (crepa.enabled)
 
     def block_steps(self, checkpointing: bool) -> list[StepMeasure]:
         """Each block's measured step (they differ only under TREAD routes)."""
@@ -402,6 +419,17 @@ class Measurements:
 
 # --------------------------------------------------------------------------------------------------------------------
 # The budget
+
+
+def _crepa_cache_components(m: Measurements, s, dtype: str) -> dict[str, int]:
+    """DINOv2 beside the VAEs in the latent-cache phase (CREPA): its weights, and its forward over the frames of
+    one VAE batch of clips (the VAE's activations are freed by then; counted on top, an upper bound)."""
+    if m.crepa is None:
+        return {}
+    return {
+        "DINOv2 weights (CREPA)": m.crepa.encoder_params * _itemsize(dtype),
+        "DINOv2 activations (CREPA)": m.crepa.encoder_peak_bytes * s.vae_batch_size,
+    }
 
 
 @dataclass(frozen=True)
@@ -648,9 +676,10 @@ def budget(
             else m.video_encode[per_clip],
             "audio encode activations": m.audio_encode_peak_bytes,
             **resident_except("vae"),
+            **_crepa_cache_components(m, s, dtype),
         },
         ram={**process, "loading staging": staging, "decoded clips": m.video_input_bytes * s.vae_batch_size * 2},
-        disk_bytes_per_item=m.latent_item_bytes,
+        disk_bytes_per_item=m.latent_item_bytes + (m.crepa.feature_item_bytes if m.crepa is not None else 0),
     )
     step = m.step[s.gradient_checkpointing]
     lora_params = step.lora_params_per_block * n
@@ -667,12 +696,17 @@ def budget(
         "reserve": reserve,
         **tx_device,
         "LoRA parameters": math.ceil(lora_params * lora_item / opts.gpus),
-        "optimizer state": math.ceil(optimizer_state_bytes(s.optimizer, lora_params, opts.lora_dtype) / opts.gpus),
+        "optimizer state": math.ceil(optimizer_state_bytes(s.optimizer, lora_params, opts.lora_dtype) / opts.gpus)
+        + (optimizer_state_bytes(s.optimizer, m.crepa.head_params, opts.lora_dtype) if m.crepa is not None else 0),
         # LoRA grads are inside the measured peak: they accumulate during backward as activations are freed
         acts_label: acts,
         # with gradient accumulation the previous micro-batches' grads are alive through the next forward
         "LoRA grads held between micro-batches": lora_params * lora_item if opts.grad_accumulation_steps > 1 else 0,
         **({ROLLOUT_LABEL: max(0, m.rollout.peak_bytes - acts)} if m.rollout is not None else {}),
+        # The head's weights and grads (the LoRA's dtype), and the term's own peak on top of the step's: it runs
+        # between the forward and the backward, and the grad it sends to its block lives until that block's backward.
+        **({CREPA_HEAD_LABEL: 2 * m.crepa.head_params * lora_item, CREPA_ACTS_LABEL: m.crepa.head_peak_bytes}
+           if m.crepa is not None else {}),  # fmt: skip
         **resident_except("transformer"),
     }
     if s.precision not in ("bf16", "fp32"):
@@ -845,6 +879,9 @@ def step_time(
         notes.append(
             f"scheduled sampling: {k:.2f} no-grad forwards expected per step, {k * no_grad_forward:.2f} s of the step"
         )
+    if m.crepa is not None:  # the head's forward + backward (the DINOv2 features are cached)
+        total += m.crepa.head_flops / flops_rate
+        compute += m.crepa.head_flops / flops_rate
     if streamed and overlap:
         notes.append(
             f"per streamed block: copy {fwd_bytes / bw * 1e3:.0f} ms vs compute {fwd * 1e3:.0f} ms forward, "

@@ -51,7 +51,7 @@ from lowvram.plan.measure import (
     transformer_weights,
     vae_weights,
 )
-from lowvram.plan.modes import rollout_cost
+from lowvram.plan.modes import crepa_cost, rollout_cost
 from lowvram.profiles import HardwareProfile
 
 PHASES = ("text_cache", "latent_cache", "load", "train", "export")  # + "validation" (plan/validation.py) when enabled
@@ -447,6 +447,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         routes = resolve_tread_routes(cfg.train.tread_routes, num_layers)
         keys = tuple((r, ckpt) for r in sorted({r for _, _, r in routes}) for ckpt in (False, True))
         tread = Tread(routes, LazyMap(keys, lambda key: step(key[1], tread_ratio=key[0])))
+    crepa = crepa_cost(cfg, configs, shape, dtype, cache)  # CREPA: head, DINOv2 and the cached features
     return Measurements(
         num_layers=num_layers,
         block=WeightGroup(**weights["block"]),
@@ -463,7 +464,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         video_encode=LazyMap(VAE_ORDER, video_encode),
         text_item_bytes=text_item,
         latent_item_bytes=latent_item,
-        batch_input_bytes=shape.batch * (text_item + latent_item),
+        batch_input_bytes=shape.batch * (text_item + latent_item + (crepa.feature_item_bytes if crepa else 0)),
         attention=attention,
         onload_step=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True)),
         onload_first_block=LazyMap((False, True), lambda ckpt: step(ckpt, onload_copies=True, first_block=True)),
@@ -471,6 +472,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         tread=tread,
         model_version=configs.version,
         rollout=rollout_cost(cfg, configs, shape, lora, dtype, attention, cache),
+        crepa=crepa,
     )
 
 
@@ -969,6 +971,11 @@ def _measured_summary(m: Measurements) -> dict[str, Any]:
     if m.rollout is not None:
         out["rollout_forward_peak_bytes"] = m.rollout.peak_bytes
         out["rollout_forwards_per_step"] = m.rollout.forwards_per_step
+    if m.crepa is not None:
+        out["crepa_head_params"] = m.crepa.head_params
+        out["crepa_term_peak_bytes"] = m.crepa.head_peak_bytes
+        out["crepa_feature_bytes_per_item"] = m.crepa.feature_item_bytes
+        out["crepa_dinov2_params"] = m.crepa.encoder_params
     return out
 
 

@@ -27,6 +27,7 @@ class CachedSample:
     latent_height: int
     latent_width: int
     fps: float = 25.0
+    crepa_features: torch.Tensor | None = None  # [F', H'*W', D] cached DINOv2 features (CREPA)
 
     @property
     def bucket(self) -> tuple:
@@ -48,6 +49,7 @@ class LatentBatch:
     latent_width: int
     fps: float
     audio_present: torch.Tensor | None = None  # [B] bool
+    crepa_features: torch.Tensor | None = None  # [B, F', H'*W', D] cached DINOv2 features (CREPA)
 
 
 class BatchSource(Protocol):
@@ -143,6 +145,7 @@ def collate(items: list[CachedSample]) -> LatentBatch:
         latent_width=first.latent_width,
         fps=first.fps,
         audio_present=audio_present,
+        crepa_features=torch.stack([s.crepa_features for s in items]) if first.crepa_features is not None else None,
     )
 
 
@@ -192,4 +195,5 @@ class DiskBatches:
             latent_width=w,
             fps=self.fps,
             audio_present=b.audio_mask > 0,
+            crepa_features=b.crepa_features,
         )

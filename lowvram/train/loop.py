@@ -22,7 +22,7 @@ import torch
 
 from lowvram.errors import LowvramError
 from lowvram.fsutil import atomic_write_text
-from lowvram.method.modes import build_modes
+from lowvram.method.modes import attach_mode_modules, build_modes
 from lowvram.method.objective import ObjectiveConfig, flow_loss, prepare_inputs
 from lowvram.method.tread import TreadRouter
 from lowvram.train.batches import BatchSource, LatentBatch
@@ -130,7 +130,11 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
     video_pred, audio_pred = predict(inputs)
     if ctx.data_parallel is not None:
         return ctx.data_parallel.loss(video_pred, audio_pred, local, objective)
-    return flow_loss(video_pred, audio_pred, inputs, objective)
+    parts = flow_loss(video_pred, audio_pred, inputs, objective)
+    for mode in ctx.modes:  # auxiliary losses of the modes (CREPA)
+        if hasattr(mode, "finish"):
+            parts = mode.finish(parts, inputs, batch)
+    return parts
 
 
 def train_step(ctx: TrainContext) -> StepResult:
@@ -344,6 +348,7 @@ def fit(
 
     torch.manual_seed(cfg.train.seed)  # LoRA initialisation draws from the global generator
     inject_lora(transformer, cfg)
+    attach_mode_modules(transformer, cfg)  # e.g. CREPA's projection head: trained, checkpointed with the LoRA
     if cfg.optim.optimizer != "adamw_bf16":
         # fp32 master copies of the LoRA weights: Adam updates are far below a bf16 ulp of the weight. adamw_bf16
         # keeps them in the base dtype and rounds stochastically instead.
@@ -392,7 +397,7 @@ def fit(
         audio_channels=transformer.config.audio_in_channels,
         video_channels=transformer.config.in_channels,
         data_parallel=None if env is None else distributed.DataParallel(env),
-        modes=build_modes(cfg),
+        modes=build_modes(cfg, transformer),
     )
 
     start_step = 0
@@ -512,6 +517,7 @@ def resume_settings(cfg) -> dict[str, Any]:
         "lora.alpha": cfg.lora.alpha,
         "lora.targets": list(cfg.lora.targets),
         "train.mode": cfg.train.mode,
+        "crepa.enabled": cfg.crepa.enabled,  # the checkpoint's trainable state holds the CREPA head or not
     }
 
 

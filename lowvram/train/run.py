@@ -476,12 +476,25 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
             done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
             validation.text_paths.update(done.paths)
 
+    if cfg.crepa.enabled:  # the DINOv2 folder / hub-cache entry is checked before any model loads
+        from lowvram.data.crepa_features import CrepaFeatureEncoder, feature_dim, load_encoder
+        from lowvram.plan.modes import check_crepa_for_run
+
+        check_crepa_for_run(cfg)  # block index vs the model's depth, TREAD routes
+        feature_dim(cfg.crepa.encoder)
+
     def load_vaes() -> nn.Module:
         parts = load_encoders(cfg, VAE_PARTS)
-        return nn.ModuleDict({"video_vae": parts.video_vae, "audio_vae": parts.audio_vae})
+        mods = {"video_vae": parts.video_vae, "audio_vae": parts.audio_vae}
+        if cfg.crepa.enabled:  # CREPA: DINOv2 visits the same decoded clips in this phase (planned with it)
+            mods["crepa_encoder"] = load_encoder(cfg.crepa.encoder, dtype=next(parts.video_vae.parameters()).dtype)
+        return nn.ModuleDict(mods)
 
     def encode_latents(vaes: nn.Module):
-        parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"])
+        crepa = None
+        if "crepa_encoder" in vaes:
+            crepa = CrepaFeatureEncoder.build(vaes["crepa_encoder"], cfg.crepa.image_size)
+        parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"], crepa_encoder=crepa)
         summary = cache_latents(job, parts, cache_dir, vae_options=vae_options, audio=cfg.data.audio,
                                 strict=cfg.data.strict)  # fmt: skip
         if validation is not None:  # the I2V frame / S2V audio, by the VAEs already here (no encoder visit later)
