@@ -273,6 +273,37 @@ class CheckpointSection(Section):
     )
 
 
+def _adapter_scale(value: Any) -> float:
+    # A LoRA strength: any finite number (negative subtracts the adapter); not a bool, not text.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"scale must be a number (got {value!r})")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError(f"scale must be a number (got {value!r})") from None
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be a finite number (got {value!r})")
+    return scale
+
+
+class ValidationAdapter(Section):
+    """One LoRA stacked on the LoRA being trained for validation only (lowvram/models/adapter_files.py)."""
+
+    path: str = Field(..., min_length=1, description="a .safetensors file, a folder, or a hub id org/name[:file]")
+    weight_name: str | None = Field(None, description="the file inside the folder or hub repo")
+    scale: Annotated[float, BeforeValidator(_adapter_scale)] = Field(1.0, description="LoRA strength")
+    label: str | None = Field(None, description="name in outputs (default: the file's stem)")
+
+
+class ValidationAdapterSet(Section):
+    """Adapters stacked together for one validation render (none: the LoRA being trained alone)."""
+
+    label: str | None = Field(None, description="output folder name (default: from its adapters, or 'lora')")
+    adapters: list[ValidationAdapter] = Field(default_factory=list)
+    guidance: float | None = Field(None, ge=0, description="guidance of this set (default: validation.guidance)")
+    steps: int | None = Field(None, ge=1, description="denoising steps (default: validation.num_inference_steps)")
+
+
 class ValidationSection(Section):
     enabled: bool = Field(False, description="render a validation clip with the LoRA")
     prompt: str = Field("a red circle moving from left to right", description="validation prompt")
@@ -290,6 +321,18 @@ class ValidationSection(Section):
         None, description="move optimizer state off the device while validating (default: planner chooses)"
     )
     vae_tiling: bool | None = Field(None, description="tiled VAE decode for validation (default: planner chooses)")
+    adapters: list[ValidationAdapter] = Field(
+        default_factory=list, description="adapters rendered one at a time, each stacked on the LoRA being trained"
+    )
+    adapter_sets: list[ValidationAdapterSet] = Field(
+        default_factory=list, description="renders, each with its adapters stacked and its own guidance/steps"
+    )
+
+    @model_validator(mode="after")
+    def _one_adapter_form(self) -> ValidationSection:
+        if self.adapters and self.adapter_sets:
+            raise ValueError("give validation.adapters (one render per adapter) or validation.adapter_sets, not both")
+        return self
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -426,6 +469,84 @@ def _st_prompt_library(value: Any, out: dict) -> None:
     _set(out, "validation.prompts", prompts)
 
 
+_ST_ADAPTER_MODES = ("adapter_only", "comparison", "none")
+# SimpleTuner's validation_adapter_config entry keys (simpletuner/helpers/.../validation_adapters.py).
+_ST_ADAPTER_ENTRY_KEYS = {"label", "name", "path", "paths", "adapters", "strength", "scale", "adapter_name"}
+
+
+def _st_adapter(value: Any, strength: Any, label: Any = None) -> dict:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"path", "strength", "scale", "adapter_name"})
+        if unknown or "path" not in value:
+            raise ValueError(f"an adapter needs 'path' (and optionally strength, adapter_name): got {sorted(value)}")
+        strength = value.get("strength", value.get("scale", strength))
+        label, value = value.get("adapter_name") or label, value["path"]
+    adapter = {"path": str(value), "scale": 1.0 if strength is None else strength}
+    return {**adapter, "label": label} if label else adapter
+
+
+def _st_validation_adapters(raw: dict[str, Any], out: dict) -> None:
+    """SimpleTuner's validation adapters -> `validation.adapter_sets` (same runs, same order).
+
+    As SimpleTuner: `validation_adapter_path` (org/repo[:file] or a local path) with `_name` / `_strength` is one
+    run; `_mode` "adapter_only" (its default) renders only that run, "comparison" the plain LoRA first, "none" no
+    adapter. `validation_adapter_config` (a list, {"runs": [...]}, inline JSON or a JSON file) is one run per entry
+    after the plain LoRA's; it excludes `validation_adapter_path`.
+    """
+    get = {k.lstrip("-"): v for k, v in raw.items()}.get
+    path, config = get("validation_adapter_path"), get("validation_adapter_config")
+    mode = str(get("validation_adapter_mode") or "adapter_only").strip().lower()
+    if mode not in _ST_ADAPTER_MODES:
+        raise ValueError(f"'validation_adapter_mode': {mode!r} is not one of {', '.join(_ST_ADAPTER_MODES)}")
+    if path and config:
+        raise ValueError("'validation_adapter_path' and 'validation_adapter_config' exclude each other: keep one")
+    plain = {"label": "lora", "adapters": []}
+    if path and mode != "none":
+        single = _st_adapter(path, get("validation_adapter_strength"), get("validation_adapter_name"))
+        run = {"adapters": [single], **({"label": single["label"]} if "label" in single else {})}
+        _set(out, "validation.adapter_sets", [plain, run] if mode == "comparison" else [run])
+    if not config:
+        return
+    if isinstance(config, str):
+        text = config.strip()
+        if not text.startswith(("[", "{")):
+            try:
+                text = Path(text).expanduser().read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"'validation_adapter_config': cannot read {config} ({type(e).__name__})") from None
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'validation_adapter_config': malformed JSON at line {e.lineno}: {e.msg}") from None
+    entries = config.get("runs", [config]) if isinstance(config, dict) else config
+    if not isinstance(entries, list):
+        raise ValueError("'validation_adapter_config' must be a list of runs or an object with a 'runs' list")
+    sets = [plain]
+    for i, entry in enumerate(entries):
+        where = f"'validation_adapter_config' run {i}"
+        if isinstance(entry, str):
+            sets.append({"adapters": [_st_adapter(entry, None)]})
+            continue
+        if not isinstance(entry, dict) or set(entry) - _ST_ADAPTER_ENTRY_KEYS:
+            extra = sorted(set(entry) - _ST_ADAPTER_ENTRY_KEYS) if isinstance(entry, dict) else entry
+            raise ValueError(f"{where}: unknown {extra!r}; use label, path or adapters/paths, strength, adapter_name")
+        strength = entry.get("strength", entry.get("scale"))
+        label = entry.get("label") or entry.get("name")
+        try:
+            if "path" in entry and "paths" not in entry and "adapters" not in entry:
+                adapters = [_st_adapter(entry["path"], strength, entry.get("adapter_name"))]
+            else:
+                items = entry.get("adapters", entry.get("paths")) or []
+                if not isinstance(items, list) or not items:
+                    raise ValueError("'adapters'/'paths' must be a non-empty list")
+                adapters = [_st_adapter(a, strength, None if isinstance(a, dict) else entry.get("adapter_name"))
+                            for a in items]  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        sets.append({"adapters": adapters, **({"label": label} if label else {})})
+    _set(out, "validation.adapter_sets", sets)
+
+
 SIMPLETUNER_KEYS: dict[str, Any] = {
     "model_family": _st_family,
     "model_flavour": _st_flavour,
@@ -487,6 +608,12 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "pretrained_gemma_model_name_or_path": "model.text_encoder_path",
     "validation_prompt_library": _st_prompt_library,
     "validation_negative_prompt": "validation.negative_prompt",
+    # Read together by _st_validation_adapters (one validation.adapter_sets list from the five).
+    "validation_adapter_path": None,
+    "validation_adapter_name": None,
+    "validation_adapter_strength": None,
+    "validation_adapter_mode": None,
+    "validation_adapter_config": None,
     "framerate": "data.fps",
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
@@ -511,8 +638,6 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "scheduled_sampling_order": "lowvram's rollout takes first-order Euler steps",
     "validation_disable_unconditional": "validation renders the clips with the LoRA being trained only",
     "validation_using_datasets": "validation renders validation.prompts",
-    "validation_adapter_path": "validation adapters are not supported yet: the LoRA being trained only",
-    "validation_adapter_config": "validation adapters are not supported yet: the LoRA being trained only",
     "eval_dataset_id": "validation renders validation.prompts",
     "quantize_via": "quantization runs where the memory plan puts it",
     "crepa_enabled": "CREPA needs DINOv2 weights from a hub",
@@ -545,6 +670,10 @@ def from_simpletuner(raw: dict[str, Any], source: str = "config.json") -> tuple[
                 _set(out, target, value)
         except ValueError as e:
             raise ConfigError(f"{source}: '{key}': {e}") from None
+    try:
+        _st_validation_adapters(raw, out)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     _st_methods_said(raw, out, notes)
     return out, notes
 

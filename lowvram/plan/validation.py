@@ -66,7 +66,9 @@ def validation_shape(cfg, configs: ModelConfigs, *, frames: int | None = None, g
 
 def guidance_values(cfg) -> list[float]:
     """The guidance of every validation render (one per adapter set when sets are given)."""
-    return [cfg.validation.guidance]
+    from lowvram.models.adapter_files import set_guidances
+
+    return set_guidances(cfg)
 
 
 def sample_shape(vs: ValidationShape, transformer_config: dict, fps: float):
@@ -237,8 +239,13 @@ def validation_budget(
     *,
     offload_optimizer: bool,
     vae_tiling: bool,
+    adapter_sets: list | None = None,
 ) -> PhaseBudget:
-    """Device and host peaks of the phase at its worst point (sampling, video decode or audio decode)."""
+    """Device and host peaks of the phase at its worst point (sampling, video decode or audio decode).
+
+    `adapter_sets` (models/adapter_files.ResolvedSet): their tensors stay on the host; while sampling the device
+    holds the worst layer call's A, B and delta (train/validation_adapters.py), computed from the file headers.
+    """
     dtype = opts.compute_dtype
     item = _itemsize(dtype)
     lora_params = m.lora_params()
@@ -262,8 +269,14 @@ def validation_budget(
     vs = vm.shape
     latents = vm.latent_bytes
     decode = vm.decode[vae_tiling]
+    tokens = max(vs.video_tokens, vs.audio_tokens, vs.text_tokens)
+    adapter_delta = max((a.delta_bytes(vs.rows, tokens, item) for a in adapter_sets or []), default=0)
+    adapter_host = max((a.host_bytes for a in adapter_sets or []), default=0)
+    sampling = {f"sampling activations ({vs.rows} guidance rows)": vm.sample_peak_bytes}
+    if adapter_delta:
+        sampling["validation adapter (worst layer call: its A, B and delta)"] = adapter_delta
     points = {
-        "sampling": {f"sampling activations ({vs.rows} guidance rows)": vm.sample_peak_bytes},
+        "sampling": sampling,
         "video decode": {
             "denoised latents": latents,
             "video VAE decoder": decode["video_decoder_params"] * item,
@@ -285,6 +298,8 @@ def validation_budget(
         "optimizer state (off the device for the phase)": optimizer if offload_optimizer else 0,
         "rendered frames": frames_bytes,
     }
+    if adapter_host:
+        ram["validation adapter weights (largest set)"] = adapter_host
     return PhaseBudget("validation", vram=vram, ram=ram)
 
 
@@ -299,13 +314,16 @@ def plan_validation(cfg, m: Measurements, s: Settings, profile, opts: BudgetOpti
     offloads = [v.offload_optimizer] if v.offload_optimizer is not None else [False, True]
     tilings = [v.vae_tiling] if v.vae_tiling is not None else [False, True]
     options = [(o, t) for t in tilings for o in offloads]
+    from lowvram.models.adapter_files import adapter_sets
+
+    sets = adapter_sets(cfg, configs.transformer, configs.version)  # a bad adapter file: one line, here
 
     def evaluate(vm: ValidationMeasure):
         best = None
         for o, t in options:
             if vm.decode[t] is None:
                 continue
-            b = validation_budget(m, vm, s, profile, opts, offload_optimizer=o, vae_tiling=t)
+            b = validation_budget(m, vm, s, profile, opts, offload_optimizer=o, vae_tiling=t, adapter_sets=sets)
             over = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok, b.ram_peak_bytes - ram_ok)
             if over <= 0:
                 return b, (o, t), 0
