@@ -276,13 +276,13 @@ class CheckpointSection(Section):
 def _adapter_scale(value: Any) -> float:
     # A LoRA strength: any finite number (negative subtracts the adapter); not a bool, not text.
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"scale must be a number (got {value!r})")
+        raise ValueError("scale must be a number")
     try:
         scale = float(value)
     except ValueError:
-        raise ValueError(f"scale must be a number (got {value!r})") from None
+        raise ValueError("scale must be a number") from None
     if scale != scale or scale in (float("inf"), float("-inf")):
-        raise ValueError(f"scale must be a finite number (got {value!r})")
+        raise ValueError("scale must be a finite number")
     return scale
 
 
@@ -892,7 +892,7 @@ def config_to_toml(cfg: RunConfig) -> str:
         for key, rows in nested_tables:
             for row in rows:
                 lines.append(f"[[{section}.{key}]]")
-                lines.extend(f"{k} = {_toml_value(v)}" for k, v in row.items())
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in row.items() if v is not None)
         lines.append("")
     return "\n".join(lines)
 
@@ -904,4 +904,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (validation.adapter_sets' adapters)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     return json.dumps(str(value))
