@@ -112,7 +112,7 @@ def test_a_stacked_adapter_changes_the_output_as_its_merged_delta_and_leaves_the
             layer = getattr(layer, "base_layer", layer)
             layer.weight += 0.7 * alpha * raw[m.b_key] @ raw[m.a_key]
     merged = _sample(fused, parts, cfg)
-    for got, want, base in zip(adapted, merged, plain):
+    for got, want, base in zip(adapted, merged, plain, strict=True):
         error = (got - want).abs().max().item()
         effect = (want - base).abs().max().item()
         assert error < 1e-5 and effect > 1e-2, (error, effect)  # equal up to fp32 rounding; the adapter matters
@@ -123,7 +123,7 @@ def test_a_stacked_adapter_changes_the_output_as_its_merged_delta_and_leaves_the
     assert [n for n, _ in t.named_modules()] == modules_before
     assert not any(m._forward_hooks for m in t.modules())
     assert lora_state_dict(t).keys() and all(".lora_" in k for k in lora_state_dict(t))
-    for got, want in zip(_sample(t, parts, cfg), plain):
+    for got, want in zip(_sample(t, parts, cfg), plain, strict=True):
         assert torch.equal(got, want)
 
 
@@ -185,7 +185,8 @@ def test_each_bad_adapter_input_is_one_line(tmp_path):
     msg = _bad(tmp_path, **{"validation.adapters": [{"path": str(tmp_path / "missing.safetensors")}]})
     assert msg.startswith("validation.adapters[0].path: ") and "missing.safetensors does not exist" in msg
     msg = _bad(tmp_path, **{"validation.adapters": [{"path": str(folder), "weight_name": "two.safetensors"}]})
-    assert msg.startswith("validation.adapters[0].weight_name: 'two.safetensors' is not in ") and "one.safetensors" in msg
+    assert msg.startswith("validation.adapters[0].weight_name: 'two.safetensors' is not in ")
+    assert "one.safetensors" in msg
     # Another model's adapter: keys naming layers this transformer lacks, or shapes its layers do not take.
     other = tmp_path / "other.safetensors"
     save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(2, 8),
@@ -293,7 +294,7 @@ def test_adapter_sets_render_with_their_own_guidance_and_steps_and_the_lora_trai
         validated = _demo(tmp_path / "val", **{
             "validation.enabled": True, "validation.every_n_steps": 2, "validation.resolution": "64x64",
             "validation.num_frames": 9, "validation.num_inference_steps": 2, "validation.guidance": 3.0,
-            "validation.negative_prompt": "noise",
+            "validation.negative_prompt": "noise", "validation.prompts": ["a red circle", "a blue square"],
             "validation.adapter_sets": [{"label": "lora"},
                                         {"label": "fast", "adapters": [{"path": str(file), "scale": 0.8}],
                                          "guidance": 1.0, "steps": 3}],
@@ -304,11 +305,12 @@ def test_adapter_sets_render_with_their_own_guidance_and_steps_and_the_lora_trai
     plain = load_file(str(tmp_path / "plain" / "lora.safetensors"))
     val = load_file(str(tmp_path / "val" / "lora.safetensors"))
     assert plain.keys() == val.keys() and all(torch.equal(plain[k], val[k]) for k in plain)
-    # Per validation (steps 2 and 4), one prompt: "lora" 2 steps with guidance, then "fast" 3 steps without.
-    assert rows == [2, 2, 1, 1, 1] * 2
+    # Per validation (steps 2 and 4), two prompts each: "lora" 2 steps with guidance, then "fast" 3 without.
+    assert rows == [2] * 4 + [1] * 6 + [2] * 4 + [1] * 6
     step = tmp_path / "val" / "validation" / "step-4"
     assert sorted(p.name for p in step.iterdir()) == ["fast", "lora"]
-    assert sorted(p.name for p in (step / "fast").iterdir()) == ["00.json", "00.mp4"]
+    assert sorted(p.name for p in (step / "fast").iterdir()) == ["00.json", "00.mp4", "01.json", "01.mp4"]
+    assert json.loads((step / "fast" / "01.json").read_text())["prompt"] == "a blue square"
     fast = json.loads((step / "fast" / "00.json").read_text())
     assert fast["set"] == "fast" and fast["guidance"] == 1.0 and fast["num_inference_steps"] == 3
     assert [(a["label"], a["path"], a["scale"]) for a in fast["adapters"]] == [("distilled", str(file), 0.8)]

@@ -185,10 +185,10 @@ def render_sample(transformer, vaes, text, negative, shape, *, steps: int, guida
 def render_validation(cfg, job: ValidationJob, vaes, transformer, step_dir: Path, *, backend,
                       dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None,
                       on_step=None, steps: int | None = None, guidance: float | None = None,
-                      sidecar: dict | None = None) -> list[Path]:  # fmt: skip
+                      extra_sidecar: dict | None = None) -> list[Path]:  # fmt: skip
     """Every validation prompt with the LoRA being trained: `step_dir/NN.mp4` (video + audio) + `NN.json`.
 
-    `steps` / `guidance` / `sidecar` (extra sidecar fields): an adapter set's (train/validation_adapters.py)."""
+    `steps` / `guidance` / `extra_sidecar` (more sidecar fields): an adapter set's (train/validation_adapters.py)."""
     from lowvram.fsutil import atomic_write_text
 
     v = cfg.validation
@@ -219,7 +219,7 @@ def render_validation(cfg, job: ValidationJob, vaes, transformer, step_dir: Path
             "guidance": guidance,
             "seed": v.seed,
             "video": path.name,
-            **(sidecar or {}),
+            **(extra_sidecar or {}),
         }
         atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
         written.append(path)

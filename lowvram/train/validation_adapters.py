@@ -80,5 +80,5 @@ def render_validation_sets(cfg, job, vaes, transformer, step_dir: Path, **kwargs
     for s in job.adapter_sets:
         with stacked(transformer, s):
             written += render_validation(cfg, job, vaes, transformer, Path(step_dir) / s.label, steps=s.steps,
-                                         guidance=s.guidance, sidecar=s.sidecar(), **kwargs)  # fmt: skip
+                                         guidance=s.guidance, extra_sidecar=s.sidecar(), **kwargs)  # fmt: skip
     return written
