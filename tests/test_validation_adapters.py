@@ -354,3 +354,16 @@ def test_simpletuner_adapter_keys_are_mapped(tmp_path):
         with pytest.raises(ConfigError, match=match) as e:
             load_config(st)
         assert "\n" not in str(e.value)
+
+
+def test_the_readme_adapter_example_is_a_valid_config(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```\n(\[validation\]\n.*?)```", readme, re.S).group(1)
+    (tmp_path / "run.toml").write_text(block)
+    cfg, _ = load_config(tmp_path / "run.toml")
+    sets = cfg.validation.adapter_sets
+    assert [(s.label, s.guidance, s.steps, len(s.adapters)) for s in sets] == [("lora", None, None, 0),
+                                                                                ("distilled", 1.0, 8, 1)]
