@@ -251,9 +251,13 @@ def test_the_plan_budgets_the_adapter(tmp_path):
     plan = plan_run(cfg, profile, choose=False, cache_dir=tmp_path / "pc")
     phase = plan.phases["validation"]
     assert phase.ram["validation adapter weights (largest set)"] == file.stat().st_size - _header_bytes(file)
-    from lowvram.plan.validation import guidance_values
+    from lowvram.plan.measure import model_configs
+    from lowvram.plan.validation import guidance_values, validation_shape
 
     assert guidance_values(cfg) == [1.0]  # the set's guidance: one row, no negative prompt in the sampler batch
+    assert validation_shape(cfg, model_configs("tiny")).rows == 1
+    below = _tiny_cfg(**{"validation.adapter_sets": [{"label": "a", "guidance": 0.5}, {"label": "b", "guidance": 1.0}]})
+    assert validation_shape(below, model_configs("tiny")).rows == 2  # any set with guidance != 1 runs two rows
     assert phase.ram_peak_bytes > plain.phases["validation"].ram_peak_bytes
     bad = _tiny_cfg(**{"validation.adapters": [{"path": str(tmp_path / "gone.safetensors")}]})
     with pytest.raises(UsageError, match="gone.safetensors does not exist"):

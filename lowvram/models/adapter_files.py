@@ -69,7 +69,9 @@ class ResolvedSet:
         return sum(a.nbytes for a in self.adapters)
 
     def delta_bytes(self, rows: int, tokens: int, itemsize: int) -> int:
-        """The worst layer call's transient: its A and B on the device in the compute dtype, `x A^T`, the delta."""
+        """The worst layer call's transient: its A and B on the device in the compute dtype, `x A^T`, the delta
+        (added in place). An upper bound: every layer is counted at `tokens` (the longest stream), though the
+        timestep layers see one row per sample."""
         worst = 0
         for a in self.adapters:
             for m in a.modules:

@@ -58,9 +58,9 @@ def validation_shape(cfg, configs: ModelConfigs, *, frames: int | None = None, g
     frames = frames or v.num_frames
     t = train_shape(configs, width=width, height=height, frames=frames, fps=cfg.data.fps, batch=1,
                     text_tokens=cfg.data.max_text_tokens, audio=cfg.data.audio, mode=cfg.train.mode)  # fmt: skip
-    g = max(guidance_values(cfg)) if guidance is None else guidance
+    guided = any(g != 1.0 for g in guidance_values(cfg)) if guidance is None else guidance != 1.0
     return ValidationShape(width, height, frames, t.latent_frames, t.latent_height, t.latent_width, t.audio_tokens,
-                           t.text_tokens, 2 if g != 1.0 else 1, cfg.train.mode,
+                           t.text_tokens, 2 if guided else 1, cfg.train.mode,
                            cfg.data.audio and cfg.train.mode != "video")  # fmt: skip
 
 

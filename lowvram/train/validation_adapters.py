@@ -44,8 +44,13 @@ def _delta_hook(pairs: list[tuple[torch.Tensor, torch.Tensor, float]]):
         for a, b, factor in pairs:
             a_dev = a.to(x.device, x.dtype, non_blocking=True)
             b_dev = b.to(x.device, x.dtype, non_blocking=True)
-            output = output + factor * F.linear(F.linear(x, a_dev), b_dev).to(output.dtype)
+            delta = F.linear(F.linear(x, a_dev), b_dev)
             del a_dev, b_dev
+            if torch.is_grad_enabled():
+                output = output + factor * delta.to(output.dtype)
+            else:  # sampling (no grad): in place, so only the delta exists beside the layer's output
+                output.add_(delta.to(output.dtype), alpha=factor)
+            del delta
         return output
 
     return hook
