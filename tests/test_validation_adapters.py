@@ -371,3 +371,33 @@ def test_the_readme_adapter_example_is_a_valid_config(tmp_path):
     sets = cfg.validation.adapter_sets
     assert [(s.label, s.guidance, s.steps, len(s.adapters)) for s in sets] == [("lora", None, None, 0),
                                                                                 ("distilled", 1.0, 8, 1)]
+
+
+def test_trackers_get_each_sets_clips_as_their_own_series(tmp_path):
+    from lowvram.tracking import RunMirror
+
+    class Recorder:
+        def __init__(self):
+            self.videos = []
+
+        def log(self, metrics, step):
+            pass
+
+        def summary(self, metrics, step):
+            pass
+
+        def video(self, path, step, tag):
+            self.videos.append((path.relative_to(tmp_path / "validation").as_posix(), step, tag))
+
+    for rel in ("step-2/lora/00.mp4", "step-2/fast/00.mp4", "step-4/fast/01.mp4", "step-4/00.mp4", "step-6.mp4"):
+        (tmp_path / "validation" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "validation" / rel).write_bytes(b"")
+    recorder = Recorder()
+    mirror = RunMirror(tmp_path, [recorder])
+    mirror.sync()
+    mirror.sync()  # each clip is sent once
+    assert sorted(recorder.videos) == [("step-2/fast/00.mp4", 2, "validation/fast/00"),
+                                       ("step-2/lora/00.mp4", 2, "validation/lora/00"),
+                                       ("step-4/00.mp4", 4, "validation/00"),
+                                       ("step-4/fast/01.mp4", 4, "validation/fast/01"),
+                                       ("step-6.mp4", 6, "validation")]  # fmt: skip
