@@ -33,8 +33,8 @@ def _tiny_cfg(**overrides):
 
 def _write_adapter(path, *, rank=2, seed=0, alpha_on=None, names=ADAPTED, fmt="comfy", bad_shape=False):
     """A LoRA file for the tiny transformer in the official (comfy) or diffusers naming; `alpha_on` gets an alpha."""
+    from lowvram.method.lora import export_names
     from lowvram.models.ltx2 import build_tiny_components
-    from lowvram.train.lora import export_names
 
     t = build_tiny_components(seed=0).transformer
     prefix = export_names(list(names), fmt)
@@ -53,8 +53,8 @@ def _write_adapter(path, *, rank=2, seed=0, alpha_on=None, names=ADAPTED, fmt="c
 
 def _trained_model():
     """The tiny transformer with a LoRA whose B is non-zero (as after some training)."""
+    from lowvram.method.lora import inject_lora
     from lowvram.models.ltx2 import build_tiny_components
-    from lowvram.train.lora import inject_lora
 
     parts = build_tiny_components(seed=0)
     inject_lora(parts.transformer, rank=4)
@@ -82,8 +82,8 @@ def _sample(transformer, parts, cfg, *, steps=2, guidance=3.0):
 
 
 def test_a_stacked_adapter_changes_the_output_as_its_merged_delta_and_leaves_the_model_untouched(tmp_path):
+    from lowvram.method.lora import lora_state_dict
     from lowvram.models.adapter_files import adapter_sets
-    from lowvram.train.lora import lora_state_dict
     from lowvram.train.validation_adapters import stacked
 
     file = _write_adapter(tmp_path / "camera.safetensors", alpha_on="proj_in")
@@ -224,7 +224,7 @@ def test_a_block_index_past_the_models_depth_is_another_model(tmp_path):
 
 def test_a_missing_adapter_stops_the_run_before_caching(tmp_path):
     from lowvram.demo import default_demo_config
-    from lowvram.train import loop
+    from lowvram.train import run as loop
 
     cfg = apply_overrides(default_demo_config(tmp_path / "run"), {
         "train.max_train_steps": 2, "validation.enabled": True,
@@ -280,7 +280,7 @@ def test_adapter_sets_render_with_their_own_guidance_and_steps_and_the_lora_trai
     from safetensors.torch import load_file
 
     from lowvram.models import sampling
-    from lowvram.train import loop
+    from lowvram.train import run as loop
 
     file = _write_adapter(tmp_path / "distilled.safetensors")
     rows = []

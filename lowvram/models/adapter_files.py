@@ -171,7 +171,7 @@ def _linear_shapes(config_items: tuple) -> tuple[dict[str, tuple[int, int]], int
     """
     import torch
 
-    from lowvram.models.ltx2 import build_component
+    from lowvram.models.ltx2.build import build_component
 
     config = dict(config_items)
     depth = int(config.get("num_layers", 1))
@@ -188,7 +188,7 @@ def _freeze(value):
 def _module_paths(stems: list[str]) -> dict[str, str | None]:
     """{key stem in the file: our module path, or None}: `diffusion_model.*` (official) through the checkpoint
     layout's converter, `transformer.*` (diffusers) and bare paths as they are."""
-    from lowvram.models.ltx2_checkpoint import official_to_diffusers
+    from lowvram.models.ltx2.layout import official_to_diffusers
 
     out: dict[str, str | None] = {}
     official = {}
@@ -208,7 +208,7 @@ def _module_paths(stems: list[str]) -> dict[str, str | None]:
 
 def read_adapter(file: Path, transformer_config: dict, *, where: str, version: str) -> tuple[list[AdapterModule], int]:
     """The adapter's layers, from its header only; a key or shape this model does not have is one line."""
-    from lowvram.models.ltx2_checkpoint import read_header
+    from lowvram.models.ltx2.checkpoint import read_header
 
     try:
         refs, _ = read_header(file)
@@ -294,7 +294,8 @@ def adapter_sets(cfg, transformer_config: dict | None = None, version: str | Non
     if not v.enabled or not entries:
         return []
     if transformer_config is None:
-        from lowvram.models.ltx2_checkpoint import family_configs, run_model_version
+        from lowvram.models.ltx2.checkpoint import run_model_version
+        from lowvram.models.ltx2.configs import family_configs
 
         version = run_model_version(cfg.model)
         transformer_config = family_configs("tiny" if cfg.model.family == "tiny" else "ltx2", version)["transformer"]
