@@ -401,3 +401,60 @@ def test_trackers_get_each_sets_clips_as_their_own_series(tmp_path):
                                        ("step-4/00.mp4", 4, "validation/00"),
                                        ("step-4/fast/01.mp4", 4, "validation/fast/01"),
                                        ("step-6.mp4", 6, "validation")]  # fmt: skip
+
+
+def test_under_block_swap_the_adapter_streams_to_the_device_one_layer_call_at_a_time(tmp_path):
+    """The simulated device, the transformer under block swap as in training: each denoising step copies every
+    adapted layer's A and B once (no resident copy of the adapter), and the sampling peak grows by no more than the
+    plan's per-call transient (`ResolvedSet.delta_bytes`)."""
+    from types import SimpleNamespace
+
+    from lowvram.device import get_backend
+    from lowvram.models.adapter_files import adapter_sets
+    from lowvram.models.ltx2 import TextEmbeddings
+    from lowvram.models.sampling import SampleShape, denoise
+    from lowvram.offload import apply_memory_plan
+    from lowvram.offload.harness import tiny_lora_transformer
+    from lowvram.plan import Settings
+    from lowvram.train.validation_adapters import stacked
+
+    file = _write_adapter(tmp_path / "camera.safetensors", rank=4)
+    (adapter_set,) = adapter_sets(_tiny_cfg(**{"validation.adapters": [{"path": str(file)}]}))
+    t = tiny_lora_transformer("fp32", num_layers=6, rank=4)
+    sim = get_backend("sim")
+    settings = Settings(precision="fp32", offload="block_swap", blocks_to_swap=3)
+    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
+    apply_memory_plan(t, SimpleNamespace(**memory), sim)
+    t.eval()
+    shape = SampleShape(latent_frames=2, latent_height=2, latent_width=2, audio_tokens=4,
+                        video_channels=t.config.in_channels, audio_channels=t.config.audio_in_channels, fps=25.0)
+    g = torch.Generator().manual_seed(0)
+    caption = t.config.caption_channels
+
+    def text():
+        return TextEmbeddings(video=torch.randn(1, 8, caption, generator=g),
+                              audio=torch.randn(1, 8, caption, generator=g), mask=torch.ones(1, 8, dtype=torch.int64))
+
+    prompt, negative = text(), text()
+    steps = 2
+
+    def sample():
+        with sim.session(), torch.no_grad():
+            on = [TextEmbeddings(video=sim.to_device(e.video), audio=sim.to_device(e.audio), mask=sim.to_device(e.mask))
+                  for e in (prompt, negative)]  # fmt: skip
+            sim.reset_counters()
+            out = denoise(t, shape, on[0], on[1], steps=steps, guidance=3.0, generator=torch.Generator().manual_seed(1),
+                          device=sim.device, dtype=torch.float32)  # fmt: skip
+            stats = sim.stats()
+        return out, stats
+
+    plain, before = sample()
+    with stacked(t, adapter_set, sim):
+        adapted, after = sample()
+    per_step = sum(m.rank * (m.in_features + m.out_features) * 4 for m in adapter_set.adapters[0].modules)
+    assert after.h2d_bytes - before.h2d_bytes == steps * per_step
+    tokens = max(shape.video_tokens, shape.audio_tokens, 8)
+    print(f"\nadapter under block swap: h2d +{after.h2d_bytes - before.h2d_bytes} B ({steps} steps x {per_step} B), "
+          f"peak +{after.peak_bytes - before.peak_bytes} B (bound {adapter_set.delta_bytes(2, tokens, 4)} B)")
+    assert 0 <= after.peak_bytes - before.peak_bytes <= adapter_set.delta_bytes(2, tokens, 4)
+    assert not torch.equal(plain[0], adapted[0])

@@ -49,6 +49,7 @@ class ResolvedAdapter:
     scale: float
     modules: tuple[AdapterModule, ...]
     nbytes: int  # the file's tensor bytes (what the host holds while its set renders)
+    file_itemsize: int = 2  # bytes per element in the file (bf16 usually)
 
     def sidecar(self) -> dict:
         return {"label": self.label, "path": self.source, "file": str(self.file), "scale": self.scale,
@@ -69,13 +70,14 @@ class ResolvedSet:
         return sum(a.nbytes for a in self.adapters)
 
     def delta_bytes(self, rows: int, tokens: int, itemsize: int) -> int:
-        """The worst layer call's transient: its A and B on the device in the compute dtype, `x A^T`, the delta
-        (added in place). An upper bound: every layer is counted at `tokens` (the longest stream), though the
-        timestep layers see one row per sample."""
+        """The worst layer call's transient: its A and B copied to the device (in the file's dtype, then cast to the
+        compute dtype when that differs), `x A^T`, the delta (added in place). An upper bound: every layer is counted
+        at `tokens` (the longest stream), though the timestep layers see one row per sample."""
         worst = 0
         for a in self.adapters:
+            per_element = a.file_itemsize + (itemsize if a.file_itemsize != itemsize else 0)
             for m in a.modules:
-                weights = m.rank * (m.in_features + m.out_features) * itemsize
+                weights = m.rank * (m.in_features + m.out_features) * per_element
                 worst = max(worst, weights + rows * tokens * (m.rank + m.out_features) * itemsize)
         return worst
 
@@ -206,7 +208,7 @@ def _module_paths(stems: list[str]) -> dict[str, str | None]:
     return out
 
 
-def read_adapter(file: Path, transformer_config: dict, *, where: str, version: str) -> tuple[list[AdapterModule], int]:
+def read_adapter(file: Path, transformer_config: dict, *, where: str, version: str) -> tuple[list, int, int]:
     """The adapter's layers, from its header only; a key or shape this model does not have is one line."""
     from lowvram.models.ltx2.checkpoint import read_header
 
@@ -254,14 +256,17 @@ def read_adapter(file: Path, transformer_config: dict, *, where: str, version: s
             f"(e.g. {unmatched[0]!r}): an adapter for another model or version"
         )
     nbytes = sum(_nbytes(r) for r in refs.values())
-    return modules, nbytes
+    return modules, nbytes, max(_itemsize(refs[m.a_key]) for m in modules)
+
+
+def _itemsize(ref) -> int:
+    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(str(ref.dtype).upper(), 1)
 
 
 def _nbytes(ref) -> int:
     import math
 
-    item = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(str(ref.dtype).upper(), 1)
-    return math.prod(ref.shape) * item
+    return math.prod(ref.shape) * _itemsize(ref)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,16 +309,16 @@ def adapter_sets(cfg, transformer_config: dict | None = None, version: str | Non
     cache_dir = cache_dir_of(cfg)
     sets: list[ResolvedSet] = []
     seen: dict[str, str] = {}
-    files: dict[Path, tuple[list[AdapterModule], int]] = {}
+    files: dict[Path, tuple[list[AdapterModule], int, int]] = {}
     for where, spec, adapters in entries:
         resolved = []
         for awhere, a in adapters:
             file = resolve_adapter_file(a.path, a.weight_name, where=awhere, cache_dir=cache_dir)
             if file not in files:
                 files[file] = read_adapter(file, transformer_config, where=awhere, version=version or "2.0")
-            modules, nbytes = files[file]
+            modules, nbytes, item = files[file]
             label = _check_label(a.label, awhere) if a.label else _slug(file.stem)
-            resolved.append(ResolvedAdapter(label, a.path, file, a.scale, tuple(modules), nbytes))
+            resolved.append(ResolvedAdapter(label, a.path, file, a.scale, tuple(modules), nbytes, item))
         labels = [r.label for r in resolved]
         if len(set(labels)) != len(labels):
             raise UsageError(f"{where}: two adapters are labelled {labels[0]!r}: give each a distinct label")

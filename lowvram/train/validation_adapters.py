@@ -38,12 +38,14 @@ def load_adapter_tensors(adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor,
     return out
 
 
-def _delta_hook(pairs: list[tuple[torch.Tensor, torch.Tensor, float]]):
+def _delta_hook(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], backend=None):
     def hook(module, args, output):
         x = args[0]
+        # Through the device seam when given (the simulated device charges the copies), else to the input's device.
+        move = backend.to_device if backend is not None else (lambda t: t.to(x.device, non_blocking=True))
         for a, b, factor in pairs:
-            a_dev = a.to(x.device, x.dtype, non_blocking=True)
-            b_dev = b.to(x.device, x.dtype, non_blocking=True)
+            a_dev = move(a).to(x.dtype)
+            b_dev = move(b).to(x.dtype)
             delta = F.linear(F.linear(x, a_dev), b_dev)
             del a_dev, b_dev
             if torch.is_grad_enabled():
@@ -57,7 +59,7 @@ def _delta_hook(pairs: list[tuple[torch.Tensor, torch.Tensor, float]]):
 
 
 @contextlib.contextmanager
-def stacked(transformer: torch.nn.Module, adapter_set) -> Iterator[None]:
+def stacked(transformer: torch.nn.Module, adapter_set, backend=None) -> Iterator[None]:
     """The set's adapters added to the transformer's output for the block; nothing of the model is changed."""
     per_module: dict[str, list] = {}
     for adapter in adapter_set.adapters:
@@ -66,7 +68,7 @@ def stacked(transformer: torch.nn.Module, adapter_set) -> Iterator[None]:
     handles = []
     try:
         for name, pairs in per_module.items():
-            handles.append(transformer.get_submodule(name).register_forward_hook(_delta_hook(pairs)))
+            handles.append(transformer.get_submodule(name).register_forward_hook(_delta_hook(pairs, backend)))
         yield
     finally:
         for h in handles:
@@ -83,7 +85,7 @@ def render_validation_sets(cfg, job, vaes, transformer, step_dir: Path, **kwargs
         return render_validation(cfg, job, vaes, transformer, step_dir, **kwargs)
     written = []
     for s in job.adapter_sets:
-        with stacked(transformer, s):
+        with stacked(transformer, s, kwargs.get("backend")):
             written += render_validation(cfg, job, vaes, transformer, Path(step_dir) / s.label, steps=s.steps,
                                          guidance=s.guidance, extra_sidecar=s.sidecar(), **kwargs)  # fmt: skip
     return written
