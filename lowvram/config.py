@@ -273,6 +273,37 @@ class CheckpointSection(Section):
     )
 
 
+def _adapter_scale(value: Any) -> float:
+    # A LoRA strength: any finite number (negative subtracts the adapter); not a bool, not text.
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("scale must be a number")
+    try:
+        scale = float(value)
+    except ValueError:
+        raise ValueError("scale must be a number") from None
+    if scale != scale or scale in (float("inf"), float("-inf")):
+        raise ValueError("scale must be a finite number")
+    return scale
+
+
+class ValidationAdapter(Section):
+    """One LoRA stacked on the LoRA being trained for validation only (lowvram/models/adapter_files.py)."""
+
+    path: str = Field(..., min_length=1, description="a .safetensors file, a folder, or a hub id org/name[:file]")
+    weight_name: str | None = Field(None, description="the file inside the folder or hub repo")
+    scale: Annotated[float, BeforeValidator(_adapter_scale)] = Field(1.0, description="LoRA strength")
+    label: str | None = Field(None, description="name in outputs (default: the file's stem)")
+
+
+class ValidationAdapterSet(Section):
+    """Adapters stacked together for one validation render (none: the LoRA being trained alone)."""
+
+    label: str | None = Field(None, description="output folder name (default: from its adapters, or 'lora')")
+    adapters: list[ValidationAdapter] = Field(default_factory=list)
+    guidance: float | None = Field(None, ge=0, description="guidance of this set (default: validation.guidance)")
+    steps: int | None = Field(None, ge=1, description="denoising steps (default: validation.num_inference_steps)")
+
+
 class ValidationSection(Section):
     enabled: bool = Field(False, description="render a validation clip with the LoRA")
     prompt: str = Field("a red circle moving from left to right", description="validation prompt")
@@ -298,12 +329,25 @@ class ValidationSection(Section):
         None, description="S2V: cached audio latents of this dataset's first clip with audio"
     )
 
+    adapters: list[ValidationAdapter] = Field(
+        default_factory=list, description="adapters rendered one at a time, each stacked on the LoRA being trained"
+    )
+    adapter_sets: list[ValidationAdapterSet] = Field(
+        default_factory=list, description="renders, each with its adapters stacked and its own guidance/steps"
+    )
+
     @model_validator(mode="after")
     def _one_reference_each(self) -> ValidationSection:
         for a, b in (("reference_image", "reference_from_dataset"),
                      ("reference_audio", "reference_audio_from_dataset")):  # fmt: skip
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 raise ValueError(f"validation.{a} and validation.{b} are both set: keep one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _one_adapter_form(self) -> ValidationSection:
+        if self.adapters and self.adapter_sets:
+            raise ValueError("give validation.adapters (one render per adapter) or validation.adapter_sets, not both")
         return self
 
 
@@ -497,6 +541,84 @@ def _st_prompt_library(value: Any, out: dict) -> None:
     _set(out, "validation.prompts", prompts)
 
 
+_ST_ADAPTER_MODES = ("adapter_only", "comparison", "none")
+# SimpleTuner's validation_adapter_config entry keys (simpletuner/helpers/.../validation_adapters.py).
+_ST_ADAPTER_ENTRY_KEYS = {"label", "name", "path", "paths", "adapters", "strength", "scale", "adapter_name"}
+
+
+def _st_adapter(value: Any, strength: Any, label: Any = None) -> dict:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"path", "strength", "scale", "adapter_name"})
+        if unknown or "path" not in value:
+            raise ValueError(f"an adapter needs 'path' (and optionally strength, adapter_name): got {sorted(value)}")
+        strength = value.get("strength", value.get("scale", strength))
+        label, value = value.get("adapter_name") or label, value["path"]
+    adapter = {"path": str(value), "scale": 1.0 if strength is None else strength}
+    return {**adapter, "label": label} if label else adapter
+
+
+def _st_validation_adapters(raw: dict[str, Any], out: dict) -> None:
+    """SimpleTuner's validation adapters -> `validation.adapter_sets` (same runs, same order).
+
+    As SimpleTuner: `validation_adapter_path` (org/repo[:file] or a local path) with `_name` / `_strength` is one
+    run; `_mode` "adapter_only" (its default) renders only that run, "comparison" the plain LoRA first, "none" no
+    adapter. `validation_adapter_config` (a list, {"runs": [...]}, inline JSON or a JSON file) is one run per entry
+    after the plain LoRA's; it excludes `validation_adapter_path`.
+    """
+    get = {k.lstrip("-"): v for k, v in raw.items()}.get
+    path, config = get("validation_adapter_path"), get("validation_adapter_config")
+    mode = str(get("validation_adapter_mode") or "adapter_only").strip().lower()
+    if mode not in _ST_ADAPTER_MODES:
+        raise ValueError(f"'validation_adapter_mode': {mode!r} is not one of {', '.join(_ST_ADAPTER_MODES)}")
+    if path and config:
+        raise ValueError("'validation_adapter_path' and 'validation_adapter_config' exclude each other: keep one")
+    plain = {"label": "lora", "adapters": []}
+    if path and mode != "none":
+        single = _st_adapter(path, get("validation_adapter_strength"), get("validation_adapter_name"))
+        run = {"adapters": [single], **({"label": single["label"]} if "label" in single else {})}
+        _set(out, "validation.adapter_sets", [plain, run] if mode == "comparison" else [run])
+    if not config:
+        return
+    if isinstance(config, str):
+        text = config.strip()
+        if not text.startswith(("[", "{")):
+            try:
+                text = Path(text).expanduser().read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"'validation_adapter_config': cannot read {config} ({type(e).__name__})") from None
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'validation_adapter_config': malformed JSON at line {e.lineno}: {e.msg}") from None
+    entries = config.get("runs", [config]) if isinstance(config, dict) else config
+    if not isinstance(entries, list):
+        raise ValueError("'validation_adapter_config' must be a list of runs or an object with a 'runs' list")
+    sets = [plain]
+    for i, entry in enumerate(entries):
+        where = f"'validation_adapter_config' run {i}"
+        if isinstance(entry, str):
+            sets.append({"adapters": [_st_adapter(entry, None)]})
+            continue
+        if not isinstance(entry, dict) or set(entry) - _ST_ADAPTER_ENTRY_KEYS:
+            extra = sorted(set(entry) - _ST_ADAPTER_ENTRY_KEYS) if isinstance(entry, dict) else entry
+            raise ValueError(f"{where}: unknown {extra!r}; use label, path or adapters/paths, strength, adapter_name")
+        strength = entry.get("strength", entry.get("scale"))
+        label = entry.get("label") or entry.get("name")
+        try:
+            if "path" in entry and "paths" not in entry and "adapters" not in entry:
+                adapters = [_st_adapter(entry["path"], strength, entry.get("adapter_name"))]
+            else:
+                items = entry.get("adapters", entry.get("paths")) or []
+                if not isinstance(items, list) or not items:
+                    raise ValueError("'adapters'/'paths' must be a non-empty list")
+                adapters = [_st_adapter(a, strength, None if isinstance(a, dict) else entry.get("adapter_name"))
+                            for a in items]  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        sets.append({"adapters": adapters, **({"label": label} if label else {})})
+    _set(out, "validation.adapter_sets", sets)
+
+
 SIMPLETUNER_KEYS: dict[str, Any] = {
     "model_family": _st_family,
     "model_flavour": _st_flavour,
@@ -561,6 +683,12 @@ SIMPLETUNER_KEYS: dict[str, Any] = {
     "validation_using_datasets": None,  # with eval_dataset_id: _st_validation_inputs
     "eval_dataset_id": None,
     "validation_input": None,
+    # Read together by _st_validation_adapters (one validation.adapter_sets list from the five).
+    "validation_adapter_path": None,
+    "validation_adapter_name": None,
+    "validation_adapter_strength": None,
+    "validation_adapter_mode": None,
+    "validation_adapter_config": None,
     "framerate": "data.fps",
     "ltx_train_mode": "train.task",
     "ltx_i2v_prob": "train.first_frame_conditioning_p",
@@ -592,8 +720,6 @@ SIMPLETUNER_IGNORED: dict[str, str] = {
     "scheduled_sampling_sampler": "lowvram's rollout takes Euler flow-matching steps (scheduled_sampling.sigma_step)",
     "scheduled_sampling_order": "lowvram's rollout takes first-order Euler steps",
     "validation_disable_unconditional": "validation renders the clips with the LoRA being trained only",
-    "validation_adapter_path": "validation adapters are not supported yet: the LoRA being trained only",
-    "validation_adapter_config": "validation adapters are not supported yet: the LoRA being trained only",
     "quantize_via": "quantization runs where the memory plan puts it",
     "crepa_spatial_align": "CREPA always resamples the DINOv2 patch grid onto the latent grid (2-D, bilinear)",
     "crepa_normalize_by_frames": "the CREPA term is always averaged over frames",
@@ -639,6 +765,10 @@ def from_simpletuner(raw: dict[str, Any], source: str = "config.json") -> tuple[
                 _set(out, target, value)
         except ValueError as e:
             raise ConfigError(f"{source}: '{key}': {e}") from None
+    try:
+        _st_validation_adapters(raw, out)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
     _st_methods_said(raw, out, notes)
     _st_validation_inputs({k.lstrip("-"): v for k, v in raw.items()}, out, notes, source)
     return out, notes
@@ -909,7 +1039,7 @@ def config_to_toml(cfg: RunConfig) -> str:
         for key, rows in nested_tables:
             for row in rows:
                 lines.append(f"[[{section}.{key}]]")
-                lines.extend(f"{k} = {_toml_value(v)}" for k, v in row.items())
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in row.items() if v is not None)
         lines.append("")
     return "\n".join(lines)
 
@@ -921,4 +1051,6 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (validation.adapter_sets' adapters)
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     return json.dumps(str(value))

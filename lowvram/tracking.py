@@ -297,13 +297,16 @@ class RunMirror:
         folder = self.run_dir / "validation"
         if not folder.is_dir():
             return
-        for clip in sorted(folder.glob("*.mp4")):
-            if clip.name in self._videos_sent:
+        # validation/step-N.mp4, step-N/NN.mp4 (a prompt) or step-N/<adapter set>/NN.mp4: one series per prompt/set.
+        for clip in sorted(folder.rglob("*.mp4")):
+            rel = clip.relative_to(folder).as_posix()
+            if rel in self._videos_sent:
                 continue
-            self._videos_sent.add(clip.name)
-            m = re.fullmatch(r"step-(\d+)\.mp4", clip.name)
+            self._videos_sent.add(rel)
+            m = re.match(r"step-(\d+)", rel)
             step = int(m.group(1)) if m else self.last_step
-            self._each(lambda t, c=clip, s=max(step, self.last_step): t.video(c, s, "validation"))
+            tag = "/".join(["validation", *rel.removesuffix(".mp4").split("/")[1:]])
+            self._each(lambda t, c=clip, s=max(step, self.last_step), g=tag: t.video(c, s, g))
 
 
 def start(cfg, run_dir: Path, *, plan=None, total_steps: int | None = None, metrics_dir: Path | None = None,

@@ -60,11 +60,11 @@ def validation_shape(cfg, configs: ModelConfigs, *, frames: int | None = None, g
     frames = frames or v.num_frames
     t = train_shape(configs, width=width, height=height, frames=frames, fps=cfg.data.fps, batch=1,
                     text_tokens=cfg.data.max_text_tokens, audio=cfg.data.audio, mode=cfg.train.mode)  # fmt: skip
-    g = max(guidance_values(cfg)) if guidance is None else guidance
+    guided = any(g != 1.0 for g in guidance_values(cfg)) if guidance is None else guidance != 1.0
     i2v = v.reference_image is not None or v.reference_from_dataset is not None
     s2v = v.reference_audio is not None or v.reference_audio_from_dataset is not None
     return ValidationShape(width, height, frames, t.latent_frames, t.latent_height, t.latent_width, t.audio_tokens,
-                           t.text_tokens, 2 if g != 1.0 else 1, cfg.train.mode,
+                           t.text_tokens, 2 if guided else 1, cfg.train.mode,
                            cfg.data.audio and cfg.train.mode != "video", i2v, s2v)  # fmt: skip
 
 
@@ -77,7 +77,9 @@ def reference_bytes(vs: ValidationShape, transformer_config: dict, item: int) ->
 
 def guidance_values(cfg) -> list[float]:
     """The guidance of every validation render (one per adapter set when sets are given)."""
-    return [cfg.validation.guidance]
+    from lowvram.models.adapter_files import set_guidances
+
+    return set_guidances(cfg)
 
 
 def sample_shape(vs: ValidationShape, transformer_config: dict, fps: float):
@@ -259,8 +261,13 @@ def validation_budget(
     *,
     offload_optimizer: bool,
     vae_tiling: bool,
+    adapter_sets: list | None = None,
 ) -> PhaseBudget:
-    """Device and host peaks of the phase at its worst point (sampling, video decode or audio decode)."""
+    """Device and host peaks of the phase at its worst point (sampling, video decode or audio decode).
+
+    `adapter_sets` (models/adapter_files.ResolvedSet): their tensors stay on the host; while sampling the device
+    holds the worst layer call's A, B and delta (train/validation_adapters.py), computed from the file headers.
+    """
     dtype = opts.compute_dtype
     item = _itemsize(dtype)
     lora_params = m.lora_params()
@@ -284,12 +291,16 @@ def validation_budget(
     vs = vm.shape
     latents = vm.latent_bytes
     decode = vm.decode[vae_tiling]
+    tokens = max(vs.video_tokens, vs.audio_tokens, vs.text_tokens)
+    adapter_delta = max((a.delta_bytes(vs.rows, tokens, item) for a in adapter_sets or []), default=0)
+    adapter_host = max((a.host_bytes for a in adapter_sets or []), default=0)
+    sampling = {f"sampling activations ({vs.rows} guidance rows)": vm.sample_peak_bytes}
+    if vm.reference_bytes:  # freed after denoising (the held S2V audio lives on as the denoised audio)
+        sampling["reference latents (I2V frame / S2V audio)"] = vm.reference_bytes
+    if adapter_delta:
+        sampling["validation adapter (worst layer call: its A, B and delta)"] = adapter_delta
     points = {
-        "sampling": {
-            f"sampling activations ({vs.rows} guidance rows)": vm.sample_peak_bytes,
-            # freed after denoising (the held S2V audio lives on as the denoised audio, in "denoised latents")
-            **({"reference latents (I2V frame / S2V audio)": vm.reference_bytes} if vm.reference_bytes else {}),
-        },
+        "sampling": sampling,
         "video decode": {
             "denoised latents": latents,
             "video VAE decoder": decode["video_decoder_params"] * item,
@@ -311,6 +322,8 @@ def validation_budget(
         "optimizer state (off the device for the phase)": optimizer if offload_optimizer else 0,
         "rendered frames": frames_bytes,
     }
+    if adapter_host:
+        ram["validation adapter weights (largest set)"] = adapter_host
     return PhaseBudget("validation", vram=vram, ram=ram)
 
 
@@ -325,13 +338,16 @@ def plan_validation(cfg, m: Measurements, s: Settings, profile, opts: BudgetOpti
     offloads = [v.offload_optimizer] if v.offload_optimizer is not None else [False, True]
     tilings = [v.vae_tiling] if v.vae_tiling is not None else [False, True]
     options = [(o, t) for t in tilings for o in offloads]
+    from lowvram.models.adapter_files import adapter_sets
+
+    sets = adapter_sets(cfg, configs.transformer, configs.version)  # a bad adapter file: one line, here
 
     def evaluate(vm: ValidationMeasure):
         best = None
         for o, t in options:
             if vm.decode[t] is None:
                 continue
-            b = validation_budget(m, vm, s, profile, opts, offload_optimizer=o, vae_tiling=t)
+            b = validation_budget(m, vm, s, profile, opts, offload_optimizer=o, vae_tiling=t, adapter_sets=sets)
             over = max(b.vram_peak_bytes - b.vram.get("reserve", 0) - vram_ok, b.ram_peak_bytes - ram_ok)
             if over <= 0:
                 return b, (o, t), 0

@@ -150,7 +150,8 @@ def _run(
     from lowvram.train import distributed
     from lowvram.train.checkpoint import ResumeFailed
     from lowvram.train.recover import fit_with_recovery
-    from lowvram.train.validation import ValidationJob, render_validation, validation_prompts
+    from lowvram.train.validation import ValidationJob, validation_prompts
+    from lowvram.train.validation_adapters import render_validation_sets
 
     run_dir = Path(cfg.output.output_dir).expanduser()
     env = distributed.current()
@@ -203,6 +204,10 @@ def _run(
         from lowvram.train.validation_inputs import read_inputs
 
         job.inputs = read_inputs(cfg)
+    if job is not None:  # adapter files found and checked against this model (headers only) before caching
+        from lowvram.models.adapter_files import adapter_sets
+
+        job.adapter_sets = adapter_sets(cfg)
 
     with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
         cfg = resolve_model_paths(cfg, console)
@@ -233,9 +238,9 @@ def _run(
             vram_bytes, ram_bytes = decision.predicted_peaks("validation")
             monitor.set_prediction("validation", vram_bytes=vram_bytes, ram_bytes=ram_bytes)
             with monitor.phase("validation"):
-                paths = render_validation(cfg, job, validation_parts.get(), holder["transformer"],
-                                          run_dir / "validation" / f"step-{step}", backend=backend,
-                                          dtype=compute_dtype, autocast_dtype=autocast_dtype)  # fmt: skip
+                paths = render_validation_sets(cfg, job, validation_parts.get(), holder["transformer"],
+                                               run_dir / "validation" / f"step-{step}", backend=backend,
+                                               dtype=compute_dtype, autocast_dtype=autocast_dtype)  # fmt: skip
             rendered.add(step)
             return paths
 

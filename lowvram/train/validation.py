@@ -59,6 +59,7 @@ class ValidationJob:
     negative_prompt: str
     text_paths: dict[str, Path] = field(default_factory=dict)  # filled by the text cache phase
     inputs: object | None = None  # I2V / S2V conditioning (train/validation_inputs.py), encoded while caching
+    adapter_sets: list = field(default_factory=list)  # models/adapter_files.ResolvedSet; [] = the plain render
 
 
 def sample_shape_for(cfg, transformer, vaes):
@@ -188,20 +189,25 @@ def render_sample(transformer, vaes, text, negative, shape, *, steps: int, guida
 
 def render_validation(cfg, job: ValidationJob, vaes, transformer, step_dir: Path, *, backend,
                       dtype: torch.dtype = torch.float32, autocast_dtype: torch.dtype | None = None,
-                      on_step=None) -> list[Path]:  # fmt: skip
-    """Every validation prompt with the LoRA being trained: `step_dir/NN.mp4` (video + audio) + `NN.json`."""
+                      on_step=None, steps: int | None = None, guidance: float | None = None,
+                      extra_sidecar: dict | None = None) -> list[Path]:  # fmt: skip
+    """Every validation prompt with the LoRA being trained: `step_dir/NN.mp4` (video + audio) + `NN.json`.
+
+    `steps` / `guidance` / `extra_sidecar` (more sidecar fields): an adapter set's (train/validation_adapters.py)."""
     from lowvram.fsutil import atomic_write_text
 
     v = cfg.validation
+    steps = v.num_inference_steps if steps is None else steps
+    guidance = v.guidance if guidance is None else guidance
     shape = sample_shape_for(cfg, transformer, vaes)
-    negative = _text(job.text_paths[job.negative_prompt]) if v.guidance != 1.0 else None
+    negative = _text(job.text_paths[job.negative_prompt]) if guidance != 1.0 else None
     inputs = job.inputs
     refs = {} if inputs is None else {"first_frame": inputs.first_frame, "audio_clean": inputs.audio_tokens}
     written = []
     for i, prompt in enumerate(job.prompts):
         frames, wave = render_sample(
-            transformer, vaes, _text(job.text_paths[prompt]), negative, shape, steps=v.num_inference_steps,
-            guidance=v.guidance, seed=v.seed, backend=backend, dtype=dtype, autocast_dtype=autocast_dtype,
+            transformer, vaes, _text(job.text_paths[prompt]), negative, shape, steps=steps,
+            guidance=guidance, seed=v.seed, backend=backend, dtype=dtype, autocast_dtype=autocast_dtype,
             tiling=bool(v.vae_tiling), on_step=on_step, **refs,
         )  # fmt: skip
         path = Path(step_dir) / f"{i:02d}.mp4"
@@ -217,10 +223,11 @@ def render_validation(cfg, job: ValidationJob, vaes, transformer, step_dir: Path
             **({} if inputs is None else inputs.sidecar()),
             "resolution": v.resolution,
             "num_frames": v.num_frames,
-            "num_inference_steps": v.num_inference_steps,
-            "guidance": v.guidance,
+            "num_inference_steps": steps,
+            "guidance": guidance,
             "seed": v.seed,
             "video": path.name,
+            **(extra_sidecar or {}),
         }
         atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
         written.append(path)
