@@ -17,6 +17,8 @@ import torch
 from lowvram.data.build import CachedItem
 from lowvram.errors import LowvramError
 
+REFERENCE_KEY = "reference_latents"  # the control clip's latents in an IC-LoRA entry (data/latent_cache.py)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -31,6 +33,7 @@ class Batch:
     text_audio: torch.Tensor  # [B, L, D] connector outputs for the audio stream
     text_mask: torch.Tensor  # [B, L]
     latent_paths: list[Path]
+    reference_latents: torch.Tensor | None = None  # [B, C, F', H'/k, W'/k] control latents (IC-LoRA), normalized
 
 
 def epoch_plan(
@@ -92,6 +95,10 @@ def load_batch(members: list[CachedItem], position: int = 0, epoch: int = 0, tex
             text_memo[m.text_path] = load_file(str(m.text_path))
         texts.append(text_memo[m.text_path])
     has_video = "video_latents" in lat[0]
+    has_reference = [REFERENCE_KEY in x for x in lat]
+    if any(has_reference) and not all(has_reference):
+        missing = next(m.latent_path for m, h in zip(members, has_reference, strict=True) if not h)
+        raise LowvramError(f"{missing}: cached without control latents while others have them: re-run caching")
     return Batch(
         position=position,
         epoch=epoch,
@@ -104,4 +111,5 @@ def load_batch(members: list[CachedItem], position: int = 0, epoch: int = 0, tex
         text_audio=torch.stack([t["audio"] for t in texts]),
         text_mask=torch.stack([t["mask"] for t in texts]).long(),
         latent_paths=[m.latent_path for m in members],
+        reference_latents=torch.stack([x[REFERENCE_KEY] for x in lat]) if all(has_reference) else None,
     )

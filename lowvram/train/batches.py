@@ -27,13 +27,16 @@ class CachedSample:
     latent_height: int
     latent_width: int
     fps: float = 25.0
+    reference: torch.Tensor | None = None  # [S_r, C] packed control latents (IC-LoRA)
+    reference_grid: tuple[int, int, int] | None = None  # their latent (frames, height, width)
 
     @property
     def bucket(self) -> tuple:
         """Samples batch together only when every shape matches."""
         v = None if self.video is None else tuple(self.video.shape)
         a = None if self.audio is None else tuple(self.audio.shape)
-        return (v, a, tuple(self.text_video.shape), self.latent_frames, self.latent_height, self.latent_width, self.fps)
+        return (v, a, tuple(self.text_video.shape), self.latent_frames, self.latent_height, self.latent_width, self.fps,
+                self.reference_grid)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class LatentBatch:
     latent_width: int
     fps: float
     audio_present: torch.Tensor | None = None  # [B] bool
+    reference: torch.Tensor | None = None  # [B, S_r, C] packed control latents (IC-LoRA)
+    reference_grid: tuple[int, int, int] | None = None
 
 
 class BatchSource(Protocol):
@@ -143,6 +148,8 @@ def collate(items: list[CachedSample]) -> LatentBatch:
         latent_width=first.latent_width,
         fps=first.fps,
         audio_present=audio_present,
+        reference=None if first.reference is None else torch.stack([s.reference for s in items]),
+        reference_grid=first.reference_grid,
     )
 
 
@@ -192,4 +199,6 @@ class DiskBatches:
             latent_width=w,
             fps=self.fps,
             audio_present=b.audio_mask > 0,
+            reference=None if b.reference_latents is None else pack_video_latents(b.reference_latents),
+            reference_grid=None if b.reference_latents is None else tuple(b.reference_latents.shape[2:]),
         )

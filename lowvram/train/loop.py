@@ -93,6 +93,8 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
         video_channels=ctx.video_channels,
         audio_present=batch.audio_present,
     )
+    if batch.reference is not None:  # control latents for a mode that uses them (IC-LoRA)
+        inputs = replace(inputs, reference_video=batch.reference.to(dev, dt), reference_grid=batch.reference_grid)
     text = TextEmbeddings(
         video=batch.text_video.to(dev, dt), audio=batch.text_audio.to(dev, dt), mask=batch.text_mask.to(dev)
     )
@@ -117,6 +119,7 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
                 latent_width=inp.latent_width,
                 fps=batch.fps,
                 isolate_modalities=inp.isolate_modalities,
+                in_context=inp.in_context,
             )
 
     for mode in ctx.modes:  # training modes (train/modes/): rolled-out inputs and the like

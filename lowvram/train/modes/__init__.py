@@ -27,6 +27,12 @@ class TrainingMode(Protocol):
 def build_modes(cfg) -> tuple[TrainingMode, ...]:
     """The modes `cfg` enables, in the order they apply."""
     modes: list[TrainingMode] = []
+    ic = cfg.ic_lora
+    if ic.enabled:
+        # First: later modes (a rollout) then see the reference tokens, which stay clean as the loss mask says.
+        from lowvram.train.modes.ic_lora import InContextControl
+
+        modes.append(InContextControl(reference_downscale=ic.reference_downscale))
     ss = cfg.scheduled_sampling
     if ss.enabled:
         from lowvram.train.modes.scheduled_sampling import ScheduledSampling
