@@ -56,7 +56,7 @@ def append_reference(inputs: FlowInputs, reference: torch.Tensor, grid: tuple[in
         # The official trainer infers one factor from the shapes and refuses others (_infer_reference_downscale_factor).
         raise LowvramError(
             f"control latents {f_r}x{h_r}x{w_r} do not match the clip's {inputs.latent_frames}x"
-            f"{inputs.latent_height}x{inputs.latent_width} at reference_downscale {downscale}: re-cache the control clips"
+            f"{inputs.latent_height}x{inputs.latent_width} at reference_downscale {downscale}: re-cache them"
         )
     dev = inputs.video_noisy.device
     ref = reference.to(dev, inputs.video_noisy.dtype)
