@@ -323,10 +323,10 @@ class IcLoraSection(Section):
 
     enabled: bool = Field(False, description="train an IC-LoRA: each clip is paired with its control clip")
     control_dir: str = Field(
-        "control", min_length=1, description="control clips folder, same file stems (relative: inside the dataset folder)"
+        "control", min_length=1, description="control clips folder, same file stems (relative: in the dataset folder)"
     )
     reference_downscale: int = Field(
-        1, ge=1, le=8, description="control clips cached at 1/N of the clip's width and height (reference_downscale_factor)"
+        1, ge=1, le=8, description="control clips cached at 1/N of the width and height (reference_downscale_factor)"
     )
 
 
