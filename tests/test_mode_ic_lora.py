@@ -141,3 +141,98 @@ def test_impossible_combinations_are_refused_in_one_line(overrides, message):
         load_config(None, {"ic_lora.enabled": True, **overrides})
     assert "\n" not in str(err.value)
     load_config(None, {"ic_lora.enabled": True, "data.resolution": "768x512", "ic_lora.reference_downscale": 2})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def _tiny_ic_config(**extra):
+    from lowvram.config import apply_overrides
+    from lowvram.offload.harness import tiny_plan_config
+
+    return apply_overrides(tiny_plan_config("fp32"), {"ic_lora.enabled": True, **extra})
+
+
+def test_the_plan_measures_the_doubled_sequence(tmp_path):
+    from lowvram.config import apply_overrides
+    from lowvram.plan.measure import MeasureCache, model_configs
+    from lowvram.plan.plan import collect_measurements, run_shape
+
+    cfg = _tiny_ic_config()
+    plain = apply_overrides(cfg, {"ic_lora.enabled": False})
+    shape, base = run_shape(cfg, model_configs("tiny")), run_shape(plain, model_configs("tiny"))
+    assert shape.video_tokens == 2 * base.video_tokens and shape.in_context == (2, 2, 2, 1)
+    assert base.key() == {k: v for k, v in base.__dict__.items() if k != "reference_hw"}  # plain keys unchanged
+    m, p = (collect_measurements(c, _cpu(), MeasureCache(tmp_path)) for c in (cfg, plain))
+    # the block's attention and per-token activations grow with the doubled sequence
+    assert m.step[True].peaks["block_fwd"] > p.step[True].peaks["block_fwd"]
+    assert m.step[True].flops["block_fwd"] > 1.5 * p.step[True].flops["block_fwd"]  # audio and text do not double
+    assert m.latent_item_bytes > p.latent_item_bytes  # the control latents are cached too
+
+
+def _cpu():
+    from lowvram.profiles import load_profile
+
+    return load_profile("cpu")
+
+
+SIM_CASES = {  # (strategy as the offload harness names it, blocks, streamed share)
+    "no_offload": ("none", 4, 1.0),
+    "streaming_all": ("streaming", 4, 1.0),
+    "block_swap_all_but_one": ("block_swap_all_but_one", 4, 1.0),
+}
+
+
+def _simulated_ic_step_peak(cfg, settings, blocks: int) -> int:
+    """A real IC-LoRA training step (the mode's `prepare`, forward, the objective's loss, backward) of the tiny
+    model on the simulated device, at the target shape the planner derives from `cfg` plus its control latents."""
+    from types import SimpleNamespace
+
+    from lowvram.device import get_backend
+    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+    from lowvram.offload import apply_memory_plan
+    from lowvram.offload.harness import plan_batch, tiny_lora_transformer
+
+    transformer = tiny_lora_transformer("fp32", num_layers=blocks, rank=cfg.lora.rank)
+    sim = get_backend("sim")
+    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
+    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
+    batch = plan_batch(transformer, cfg)  # the target grid (the planner's shape less the reference tokens)
+    with sim.session():
+        sim.reset_counters()
+        d = sim.to_device
+        b, s_v, s_a = batch.video.shape[0], batch.video.shape[1], batch.audio.shape[1]
+        text = TextEmbeddings(video=d(batch.text_video), audio=d(batch.text_audio), mask=d(batch.mask))
+        inputs = FlowInputs(
+            video_noisy=d(batch.video), audio_noisy=d(batch.audio), video_target=d(batch.target_video),
+            audio_target=d(batch.target_audio), video_sigma=d(batch.sigma), audio_sigma=d(batch.sigma),
+            video_token_sigma=d(batch.sigma.view(b, 1).expand(b, s_v).contiguous()),
+            video_loss_mask=d(torch.ones(b, s_v)), audio_loss_mask=d(torch.ones(b, s_a)),
+            latent_frames=batch.frames, latent_height=batch.height, latent_width=batch.width,
+            isolate_modalities=False, train_video=True, train_audio=True,
+            reference_video=d(torch.randn(b, s_v, batch.video.shape[2])),
+            reference_grid=(batch.frames, batch.height, batch.width),
+        )  # fmt: skip
+        inputs = InContextControl().prepare(inputs, None, torch.Generator())
+        video_pred, audio_pred = transformer_forward(
+            transformer, video_tokens=inputs.video_noisy, audio_tokens=inputs.audio_noisy, text=text,
+            video_sigma=inputs.video_sigma, audio_sigma=inputs.audio_sigma, video_token_sigma=inputs.video_token_sigma,
+            latent_frames=inputs.latent_frames, latent_height=inputs.latent_height, latent_width=inputs.latent_width,
+            fps=25.0, in_context=inputs.in_context,
+        )  # fmt: skip
+        flow_loss(video_pred, audio_pred, inputs, ObjectiveConfig()).total.backward()
+        return sim.stats().peak_bytes
+
+
+@pytest.mark.parametrize("case", sorted(SIM_CASES))
+def test_the_planned_ic_lora_step_peak_matches_the_simulated_device_within_5_percent(case, tmp_path_factory):
+    from lowvram.offload.harness import plan_settings, planner_step_peak_bytes
+
+    strategy, blocks, share = SIM_CASES[case]
+    cache = tmp_path_factory.getbasetemp() / "ic-lora-plan-cache"
+    cfg = _tiny_ic_config()
+    settings = plan_settings(strategy, "fp32", checkpointing=True, num_blocks=blocks, share=share)
+    predicted = planner_step_peak_bytes(cfg, settings, num_layers=blocks, cache_dir=cache)
+    measured = _simulated_ic_step_peak(cfg, settings, blocks)
+    assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
