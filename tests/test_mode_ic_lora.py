@@ -236,3 +236,74 @@ def test_the_planned_ic_lora_step_peak_matches_the_simulated_device_within_5_per
     predicted = planner_step_peak_bytes(cfg, settings, num_layers=blocks, cache_dir=cache)
     measured = _simulated_ic_step_peak(cfg, settings, blocks)
     assert abs(predicted - measured) / measured <= 0.05, (predicted, measured)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In the loop
+
+
+def _batches(with_reference: bool = True):
+    from lowvram.train.batches import CachedBatches, CachedSample
+
+    g = torch.Generator().manual_seed(123)
+    samples = [
+        CachedSample(
+            video=torch.randn(12, 8, generator=g), audio=torch.randn(5, 4, generator=g),
+            text_video=torch.randn(8, 16, generator=g), text_audio=torch.randn(8, 16, generator=g),
+            text_mask=torch.ones(8, dtype=torch.long), latent_frames=3, latent_height=2, latent_width=2, fps=25.0,
+            reference=torch.randn(12, 8, generator=g) if with_reference else None,
+            reference_grid=(3, 2, 2) if with_reference else None,
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    return CachedBatches(samples, batch_size=2, seed=7)
+
+
+def _config(run_dir, enabled=True):
+    from lowvram.config import RunConfig
+
+    return RunConfig.model_validate(
+        {
+            "model": {"family": "tiny"},
+            "data": {"resolution": "64x64"},
+            "lora": {"rank": 4},
+            "optim": {"learning_rate": 1e-3},
+            "train": {"batch_size": 2, "max_train_steps": 2, "seed": 7, "mixed_precision": "fp32"},
+            "ic_lora": {"enabled": enabled},
+            "output": {"output_dir": str(run_dir)},
+        }
+    )
+
+
+def test_the_loop_trains_on_target_plus_reference_tokens_and_exports_a_plain_lora(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lowvram.train.loop import export_lora, fit
+
+    model = _tiny_transformer(layers=4)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], kw["timestep"].clone())), with_kwargs=True
+    )
+    fit(_config(tmp_path / "a"), model, _batches(), run_dir=tmp_path / "a")
+    assert len(seen) == 2
+    for tokens, timestep in seen:
+        assert tokens == 24  # 12 target + 12 reference tokens
+        assert torch.all(timestep[:, 12:] == 0) and torch.all(timestep[:, :12] > 0)
+    plain = _tiny_transformer(layers=4)
+    fit(_config(tmp_path / "b", enabled=False), plain, _batches(with_reference=False), run_dir=tmp_path / "b")
+    ic_file, plain_file = export_lora(model, tmp_path / "ic.safetensors", _config(tmp_path / "a")), export_lora(
+        plain, tmp_path / "plain.safetensors", _config(tmp_path / "b", enabled=False))  # fmt: skip
+    # the same LoRA layout as a plain LoRA (diffusers loads both alike), with the official trainer's metadata key
+    assert load_file(str(ic_file)).keys() == load_file(str(plain_file)).keys()
+    with safe_open(str(ic_file), "pt") as f:
+        assert f.metadata()["reference_downscale_factor"] == "1"
+    with safe_open(str(plain_file), "pt") as f:
+        assert "reference_downscale_factor" not in f.metadata()
+    from diffusers import LTX2InContextPipeline  # diffusers 0.42.1's IC-LoRA pipeline (there is no LTX2ICLoraPipeline)
+
+    loaded = LTX2InContextPipeline.lora_state_dict(str(ic_file))
+    assert len(loaded) == len(load_file(str(ic_file))) and all(k.startswith("transformer.") for k in loaded)
+    with pytest.raises(LowvramError, match="no control latents"):
+        fit(_config(tmp_path / "c"), _tiny_transformer(4), _batches(with_reference=False), run_dir=tmp_path / "c")

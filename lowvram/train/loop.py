@@ -1064,7 +1064,11 @@ def export_lora(transformer: torch.nn.Module, path: Path, cfg) -> Path:
     """Write the user-facing LoRA (`diffusion_model.*` keys, alpha folded into B) atomically."""
     from lowvram.train import lora
 
-    return lora.export_lora(transformer, path, cfg.lora)
+    # An IC-LoRA carries its reference scale as the official trainer writes it (video_to_video.py
+    # get_checkpoint_metadata), the key diffusers' LTX2InContextPipeline documents for reference_downscale_factor.
+    ic = cfg.ic_lora
+    meta = {"reference_downscale_factor": str(ic.reference_downscale)} if ic.enabled else None
+    return lora.export_lora(transformer, path, cfg.lora, metadata=meta)
 
 
 def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, backend):
