@@ -307,3 +307,94 @@ def test_the_loop_trains_on_target_plus_reference_tokens_and_exports_a_plain_lor
     assert len(loaded) == len(load_file(str(ic_file))) and all(k.startswith("transformer.") for k in loaded)
     with pytest.raises(LowvramError, match="no control latents"):
         fit(_config(tmp_path / "c"), _tiny_transformer(4), _batches(with_reference=False), run_dir=tmp_path / "c")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Datasets: control clips paired by name, cached beside the clip's latents
+
+
+def _ic_data(folder, control_dir=None, downscale: int = 1, resolution=(64, 64)):
+    from types import SimpleNamespace
+
+    from lowvram.data.spec import DataConfig, folder_dataset, with_ic_lora
+
+    ic = SimpleNamespace(enabled=True, control_dir=control_dir or "control", reference_downscale=downscale)
+    return with_ic_lora(DataConfig((folder_dataset(folder, resolution=resolution, frames=9),)), ic, "test")
+
+
+def test_control_clips_are_paired_by_stem_and_cached_beside_the_clips_latents(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lowvram.data.build import build_caches
+    from lowvram.data.synthetic import make_synthetic_dataset
+    from lowvram.models.ltx2 import build_tiny_components
+    from lowvram.train.batches import DiskBatches
+
+    clips = tmp_path / "clips"
+    make_synthetic_dataset(clips, n_clips=3, width=64, height=64, frames=9, seed=0)
+    make_synthetic_dataset(clips / "control", n_clips=3, width=64, height=64, frames=9, seed=5)
+    (clips / "control" / "clip_002.mp4").unlink()  # one clip without its control clip
+    for txt in (clips / "control").glob("*.txt"):
+        txt.unlink()
+    tiny = build_tiny_components(seed=0)
+    summary = build_caches(_ic_data(clips, downscale=2), tiny, tmp_path / "cache", max_text_tokens=8)
+    assert len(summary.items) == 2
+    [skip] = summary.skipped  # one line at startup, naming the missing file
+    assert skip.path.name == "clip_002.mp4" and f"missing control clip {clips / 'control' / 'clip_002'}.*" in skip.reason
+    entry = load_file(str(summary.items[0].latent_path))
+    video, ref = entry["video_latents"], entry["reference_latents"]
+    assert video.shape[1:] == (2, 2, 2) and ref.shape == (video.shape[0], 2, 1, 1)  # same frames, half the sides
+    batch = next(DiskBatches(summary.items, 1, seed=0, fps=25.0))
+    assert batch.reference.shape == (1, 2, video.shape[0]) and batch.reference_grid == (2, 1, 1)
+    # the entry's key covers the control clip: a new control clip rebuilds it, the clip's other entries are reused
+    shutil.copy(clips / "control" / "clip_001.mp4", clips / "control" / "clip_000.mp4")
+    again = build_caches(_ic_data(clips, downscale=2), tiny, tmp_path / "cache", max_text_tokens=8)
+    assert again.latents_rebuilt == {"stale": 1} and again.latents_reused == 1
+
+
+def test_control_clips_that_cannot_match_are_skipped_with_the_reason(tmp_path):
+    from lowvram.data.dataset import discover
+    from lowvram.data.synthetic import make_synthetic_dataset
+
+    clips = tmp_path / "clips"
+    make_synthetic_dataset(clips, n_clips=2, width=64, height=64, frames=17)
+    make_synthetic_dataset(clips / "control", n_clips=1, width=64, height=64, frames=9)  # too short
+    make_synthetic_dataset(tmp_path / "wide", n_clips=2, width=128, height=64, frames=17)
+    (tmp_path / "wide" / "clip_001.mp4").replace(clips / "control" / "clip_001.mp4")  # another aspect ratio
+    from dataclasses import replace
+
+    data = _ic_data(clips)
+    data = replace(data, datasets=(replace(data.datasets[0], video=replace(data.datasets[0].video, num_frames=17)),))
+    items, skipped = discover(data)
+    assert items == []
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert "has 9 frames at 25 fps, the clip trains 17" in reasons["clip_000.mp4"]
+    assert "is 128x64, the clip 64x64: give it the clip's aspect ratio" in reasons["clip_001.mp4"]
+
+
+def test_simpletuner_conditioning_datasets_pair_control_clips(tmp_path):
+    from types import SimpleNamespace
+
+    from lowvram.data.spec import parse_multidatabackend, with_ic_lora
+
+    raw = [
+        {"id": "clips", "instance_data_dir": "clips", "conditioning_data": ["canny"]},
+        {"id": "canny", "dataset_type": "conditioning", "conditioning_type": "reference_strict",
+         "instance_data_dir": "canny", "source_dataset_id": "clips"},
+    ]  # fmt: skip
+    data = parse_multidatabackend(raw, base_dir=tmp_path)
+    [spec] = data.datasets
+    assert spec.control_dir == tmp_path / "canny"
+    on = SimpleNamespace(enabled=True, control_dir="control", reference_downscale=2)
+    assert with_ic_lora(data, on, "m.json").datasets[0].control_downscale == 2
+    with pytest.raises(ConfigError, match="dataset 'clips' links conditioning data: set ic_lora.enabled = true"):
+        with_ic_lora(data, SimpleNamespace(enabled=False), "m.json")
+    with pytest.raises(ConfigError, match="conditioning_type 'mask' is not supported"):
+        parse_multidatabackend([raw[0], {**raw[1], "conditioning_type": "mask"}], base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="links conditioning dataset 'depth', which is not defined"):
+        parse_multidatabackend([{**raw[0], "conditioning_data": "depth"}, raw[1]], base_dir=tmp_path)
+    audio = [{"id": "sounds", "instance_data_dir": "s", "dataset_type": "audio"}]
+    with pytest.raises(ConfigError, match="dataset 'sounds' is audio-only, which IC-LoRA cannot condition"):
+        with_ic_lora(parse_multidatabackend(audio, base_dir=tmp_path), on, "m.json")

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from lowvram.data.build import CachedItem
+from lowvram.data.latent_cache import REFERENCE_KEY
 from lowvram.errors import LowvramError
-
-REFERENCE_KEY = "reference_latents"  # the control clip's latents in an IC-LoRA entry (data/latent_cache.py)
 
 
 @dataclass(frozen=True)
