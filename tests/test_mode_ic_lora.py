@@ -342,7 +342,8 @@ def test_control_clips_are_paired_by_stem_and_cached_beside_the_clips_latents(tm
     summary = build_caches(_ic_data(clips, downscale=2), tiny, tmp_path / "cache", max_text_tokens=8)
     assert len(summary.items) == 2
     [skip] = summary.skipped  # one line at startup, naming the missing file
-    assert skip.path.name == "clip_002.mp4" and f"missing control clip {clips / 'control' / 'clip_002'}.*" in skip.reason
+    assert skip.path.name == "clip_002.mp4"
+    assert f"missing control clip {clips / 'control' / 'clip_002'}.*" in skip.reason
     entry = load_file(str(summary.items[0].latent_path))
     video, ref = entry["video_latents"], entry["reference_latents"]
     assert video.shape[1:] == (2, 2, 2) and ref.shape == (video.shape[0], 2, 1, 1)  # same frames, half the sides
