@@ -307,7 +307,7 @@ def _trackers(value: Any) -> list[str]:
 
 
 class ScheduledSamplingSection(Section):
-    """Rollout before the training step (lowvram/train/modes/scheduled_sampling.py)."""
+    """Rollout before the training step (lowvram/method/modes/scheduled_sampling.py)."""
 
     enabled: bool = Field(False, description="roll noisy inputs out with the model's own predictions before a step")
     probability: float = Field(0.5, ge=0, le=1, description="share of samples rolled out")
@@ -319,7 +319,7 @@ class ScheduledSamplingSection(Section):
 
 class IcLoraSection(Section):
     """IC-LoRA (in-context control, video-to-video): clean control-clip latents ride along as extra video tokens at
-    timestep 0, outside the loss (lowvram/train/modes/ic_lora.py; the official trainer's video_to_video strategy)."""
+    timestep 0, outside the loss (lowvram/method/modes/ic_lora.py; the official trainer's video_to_video strategy)."""
 
     enabled: bool = Field(False, description="train an IC-LoRA: each clip is paired with its control clip")
     control_dir: str = Field(

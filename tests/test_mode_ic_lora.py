@@ -11,9 +11,9 @@ import torch
 
 from lowvram.config import load_config
 from lowvram.errors import ConfigError, LowvramError
-from lowvram.train.modes import build_modes
-from lowvram.train.modes.ic_lora import InContextControl, append_reference
-from lowvram.train.objective import FlowInputs, ObjectiveConfig, flow_loss
+from lowvram.method.modes import build_modes
+from lowvram.method.modes.ic_lora import InContextControl, append_reference
+from lowvram.method.objective import FlowInputs, ObjectiveConfig, flow_loss
 
 
 def two_token_inputs(x0: float, noise: float, sigma: float, cond: float = 0.0) -> FlowInputs:

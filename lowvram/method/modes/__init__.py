@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from lowvram.train.objective import FlowInputs
+from lowvram.method.objective import FlowInputs
 
 # `predict(inputs, inference=False)` -> (video, audio) velocity predictions of the transformer being trained, under
 # the run's autocast; `inference=True` runs it as at sampling time (eval mode: no LoRA dropout).
@@ -30,12 +30,12 @@ def build_modes(cfg) -> tuple[TrainingMode, ...]:
     ic = cfg.ic_lora
     if ic.enabled:
         # First: later modes (a rollout) then see the reference tokens, which stay clean as the loss mask says.
-        from lowvram.train.modes.ic_lora import InContextControl
+        from lowvram.method.modes.ic_lora import InContextControl
 
         modes.append(InContextControl(reference_downscale=ic.reference_downscale))
     ss = cfg.scheduled_sampling
     if ss.enabled:
-        from lowvram.train.modes.scheduled_sampling import ScheduledSampling
+        from lowvram.method.modes.scheduled_sampling import ScheduledSampling
 
         modes.append(ScheduledSampling(probability=ss.probability, steps=ss.steps, sigma_step=ss.sigma_step))
     return tuple(modes)

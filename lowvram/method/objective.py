@@ -86,7 +86,7 @@ class FlowInputs:
     train_video: bool
     train_audio: bool
     # Clean packed control latents [B, S_r, C] and their latent grid (frames, height, width), for a mode to use
-    # (train/modes/ic_lora.py appends them); the objective itself never reads them.
+    # (method/modes/ic_lora.py appends them); the objective itself never reads them.
     reference_video: torch.Tensor | None = None
     reference_grid: tuple[int, int, int] | None = None
     # (frames, height, width, downscale) of reference tokens appended after the F x H x W target tokens: the

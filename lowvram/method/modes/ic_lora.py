@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowvram.errors import LowvramError
-from lowvram.train.objective import FlowInputs
+from lowvram.method.objective import FlowInputs
 
 
 @dataclass(frozen=True)
