@@ -390,6 +390,19 @@ class CrepaSection(Section):
     image_size: int = Field(518, ge=14, description="frames are resized to image_size x image_size for DINOv2")
 
 
+class IcLoraSection(Section):
+    """IC-LoRA (in-context control, video-to-video): clean control-clip latents ride along as extra video tokens at
+    timestep 0, outside the loss (lowvram/method/modes/ic_lora.py; the official trainer's video_to_video strategy)."""
+
+    enabled: bool = Field(False, description="train an IC-LoRA: each clip is paired with its control clip")
+    control_dir: str = Field(
+        "control", min_length=1, description="control clips folder, same file stems (relative: in the dataset folder)"
+    )
+    reference_downscale: int = Field(
+        1, ge=1, le=8, description="control clips cached at 1/N of the width and height (reference_downscale_factor)"
+    )
+
+
 class OutputSection(Section):
     output_dir: str = Field("output", description="run folder: LoRA, checkpoints, metrics.jsonl, memory.jsonl")
     report_to: Annotated[list[str], BeforeValidator(_trackers)] = Field(
@@ -412,6 +425,7 @@ class RunConfig(Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     scheduled_sampling: ScheduledSamplingSection = Field(default_factory=ScheduledSamplingSection)
     crepa: CrepaSection = Field(default_factory=CrepaSection)
+    ic_lora: IcLoraSection = Field(default_factory=IcLoraSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
     @model_validator(mode="after")
@@ -423,6 +437,8 @@ class RunConfig(Section):
         if self.train.max_train_steps == 0 and self.train.num_train_epochs == 0:
             raise ValueError("train.max_train_steps and train.num_train_epochs are both 0: set one of them above 0")
         self._validation_references()
+        if self.ic_lora.enabled:
+            _check_ic_lora(self)
         return self
 
     def _validation_references(self) -> None:
@@ -448,6 +464,28 @@ class RunConfig(Section):
             for key, value in values.items():
                 out[f"{section}.{key}"] = value
         return out
+
+
+def _check_ic_lora(cfg: RunConfig) -> None:
+    """Combinations IC-LoRA cannot train, refused in one line each (pydantic prefixes the section)."""
+    ic = cfg.ic_lora
+    if cfg.train.mode == "audio":
+        raise ValueError("ic_lora.enabled = true needs video, but train.mode = 'audio' has no video tokens to "
+                         "condition: use train.mode = 'video' (the official v2v setup) or 'av'")  # fmt: skip
+    if cfg.train.tread_routes:
+        # TreadRouter picks its routed share among all video tokens: the reference tokens would be dropped too.
+        raise ValueError("train.tread_routes would route (drop) the IC-LoRA reference tokens with the rest: remove "
+                         "train.tread_routes or set ic_lora.enabled = false")  # fmt: skip
+    if cfg.validation.enabled:
+        raise ValueError("validation.enabled = true renders text-to-video clips without a control clip, which does "
+                         "not show an IC-LoRA: set validation.enabled = false")  # fmt: skip
+    w, h = cfg.data.width_height
+    step = 32 * ic.reference_downscale
+    if w % step or h % step:
+        raise ValueError(
+            f"ic_lora.reference_downscale = {ic.reference_downscale} needs data.resolution sides that are multiples "
+            f"of {step} (the control latents must tile the clip's exactly), got {w}x{h}: change one of them"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -507,3 +507,29 @@ def test_a_tiny_run_caches_the_features_with_dinov2_and_trains_the_head(dino_dir
         assert any(k.startswith("crepa_head.") for k in f.keys())
     with safe_open(str(out / "lora.safetensors"), framework="pt") as f:
         assert f.keys() and not any("crepa" in k for k in f.keys())
+
+
+def test_with_ic_lora_reference_tokens_appended_the_term_aligns_the_clips_own_tokens_only():
+    """IC-LoRA appends clean control tokens after the clip's (modes/ic_lora.py): CREPA aligns the first F'*H'*W'."""
+    from lowvram.method.objective import LossParts
+
+    transformer = _tiny_transformer()
+    attach_head(transformer, DINO_DIM)
+    mode = Crepa(transformer, block_index=0, weight=1.0, adjacent_distance=1, temporal_decay=1.0)
+    g = torch.Generator().manual_seed(0)
+    width = mode.head[1].in_features  # the block width the head projects from
+    own = torch.randn(2, 3 * 4, width, generator=g)
+    reference = torch.randn(2, 3 * 4, width, generator=g)
+    features = torch.randn(2, 3, 4, DINO_DIM, generator=g)
+    batch = SimpleNamespace(video=torch.zeros(1), crepa_features=features)
+    inputs = SimpleNamespace(latent_frames=3, train_video=True)
+    zero = LossParts(total=torch.tensor(0.0), video=torch.tensor(0.0), audio=torch.tensor(0.0))
+
+    def term(hidden):
+        mode.capture.hidden = hidden
+        return mode.finish(zero, inputs, batch).total
+
+    with torch.no_grad():
+        alone = term(own)
+        torch.testing.assert_close(term(torch.cat([own, reference], dim=1)), alone)
+        assert alone == pytest.approx(crepa_term(mode.head(own).view(2, 3, 4, DINO_DIM), features, 1, 1.0).item())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lowvram.data.latent_cache import REFERENCE_KEY
 from lowvram.errors import LowvramError
 
 
@@ -43,6 +44,7 @@ class Batch:
     text_mask: torch.Tensor  # [B, L]
     latent_paths: list[Path]
     crepa_features: torch.Tensor | None = None  # [B, F', H'*W', D] DINOv2 features (CREPA runs' entries only)
+    reference_latents: torch.Tensor | None = None  # [B, C, F', H'/k, W'/k] control latents (IC-LoRA), normalized
 
 
 def epoch_plan(
@@ -104,6 +106,10 @@ def load_batch(members: list[CachedItem], position: int = 0, epoch: int = 0, tex
             text_memo[m.text_path] = load_file(str(m.text_path))
         texts.append(text_memo[m.text_path])
     has_video = "video_latents" in lat[0]
+    has_reference = [REFERENCE_KEY in x for x in lat]
+    if any(has_reference) and not all(has_reference):
+        missing = next(m.latent_path for m, h in zip(members, has_reference, strict=True) if not h)
+        raise LowvramError(f"{missing}: cached without control latents while others have them: re-run caching")
     return Batch(
         position=position,
         epoch=epoch,
@@ -117,4 +123,5 @@ def load_batch(members: list[CachedItem], position: int = 0, epoch: int = 0, tex
         text_mask=torch.stack([t["mask"] for t in texts]).long(),
         latent_paths=[m.latent_path for m in members],
         crepa_features=torch.stack([x["crepa_features"] for x in lat]) if "crepa_features" in lat[0] else None,
+        reference_latents=torch.stack([x[REFERENCE_KEY] for x in lat]) if all(has_reference) else None,
     )

@@ -35,6 +35,8 @@ class Item:
     duration_s: float  # seconds of media the sample covers (audio length for the audio latent)
     audio_path: Path | None  # where its audio comes from (the clip itself, an s2v-linked file, or None)
     repeats: int = 1
+    control_path: Path | None = None  # IC-LoRA: its control clip, cached beside it at 1/control_downscale size
+    control_downscale: int = 1
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,36 @@ def _video_item(spec: DatasetSpec, path: Path, caption: str, linked: list[Datase
             if candidate.is_file():
                 audio_path = candidate
                 break
-    return Item(spec.id, path, kind, caption, bucket, fps, bucket.frames / fps, audio_path, spec.repeats)
+    control = None if spec.control_dir is None else find_control_clip(spec, path, info, bucket, fps, kind)
+    return Item(spec.id, path, kind, caption, bucket, fps, bucket.frames / fps, audio_path, spec.repeats, control,
+                spec.control_downscale)  # fmt: skip
+
+
+def find_control_clip(spec: DatasetSpec, path: Path, info, bucket: Bucket, fps: float, kind: str) -> Path:
+    """The same-stem control clip of `path` in `spec.control_dir`, checked to fit the clip's bucket; BadItem names
+    the file that is missing or why it cannot match."""
+    folder = spec.control_dir
+    found = [folder / (path.stem + ext) for ext in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+             if (folder / (path.stem + ext)).is_file()]  # fmt: skip
+    if not found:
+        raise BadItem(f"missing control clip {folder / path.stem}.* (IC-LoRA pairs each clip with a same-stem "
+                      f"control clip: add it or remove the clip)")  # fmt: skip
+    control = found[0]
+    k = spec.control_downscale
+    if bucket.width % (32 * k) or bucket.height % (32 * k):
+        raise BadItem(f"bucket {bucket.width}x{bucket.height} cannot hold a control clip at 1/{k} size (sides "
+                      f"must be multiples of {32 * k}): change ic_lora.reference_downscale or resolution")  # fmt: skip
+    ctrl = probe(control, fps, limit_frames=bucket.frames)
+    if not ctrl.has_video:
+        raise BadItem(f"control clip {control.name} has no video stream")
+    if kind == "video" and ctrl.frames < bucket.frames:
+        raise BadItem(f"control clip {control.name} has {ctrl.frames} frames at {fps:g} fps, the clip trains "
+                      f"{bucket.frames}: give it at least as many frames")  # fmt: skip
+    # Both are cover-cropped to the bucket: a different aspect ratio would crop them differently and misalign them.
+    if abs(ctrl.width * info.height - info.width * ctrl.height) > 0.01 * info.width * ctrl.height:
+        raise BadItem(f"control clip {control.name} is {ctrl.width}x{ctrl.height}, the clip {info.width}x"
+                      f"{info.height}: give it the clip's aspect ratio so both crop alike")  # fmt: skip
+    return control
 
 
 def _audio_item(spec: DatasetSpec, path: Path, caption: str) -> Item:
@@ -137,10 +168,12 @@ def _audio_item(spec: DatasetSpec, path: Path, caption: str) -> Item:
 
 def data_config_from_run(config) -> DataConfig:
     """Our DataConfig from a RunConfig's [data] section (a folder, or SimpleTuner's multidatabackend.json)."""
+    from lowvram.data.spec import with_ic_lora
+
     data = config.data
     if data.data_backend_config:
         path = Path(data.data_backend_config)
-        return load_multidatabackend(path, base_dir=path.parent)
+        return with_ic_lora(load_multidatabackend(path, base_dir=path.parent), config.ic_lora, str(path))
     if not data.dataset_dir:
         from lowvram.errors import ConfigError
 
@@ -156,4 +189,4 @@ def data_config_from_run(config) -> DataConfig:
         repeats=data.repeats,
         audio=data.audio,
     )
-    return DataConfig(datasets=(spec,))
+    return with_ic_lora(DataConfig(datasets=(spec,)), config.ic_lora, "data.dataset_dir")

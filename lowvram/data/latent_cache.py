@@ -21,6 +21,7 @@ from lowvram.fsutil import save_safetensors_atomic
 from lowvram.vae import VaeOptions, encode_video
 
 LATENT_FORMAT = 1  # bump when the stored layout changes: every entry then reads as stale
+REFERENCE_KEY = "reference_latents"  # an IC-LoRA entry's control-clip latents, beside the clip's own
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,16 @@ def entry_key(item: Item, encoders: LatentEncoders) -> str:
     }
     if encoders.crepa is not None and item.kind != "audio":
         parts["crepa"] = encoders.crepa.fingerprint  # only then: entries of runs without CREPA keep their key
+    if item.control_path is not None:  # IC-LoRA: the control clip and its scale (a plain entry's key is unchanged)
+        parts["control"] = [source_fingerprint(item.control_path), item.control_downscale]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def required_keys(item: Item) -> tuple[str, ...]:
-    return ("audio_latents", "audio_mask") if item.kind == "audio" else ("video_latents", "audio_latents", "audio_mask")
+    if item.kind == "audio":
+        return ("audio_latents", "audio_mask")
+    control = (REFERENCE_KEY,) if item.control_path is not None else ()
+    return ("video_latents", "audio_latents", "audio_mask", *control)
 
 
 def entry_state(path: Path, item: Item, key: str) -> str:
@@ -140,6 +146,19 @@ def encode_items(
             features = encoders.crepa.encode(video, *latents.shape[2:])
             for i in range(len(items)):
                 out[i][FEATURES_KEY] = features[i].to(dtype or latents.dtype).contiguous()
+        if items[0].control_path is not None:
+            # IC-LoRA: the control clips, decoded and cropped as their clips, at 1/k of the bucket's size (the
+            # official trainer's downscaled reference videos), encoded by the same VAE into the same entry.
+            k = items[0].control_downscale
+            controls = [
+                media.decode_video(it.control_path, fps=it.fps if it.kind == "video" else 1.0, frames=b.frames,
+                                   width=b.width // k, height=b.height // k)
+                for it in items
+            ]  # fmt: skip
+            ref = _normalize_video(encode_video(vae, torch.stack(controls).to(param.device, param.dtype), vae_options),
+                                   vae)  # fmt: skip
+            for i in range(len(items)):
+                out[i][REFERENCE_KEY] = ref[i].to("cpu", dtype or ref.dtype).contiguous()
     for i, it in enumerate(items):
         audio, has_audio = _encode_audio(it, encoders)
         out[i]["audio_latents"] = audio.to("cpu", dtype or audio.dtype).contiguous()

@@ -82,6 +82,10 @@ class DatasetSpec:
     repeats: int = 1
     cache_dir: Path | None = None
     s2v_datasets: tuple[str, ...] = ()
+    # IC-LoRA: the folder of control clips (same file stems) and the scale they are cached at (1/N width, height)
+    control_dir: Path | None = None
+    control_downscale: int = 1
+    conditioning_data: tuple[str, ...] = ()  # SimpleTuner: ids of the conditioning datasets paired with this one
 
     def __post_init__(self):
         from lowvram.paths import safe_name
@@ -121,8 +125,12 @@ class DataConfig:
 
 _TOP_KEYS = {
     "id", "type", "dataset_type", "instance_data_dir", "caption_strategy", "resolution", "video", "audio",
-    "repeats", "cache_dir", "s2v_datasets", "default", "disabled",
+    "repeats", "cache_dir", "s2v_datasets", "default", "disabled", "conditioning_data", "conditioning_type",
+    "source_dataset_id",
 }  # fmt: skip
+# SimpleTuner's conditioning types that pair files one to one by name (the control clip of an IC-LoRA); its 'mask'
+# and 'reference_loose' ones mean other trainings.
+CONDITIONING_TYPES = ("reference_strict", "controlnet")
 _VIDEO_KEYS = {"num_frames", "min_frames", "max_frames", "frame_rate", "bucket_strategy", "frame_interval"}
 _AUDIO_KEYS = {
     "auto_split", "sample_rate", "channels", "duration_interval", "audio_only", "min_duration_seconds",
@@ -145,7 +153,7 @@ def load_multidatabackend(path: str | Path, *, base_dir: str | Path | None = Non
 def parse_multidatabackend(raw: Any, *, base_dir: Path, source: str = "multidatabackend") -> DataConfig:
     if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
         raise ConfigError(f"{source}: expected a JSON list of dataset objects")
-    datasets, text_cache_dir = [], None
+    datasets, text_cache_dir, conditioning = [], None, {}
     for entry in raw:
         where = f"{source}: dataset '{entry.get('id', '?')}'"
         _refuse_unknown(entry, _TOP_KEYS, where)
@@ -155,6 +163,9 @@ def parse_multidatabackend(raw: Any, *, base_dir: Path, source: str = "multidata
         if kind != "local":
             raise ConfigError(f"{where}: type '{kind}' is not supported; only 'local' folders are")
         dataset_type = entry.get("dataset_type", "video")
+        if dataset_type == "conditioning":
+            conditioning[str(entry.get("id", "?"))] = _conditioning_dir(entry, base_dir, where)
+            continue
         if dataset_type == "text_embeds":
             if entry.get("cache_dir"):
                 text_cache_dir = _resolve(entry["cache_dir"], base_dir)
@@ -180,6 +191,7 @@ def parse_multidatabackend(raw: Any, *, base_dir: Path, source: str = "multidata
                     repeats=int(entry.get("repeats", 1) or 1),
                     cache_dir=_resolve(entry["cache_dir"], base_dir) if entry.get("cache_dir") else None,
                     s2v_datasets=tuple(entry.get("s2v_datasets") or ()),
+                    conditioning_data=_id_list(entry.get("conditioning_data")),
                 )
             )
         except (ConfigError, TypeError, ValueError) as err:
@@ -191,7 +203,66 @@ def parse_multidatabackend(raw: Any, *, base_dir: Path, source: str = "multidata
         for linked in d.s2v_datasets:
             if linked not in ids:
                 raise ConfigError(f"{source}: dataset '{d.id}' links s2v dataset '{linked}', which is not defined")
-    return DataConfig(datasets=tuple(datasets), text_cache_dir=text_cache_dir)
+    return DataConfig(datasets=tuple(_link_conditioning(datasets, conditioning, source)), text_cache_dir=text_cache_dir)
+
+
+def _id_list(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _conditioning_dir(entry: dict, base_dir: Path, where: str) -> Path:
+    """The folder of a SimpleTuner `dataset_type: conditioning` entry (the control clips of an IC-LoRA)."""
+    kind = entry.get("conditioning_type", "reference_strict")
+    if kind not in CONDITIONING_TYPES:
+        raise ConfigError(f"{where}: conditioning_type '{kind}' is not supported; IC-LoRA control clips pair by file "
+                          f"name: use one of {', '.join(CONDITIONING_TYPES)}")  # fmt: skip
+    if "instance_data_dir" not in entry:
+        raise ConfigError(f"{where}: a conditioning dataset needs 'instance_data_dir' (its control clips)")
+    return _resolve(entry["instance_data_dir"], base_dir)
+
+
+def _link_conditioning(datasets: list[DatasetSpec], conditioning: dict[str, Path], source: str) -> list[DatasetSpec]:
+    """Each dataset with `conditioning_data` gets that conditioning dataset's folder as its control_dir."""
+    from dataclasses import replace
+
+    out = []
+    for d in datasets:
+        if not d.conditioning_data:
+            out.append(d)
+            continue
+        unknown = [i for i in d.conditioning_data if i not in conditioning]
+        if unknown:
+            raise ConfigError(f"{source}: dataset '{d.id}' links conditioning dataset '{unknown[0]}', which is not "
+                              "defined with dataset_type 'conditioning'")  # fmt: skip
+        if len(d.conditioning_data) > 1:
+            raise ConfigError(f"{source}: dataset '{d.id}' links {len(d.conditioning_data)} conditioning datasets; "
+                              "an IC-LoRA takes one control clip per clip: link one")  # fmt: skip
+        out.append(replace(d, control_dir=conditioning[d.conditioning_data[0]]))
+    return out
+
+
+def with_ic_lora(data: DataConfig, ic, source: str) -> DataConfig:
+    """`data` as an IC-LoRA run (`ic`: the [ic_lora] section) reads it: every video dataset paired with its control
+    clips (a linked conditioning dataset, else `ic.control_dir`, relative to the dataset's folder). Without IC-LoRA a
+    conditioning link is refused: its control clips would not be trained on."""
+    from dataclasses import replace
+
+    if not ic.enabled:
+        linked = next((d for d in data.datasets if d.control_dir is not None), None)
+        if linked is not None:
+            raise ConfigError(f"{source}: dataset '{linked.id}' links conditioning data: set ic_lora.enabled = true "
+                              "to train an IC-LoRA on it, or remove the link")  # fmt: skip
+        return data
+    out = []
+    for d in data.datasets:
+        if d.audio_only:
+            raise ConfigError(f"{source}: dataset '{d.id}' is audio-only, which IC-LoRA cannot condition (it pairs "
+                              "video clips with control clips): remove it or set ic_lora.enabled = false")  # fmt: skip
+        folder = d.control_dir if d.control_dir is not None else _resolve(ic.control_dir, d.instance_data_dir)
+        out.append(replace(d, control_dir=folder, control_downscale=ic.reference_downscale))
+    return replace(data, datasets=tuple(out))
 
 
 def parse_resolution_value(value: Any) -> int | tuple[int, int]:

@@ -200,17 +200,18 @@ def export_lora(
     *,
     lora_format: str | None = None,
     dtype: str | torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write the LoRA atomically as safetensors. `lora_format` / `dtype` default to the spec's (`format`, `dtype`),
-    else "comfy" and bf16."""
+    else "comfy" and bf16. `metadata` adds header entries (e.g. an IC-LoRA's reference_downscale_factor)."""
     from lowvram.fsutil import save_safetensors_atomic
 
     fmt = lora_format or getattr(spec, "format", None) or getattr(spec, "lora_format", None) or "comfy"
     dtype = dtype if dtype is not None else getattr(spec, "dtype", None)
     tensors = exported_lora_tensors(transformer, fmt, dtype)
     rank = next(iter(lora_layers(transformer).values())).r[ADAPTER]
-    metadata = {"lowvram_lora_format": fmt, "lowvram_rank": str(rank), "lowvram_alpha_folded_into_b": "true"}
-    save_safetensors_atomic(tensors, path, metadata=metadata)
+    header = {"lowvram_lora_format": fmt, "lowvram_rank": str(rank), "lowvram_alpha_folded_into_b": "true"}
+    save_safetensors_atomic(tensors, path, metadata={**header, **(metadata or {})})
     return Path(path)
 
 

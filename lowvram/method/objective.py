@@ -85,6 +85,13 @@ class FlowInputs:
     isolate_modalities: bool
     train_video: bool
     train_audio: bool
+    # Clean packed control latents [B, S_r, C] and their latent grid (frames, height, width), for a mode to use
+    # (method/modes/ic_lora.py appends them); the objective itself never reads them.
+    reference_video: torch.Tensor | None = None
+    reference_grid: tuple[int, int, int] | None = None
+    # (frames, height, width, downscale) of reference tokens appended after the F x H x W target tokens: the
+    # transformer call gives them their own RoPE positions (models/ltx2.py transformer_forward).
+    in_context: tuple[int, int, int, int] | None = None
 
     @property
     def video_timesteps(self) -> torch.Tensor:

@@ -77,10 +77,29 @@ class TrainShape:
     latent_width: int
     audio_tokens: int  # 1 (a dummy) when audio is not trained
     text_tokens: int
+    # IC-LoRA: the control clip's latent (height, width) at reference_downscale; its tokens follow the target's
+    reference_hw: tuple[int, int] | None = None
+
+    @property
+    def reference_tokens(self) -> int:
+        return 0 if self.reference_hw is None else self.latent_frames * self.reference_hw[0] * self.reference_hw[1]
 
     @property
     def video_tokens(self) -> int:
-        return self.latent_frames * self.latent_height * self.latent_width
+        """Every video token of the transformer call: the target grid's, and IC-LoRA's reference tokens."""
+        return self.latent_frames * self.latent_height * self.latent_width + self.reference_tokens
+
+    def key(self) -> dict:
+        """The shape as measurement caches key it (a plain run's key is what it was before IC-LoRA existed)."""
+        return {k: v for k, v in self.__dict__.items() if not (k == "reference_hw" and v is None)}
+
+    @property
+    def in_context(self) -> tuple[int, int, int, int] | None:
+        """What `transformer_forward` needs to position the reference tokens (None without IC-LoRA)."""
+        if self.reference_hw is None:
+            return None
+        h, w = self.reference_hw
+        return self.latent_frames, h, w, self.latent_height // h
 
 
 def train_shape(
@@ -94,6 +113,7 @@ def train_shape(
     text_tokens: int,
     audio: bool,
     mode: str = "av",
+    reference_downscale: int | None = None,
 ) -> TrainShape:
     vae = configs.video_vae
     spatial = vae.get("spatial_compression_ratio") or 32
@@ -104,9 +124,10 @@ def train_shape(
     if mode == "audio":
         # Video-only / audio-only runs pass a 1-token dummy for the other modality (a zero-length one crashes RoPE).
         return TrainShape(batch, 1, 1, 1, audio_tokens, text_tokens)
-    return TrainShape(
-        batch, (frames - 1) // temporal + 1, height // spatial, width // spatial, audio_tokens, text_tokens
-    )
+    h, w = height // spatial, width // spatial
+    # IC-LoRA doubles the sequence (the control clip's tokens, 1/k² of them at reference_downscale k)
+    ref = None if reference_downscale is None else (h // reference_downscale, w // reference_downscale)
+    return TrainShape(batch, (frames - 1) // temporal + 1, h, w, audio_tokens, text_tokens, ref)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -476,6 +497,7 @@ def measure_transformer_step(
                 latent_height=shape.latent_height,
                 latent_width=shape.latent_width,
                 fps=25.0,
+                in_context=shape.in_context,
             )
             loss = (video_pred.float() - (noise - latents).float()).pow(2).mean()
             loss = loss + (audio_pred.float() - (audio_noise - audio_latents).float()).pow(2).mean()

@@ -62,6 +62,7 @@ def measure_rollout_forward(
                 isolate_modalities=False,
                 train_video=True,
                 train_audio=True,
+                in_context=shape.in_context,
             )
 
             def predict(inp, *, inference: bool = False):
@@ -69,7 +70,7 @@ def measure_rollout_forward(
                     model, video_tokens=inp.video_noisy, audio_tokens=inp.audio_noisy, text=text,
                     video_sigma=inp.video_sigma, audio_sigma=inp.audio_sigma, video_token_sigma=inp.video_token_sigma,
                     latent_frames=inp.latent_frames, latent_height=inp.latent_height, latent_width=inp.latent_width,
-                    fps=25.0,
+                    fps=25.0, in_context=inp.in_context,
                 )  # fmt: skip
 
             out = rollout(replace(inputs), predict, torch.ones(b, dtype=torch.bool), steps=1, sigma_step=0.025)
@@ -82,7 +83,7 @@ def rollout_cost(cfg, configs, shape: TrainShape, lora: LoraSpec, dtype: str, at
     ss = cfg.scheduled_sampling
     if not ss.enabled:
         return None
-    key = {"family": configs.family, "transformer": configs.transformer, "shape": shape.__dict__,
+    key = {"family": configs.family, "transformer": configs.transformer, "shape": shape.key(),
            "lora": lora.__dict__, "dtype": dtype, "attention": attention}  # fmt: skip
     raw = cache.get(
         "rollout-forward",

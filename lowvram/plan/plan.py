@@ -294,6 +294,7 @@ def run_shape(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> TrainShap
         text_tokens=cfg.data.max_text_tokens,
         audio=cfg.data.audio,
         mode=cfg.train.mode,
+        reference_downscale=cfg.ic_lora.reference_downscale if cfg.ic_lora.enabled else None,
     )
 
 
@@ -375,7 +376,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
     ) -> StepMeasure:
         key = {
             **cfg_key,
-            "shape": shape.__dict__,
+            "shape": shape.key(),
             "lora": lora.__dict__,
             "dtype": dtype,
             "ckpt": ckpt,

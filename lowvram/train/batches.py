@@ -28,13 +28,16 @@ class CachedSample:
     latent_width: int
     fps: float = 25.0
     crepa_features: torch.Tensor | None = None  # [F', H'*W', D] cached DINOv2 features (CREPA)
+    reference: torch.Tensor | None = None  # [S_r, C] packed control latents (IC-LoRA)
+    reference_grid: tuple[int, int, int] | None = None  # their latent (frames, height, width)
 
     @property
     def bucket(self) -> tuple:
         """Samples batch together only when every shape matches."""
         v = None if self.video is None else tuple(self.video.shape)
         a = None if self.audio is None else tuple(self.audio.shape)
-        return (v, a, tuple(self.text_video.shape), self.latent_frames, self.latent_height, self.latent_width, self.fps)
+        return (v, a, tuple(self.text_video.shape), self.latent_frames, self.latent_height, self.latent_width, self.fps,
+                self.reference_grid)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class LatentBatch:
     fps: float
     audio_present: torch.Tensor | None = None  # [B] bool
     crepa_features: torch.Tensor | None = None  # [B, F', H'*W', D] cached DINOv2 features (CREPA)
+    reference: torch.Tensor | None = None  # [B, S_r, C] packed control latents (IC-LoRA)
+    reference_grid: tuple[int, int, int] | None = None
 
 
 class BatchSource(Protocol):
@@ -146,6 +151,8 @@ def collate(items: list[CachedSample]) -> LatentBatch:
         fps=first.fps,
         audio_present=audio_present,
         crepa_features=torch.stack([s.crepa_features for s in items]) if first.crepa_features is not None else None,
+        reference=None if first.reference is None else torch.stack([s.reference for s in items]),
+        reference_grid=first.reference_grid,
     )
 
 
@@ -196,4 +203,6 @@ class DiskBatches:
             fps=self.fps,
             audio_present=b.audio_mask > 0,
             crepa_features=b.crepa_features,
+            reference=None if b.reference_latents is None else pack_video_latents(b.reference_latents),
+            reference_grid=None if b.reference_latents is None else tuple(b.reference_latents.shape[2:]),
         )

@@ -95,6 +95,8 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
         video_channels=ctx.video_channels,
         audio_present=batch.audio_present,
     )
+    if batch.reference is not None:  # control latents for a mode that uses them (IC-LoRA)
+        inputs = replace(inputs, reference_video=batch.reference.to(dev, dt), reference_grid=batch.reference_grid)
     text = TextEmbeddings(
         video=batch.text_video.to(dev, dt), audio=batch.text_audio.to(dev, dt), mask=batch.text_mask.to(dev)
     )
@@ -119,6 +121,7 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
                 latent_width=inp.latent_width,
                 fps=batch.fps,
                 isolate_modalities=inp.isolate_modalities,
+                in_context=inp.in_context,
             )
 
     for mode in ctx.modes:  # training modes (method/modes/): rolled-out inputs and the like
@@ -603,7 +606,11 @@ def export_lora(transformer: torch.nn.Module, path: Path, cfg) -> Path:
     """Write the user-facing LoRA (`diffusion_model.*` keys, alpha folded into B) atomically."""
     from lowvram.method import lora
 
-    return lora.export_lora(transformer, path, cfg.lora)
+    # An IC-LoRA carries its reference scale as the official trainer writes it (video_to_video.py
+    # get_checkpoint_metadata), the key diffusers' LTX2InContextPipeline documents for reference_downscale_factor.
+    ic = cfg.ic_lora
+    meta = {"reference_downscale_factor": str(ic.reference_downscale)} if ic.enabled else None
+    return lora.export_lora(transformer, path, cfg.lora, metadata=meta)
 
 
 def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, backend):

@@ -39,6 +39,12 @@ def attach_mode_modules(transformer: torch.nn.Module, cfg) -> None:
 def build_modes(cfg, transformer: torch.nn.Module | None = None) -> tuple[TrainingMode, ...]:
     """The modes `cfg` enables, in the order they apply (CREPA needs the `transformer` its head is attached to)."""
     modes: list[TrainingMode] = []
+    ic = cfg.ic_lora
+    if ic.enabled:
+        # First: later modes (a rollout) then see the reference tokens, which stay clean as the loss mask says.
+        from lowvram.method.modes.ic_lora import InContextControl
+
+        modes.append(InContextControl(reference_downscale=ic.reference_downscale))
     ss = cfg.scheduled_sampling
     if ss.enabled:
         from lowvram.method.modes.scheduled_sampling import ScheduledSampling

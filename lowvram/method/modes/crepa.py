@@ -104,6 +104,9 @@ class Crepa:
             )
         if hidden is None:
             raise LowvramError(f"CREPA captured no hidden states from block {self.block_index} in this forward")
+        # The clip's own tokens only: IC-LoRA appends its clean control tokens after them (modes/ic_lora.py), and
+        # those have no DINOv2 features to align with.
+        hidden = hidden[:, : features.shape[1] * features.shape[2]]
         term = crepa_term(self.project(hidden, inputs), features.to(hidden.device), self.distance, self.tau)
         return replace(parts, total=parts.total + self.weight * term)
 

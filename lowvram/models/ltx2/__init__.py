@@ -80,6 +80,7 @@ from lowvram.models.ltx2.forward import (  # noqa: F401
     normalize_video_latents,
     pack_audio_latents,
     pack_video_latents,
+    reference_video_coords,
     run_connectors,
     transformer_forward,
     unpack_audio_latents,

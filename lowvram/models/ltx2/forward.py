@@ -137,6 +137,25 @@ def unpack_audio_latents(tokens: torch.Tensor, mel_bins: int) -> torch.Tensor:
 # The training forward
 
 
+def reference_video_coords(transformer, batch: int, grid: tuple[int, int, int], in_context: tuple[int, int, int, int],
+                           device, fps: float) -> torch.Tensor:  # fmt: skip
+    """RoPE positions [B, 3, S + S_r, 2] of the target grid's tokens followed by the reference tokens'.
+
+    As the official trainer's video_to_video strategy (ltx-trainer training_strategies/video_to_video.py) and
+    diffusers' LTX2InContextPipeline build them: each sequence gets the transformer's own grid positions, the
+    reference's height and width axes (not time) multiplied by its downscale factor so that it covers the target's
+    pixel space. The official trainer puts the reference first; attention and the per-token layers do not depend on
+    token order once positions are explicit, so appending it after the target (as the pipeline does) is the same.
+    """
+    rope = transformer.rope
+    f_r, h_r, w_r, downscale = in_context
+    target = rope.prepare_video_coords(batch, *grid, device, fps=fps)
+    ref = rope.prepare_video_coords(batch, f_r, h_r, w_r, device, fps=fps)
+    if downscale != 1:
+        ref = torch.cat([ref[:, :1], ref[:, 1:] * downscale], dim=1)
+    return torch.cat([target, ref], dim=2)
+
+
 def transformer_forward(
     transformer,
     *,
@@ -152,6 +171,7 @@ def transformer_forward(
     video_token_sigma: torch.Tensor | None = None,
     audio_token_sigma: torch.Tensor | None = None,
     isolate_modalities: bool = False,
+    in_context: tuple[int, int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One LTX-2.0 transformer call on packed noisy tokens; returns the (video, audio) velocity predictions.
 
@@ -171,7 +191,13 @@ def transformer_forward(
     if s_v == 0 or s_a == 0:
         # A zero-length modality crashes RoPE inside diffusers; say what to do instead of a shape error.
         raise LowvramError("a modality has no tokens: pass a 1-token dummy and isolate_modalities=True")
-    if latent_frames * latent_height * latent_width != s_v:
+    video_coords = None
+    if in_context is not None:
+        video_coords = reference_video_coords(transformer, b, (latent_frames, latent_height, latent_width),
+                                              in_context, video_tokens.device, fps)  # fmt: skip
+        if video_coords.shape[2] != s_v:
+            raise LowvramError(f"video tokens ({s_v}) != target + reference tokens ({video_coords.shape[2]})")
+    elif latent_frames * latent_height * latent_width != s_v:
         raise LowvramError(
             f"video tokens ({s_v}) != latent frames x height x width ({latent_frames}x{latent_height}x{latent_width})"
         )
@@ -196,6 +222,7 @@ def transformer_forward(
         fps=fps,
         audio_num_frames=s_a,
         isolate_modalities=isolate_modalities,
+        video_coords=video_coords,
         use_cross_timestep=forward_semantics(transformer.config).use_cross_timestep,
         return_dict=False,
     )
