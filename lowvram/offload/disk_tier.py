@@ -307,11 +307,14 @@ class DiskTierLoader:
     placeholders, so host RAM holds one block of them at most. `apply_staged_block_swap(prewritten=...)` adopts them.
     """
 
-    def __init__(self, model: nn.Module, folder: str | os.PathLike, blocks: Sequence[int], blocks_attr: str):
+    def __init__(
+        self, model: nn.Module, folder: str | os.PathLike, blocks: Sequence[int], blocks_attr: str,
+        name: str = "transformer",
+    ):  # fmt: skip
         self.model = model
-        self.blocks_attr = blocks_attr
+        self.blocks_attr = blocks_attr  # may be dotted (the text encoder's `model.language_model.layers`)
         self.pending = sorted(blocks)
-        self.writer = _AppendWriter(disk_tier_path(folder))
+        self.writer = _AppendWriter(disk_tier_path(folder, name))
         self.extents: dict[int, list[tuple[int, int, int]]] = {}
         self.nbytes: dict[int, int] = {}
         self.layout: dict[int, list[tuple[int, list[int]]]] = {}
@@ -331,7 +334,7 @@ class DiskTierLoader:
         self._current = block if block in self.pending else None
 
     def _write(self, index: int) -> None:
-        block = getattr(self.model, self.blocks_attr)[index]
+        block = self.model.get_submodule(self.blocks_attr)[index]
         params = frozen_parameters(block, prefix=f"{self.blocks_attr}.{index}")
         leaves = [leaf_tensors(mod._parameters[name].detach()) for mod, name, _ in params]
         offsets, total = _layout(leaves)
@@ -605,6 +608,8 @@ def apply_staged_block_swap(
     ring_slots: int = 2,
     staging_slots: int = 2,
     blocks_attr: str = "transformer_blocks",
+    inference: bool = False,
+    file_name: str = "transformer",
 ) -> StagedBlockSwap:
     """Block swap with `blocks_on_disk` of the swapped blocks read from a file and the others' masters in `tier` RAM
     (pinned: as `apply_block_swap`; pageable: copied through the pinned staging ring).
@@ -613,8 +618,19 @@ def apply_staged_block_swap(
     each weight; the module's swapped weights may then be on the meta device: they are never read) or, without one,
     are written block by block to a file in `disk_dir` and freed from RAM. Refusals (no checkpointing, a folder
     without room, a changed or mismatched file) are one line, raised before the module is changed.
+
+    `inference`: a frozen module that only runs forward (the text encoder while captions are cached): no
+    checkpointing is needed, since with no parameter requiring grad autograd keeps no reference to the weights, so
+    each block's weights may leave the moment it has run. A block with a trainable parameter is refused.
     """
-    blocks = swappable_blocks(transformer, blocks_attr)
+    if inference:
+        blocks = getattr(transformer, blocks_attr, None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise UsageError(f"{type(transformer).__name__} has no '{blocks_attr}' ModuleList to stream")
+        if any(p.requires_grad for p in blocks.parameters()):
+            raise UsageError(f"streaming '{blocks_attr}' for inference needs frozen weights: one requires grad")
+    else:
+        blocks = swappable_blocks(transformer, blocks_attr)
     if tier not in ("pinned", "pageable"):
         raise UsageError(f"memory.swap_tier '{tier}' is unknown: use 'pinned' or 'pageable'")
     if not 0 <= blocks_on_disk <= blocks_to_swap:
@@ -660,12 +676,15 @@ def apply_staged_block_swap(
             keys[index] = rows
         disk_file = WeightFile.open(checkpoint, checkpoint_extents(checkpoint, keys), expected_identity)
     elif on_disk:
-        writer = DiskTierWriter(disk_tier_path(disk_dir), {i: plans[i][3] for i in on_disk})
+        writer = DiskTierWriter(disk_tier_path(disk_dir, file_name), {i: plans[i][3] for i in on_disk})
 
     swap = StagedBlockSwap(backend=backend, blocks=blocks, swapped=swapped, ring_slots=min(ring_slots, len(swapped)))
     swap._copy_stream = backend.new_stream() if backend.supports_streams else None
     swap._disk_stream = backend.new_stream() if backend.supports_streams else None
-    swap._root_checkpointing = lambda: getattr(transformer, "is_gradient_checkpointing", False)
+    # inference: nothing is kept for backward, which is what checkpointing guarantees in training
+    swap._root_checkpointing = (
+        (lambda: True) if inference else (lambda: getattr(transformer, "is_gradient_checkpointing", False))
+    )
     pageable = _PageableSource()
     try:
         for index in swapped:

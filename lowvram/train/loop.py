@@ -862,7 +862,7 @@ TEXT_PARTS = ("text_encoder", "tokenizer", "connectors")
 VAE_PARTS = ("video_vae", "audio_vae", "vocoder")
 
 
-def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
+def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None, progress_for=None):
     """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer.
 
     `parts` picks a subset, so startup phasing loads the text side and the VAEs one after the other. A quantized
@@ -884,7 +884,7 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
     return ltx2.load_components(
         cfg.model.checkpoint, text_encoder_path, version=cfg.model.version, dtype=_weights_dtype(cfg), components=parts,
         text_encoder_precision=cfg.model.text_encoder_precision, quant_cache_dir=_quant_cache_dir(cfg),
-        profile=profile,
+        profile=profile, progress_for=progress_for,
     )  # fmt: skip
 
 
@@ -998,9 +998,21 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
         open_checkpoint(cfg.model.checkpoint, version=cfg.model.version)
     job = start_caching(data_config_from_run(cfg), strict=cfg.data.strict)  # finds bad files before any model loads
     tokenizers = []
+    text_tier = None
+    if m.text_encoder_on_disk:  # Gemma's decoder layers read from the disk tier's file while encoding
+        from lowvram.offload.text_disk_tier import TextDiskTier
+
+        text_tier = TextDiskTier(m.disk_tier_dir or Path(cfg.output.output_dir) / "cache")
 
     def load_text() -> nn.Module:
-        parts = load_encoders(cfg, TEXT_PARTS, profile)
+        try:
+            parts = load_encoders(cfg, TEXT_PARTS, profile, progress_for=text_tier and text_tier.progress_for)
+            if text_tier is not None:
+                text_tier.apply(parts.text_encoder, backend)
+        except BaseException:
+            if text_tier is not None:
+                text_tier.abort()
+            raise
         tokenizers.append(parts.tokenizer)
         if m.ramtorch_text_encoder and backend.is_accelerator:
             apply_weight_streaming(parts.text_encoder, backend)
@@ -1009,13 +1021,17 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
     def encode_text(text: nn.Module) -> None:
         parts = SimpleNamespace(text_encoder=text["text_encoder"], connectors=text["connectors"],
                                 tokenizer=tokenizers[-1])  # fmt: skip
-        cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
-        if validation is not None:  # encoded now, with the captions: Gemma3 is never loaded again for validation
-            from lowvram.data.text_cache import build_text_cache
+        try:
+            cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
+            if validation is not None:  # encoded now, with the captions: Gemma3 is never loaded again for validation
+                from lowvram.data.text_cache import build_text_cache
 
-            texts = [*validation.prompts, validation.negative_prompt]
-            done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
-            validation.text_paths.update(done.paths)
+                texts = [*validation.prompts, validation.negative_prompt]
+                done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
+                validation.text_paths.update(done.paths)
+        finally:
+            if text_tier is not None:
+                text_tier.release()  # the file goes; the encoder (placeholders in its layers) is freed next
 
     def load_vaes() -> nn.Module:
         parts = load_encoders(cfg, VAE_PARTS)
