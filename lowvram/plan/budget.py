@@ -606,6 +606,8 @@ def text_disk_tier_bytes(
         tl.count, tl.all.bytes(p, dtype), tl.largest.bytes(p, dtype), whole, quantized=p not in ("bf16", "fp32")
     )
     device["connectors"] = m.connectors.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+    if p not in ("bf16", "fp32"):  # a weight-only quantized Linear dequantizes its weight for the matmul
+        device["dequantized text encoder weight (transient)"] = m.text_encoder.largest_linear_bytes(dtype)
     return device, ram, disk
 
 
