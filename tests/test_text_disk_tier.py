@@ -153,3 +153,31 @@ def test_a_config_that_puts_gemma_on_disk_and_streams_it_from_ram_is_refused_in_
     with pytest.raises((ConfigError, ValueError), match="set one of them to false") as err:
         RunConfig.model_validate({"memory": {"text_encoder_on_disk": True, "ramtorch_text_encoder": True}})
     assert "\n" not in str(err.value).strip().splitlines()[-1]
+
+
+def test_a_tiny_run_caches_text_from_the_disk_tier_and_telemetry_compares_every_phase(tmp_path, monkeypatch):
+    """The run assembly honours memory.text_encoder_on_disk (the layers' file is gone after the phase), and
+    memory.jsonl carries the plan's predicted peaks for the load and export phases like the others."""
+    import json
+
+    from lowvram.config import apply_overrides
+    from lowvram.demo import default_demo_config
+    from lowvram.profiles import load_profile
+    from lowvram.train.loop import run_train
+
+    applied = []
+    original = TextDiskTier.apply
+    monkeypatch.setattr(TextDiskTier, "apply", lambda self, *a: applied.append(1) or original(self, *a))
+    out = tmp_path / "out"
+    cfg = apply_overrides(default_demo_config(out), {"train.max_train_steps": 2, "memory.text_encoder_on_disk": True})
+    threads = torch.get_num_threads()
+    try:
+        assert run_train(cfg, profile=load_profile("cpu")) == 0  # planned: the phases get predictions
+    finally:
+        torch.set_num_threads(threads)
+    assert applied == [1] and list((out / "cache" / "text").glob("*.safetensors"))
+    assert not list(out.rglob("disk-tier-text_encoder*"))
+    phases = {p["name"]: p for p in map(json.loads, (out / "memory.jsonl").read_text().splitlines())
+              if p["type"] == "phase"}  # fmt: skip
+    for name in ("text_cache", "latent_cache", "load_transformer", "train", "export"):
+        assert phases[name]["predicted_ram_bytes"], name

@@ -492,8 +492,10 @@ def _run(
     rewritten = (distributed.rank_dir(run_dir) / MEMORY_FILE, run_dir / tracking.RUN_FILE)
     previous = {f: f.read_bytes() for f in rewritten if cfg.checkpoint.resume and f.is_file()}
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
-    for phase in ("text_cache", "latent_cache", "train"):
-        vram_bytes, ram_bytes = decision.predicted_peaks(phase)
+    # telemetry phase <- plan phase (the transformer's load is the plan's `load`)
+    for phase, planned in (("text_cache",) * 2, ("latent_cache",) * 2, ("load_transformer", "load"),
+                           ("train",) * 2, ("export",) * 2):  # fmt: skip
+        vram_bytes, ram_bytes = decision.predicted_peaks(planned)
         monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
     mirror = tracking.RunMirror(run_dir, [])  # trackers follow the run folder; the loop only says "a step ended"
     try:
