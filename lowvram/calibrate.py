@@ -63,7 +63,7 @@ def _timed(backend: Backend, fn, repeats: int) -> float:
 def _attention_kind(backend: Backend):
     """The SDPA kernels a step uses: flash / memory-efficient on a GPU. On the simulated device the math kernel, whose
     matmuls its clock times (it does not time the CPU flash kernel), so time and FLOPs describe the same ops."""
-    from lowvram.plan.fakemem import attention_backend
+    from lowvram.fakemem import attention_backend
 
     return attention_backend("math" if backend.name == "sim" else "flash")
 
@@ -113,8 +113,8 @@ def random_lora_transformer(
 
     Weights ~ N(0, 0.02), biases 0, norm scales 1; LoRA B random (so every LoRA weight gets a gradient).
     """
+    from lowvram.method.lora import inject_lora
     from lowvram.models.ltx2 import build_component
-    from lowvram.train.lora import inject_lora
 
     with torch.device("meta"):
         transformer = build_component("transformer", {**config, "num_layers": num_layers})
@@ -161,8 +161,8 @@ def batch_for(transformer: torch.nn.Module, cfg, dtype: torch.dtype):
 
 def _step_time_and_flops(backend: Backend, cfg, config: dict, num_layers: int, dtype, repeats: int):
     """(seconds, FLOPs) of one checkpointed forward + backward of a `num_layers`-block model at the run's shape."""
+    from lowvram.fakemem import LiveBytes
     from lowvram.offload.harness import lora_step, zero_grads
-    from lowvram.plan.fakemem import LiveBytes
 
     device = "cpu" if backend.name == "sim" else backend.device
     transformer = random_lora_transformer(config, num_layers=num_layers, rank=cfg.lora.rank, dtype=dtype, device=device)

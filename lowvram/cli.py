@@ -445,7 +445,7 @@ def train(
                            max_steps=max_steps, batch=batch, learning_rate=learning_rate, rank=rank,
                            precision=precision, seed=seed, resume=resume, lora_format=lora_format, strict=strict,
                            lora_dtype=lora_dtype, start_over=start_over or None, model_version=model_version)
-    from lowvram.train.loop import run_train
+    from lowvram.train.run import run_train
 
     if config is None:
         from lowvram.config import apply_overrides
@@ -476,7 +476,7 @@ def cache(
     """Build the text and latent caches only (portable: build them where Gemma3 and the VAE fit, train anywhere)."""
     _check_run_flags(output_dir=output_dir)
     overrides = _overrides(output_dir=output_dir, dataset=dataset, strict=strict)
-    from lowvram.train.loop import run_cache
+    from lowvram.train.run import run_cache
 
     if config is None:
         from lowvram.config import apply_overrides

@@ -319,7 +319,7 @@ def _trackers(value: Any) -> list[str]:
 
 
 class ScheduledSamplingSection(Section):
-    """Rollout before the training step (lowvram/train/modes/scheduled_sampling.py)."""
+    """Rollout before the training step (lowvram/method/modes/scheduled_sampling.py)."""
 
     enabled: bool = Field(False, description="roll noisy inputs out with the model's own predictions before a step")
     probability: float = Field(0.5, ge=0, le=1, description="share of samples rolled out")

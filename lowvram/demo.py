@@ -66,13 +66,6 @@ def prepare_demo_dataset(cfg: RunConfig) -> Path:
     return folder
 
 
-def run_train(cfg: RunConfig, *, profile=None, force: bool = False, dry_run: bool = False, **kwargs) -> int:
-    """`lowvram train` (the same as `lowvram.train.loop.run_train`, which writes the demo's clips first)."""
-    from lowvram.train.loop import run_train as _run_train
-
-    return _run_train(cfg, profile=profile, force=force, dry_run=dry_run, **kwargs)
-
-
 def is_demo(cfg: RunConfig) -> bool:
     return (
         cfg.model.family == "tiny"

@@ -301,6 +301,10 @@ def is_rocm() -> bool:
 
 
 _BACKENDS: dict[str, type[Backend]] = {"cpu": CpuBackend, "cuda": CudaBackend}
+# Backends living in other modules, by name -> the module that registers it when imported (`register_backend`).
+# Named, not imported: the seam knows where a plug-in lives, never what is in it, so `device_sim.py` (which builds on
+# this module) is imported only when asked for, and the two never import each other.
+_PLUGINS: dict[str, str] = {"sim": "lowvram.device_sim"}
 
 
 def register_backend(name: str, cls: type[Backend]) -> None:
@@ -312,8 +316,10 @@ def get_backend(name: str = "auto", **kwargs) -> Backend:
     """`auto` picks cuda (ROCm included) when present, else cpu."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "sim" and name not in _BACKENDS:
-        import lowvram.device_sim  # noqa: F401  (registers itself)
+    if name not in _BACKENDS and name in _PLUGINS:
+        import importlib
+
+        importlib.import_module(_PLUGINS[name])  # registers itself
     if name not in _BACKENDS:
-        raise ValueError(f"unknown device backend '{name}'; valid: auto, {', '.join(sorted(_BACKENDS))}")
+        raise ValueError(f"unknown device backend '{name}'; valid: auto, {', '.join(sorted({*_BACKENDS, *_PLUGINS}))}")
     return _BACKENDS[name](**kwargs)

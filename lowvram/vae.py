@@ -65,7 +65,7 @@ class VaeOptions:
 def real_video_vae_config() -> dict[str, Any]:
     """Constructor kwargs of LTX-2.0's video VAE: the config the models package ships (from diffusers' conversion
     script for Lightricks/LTX-2); its encoder has 694M parameters."""
-    from lowvram.models.ltx2_checkpoint import real_video_vae_config as shipped
+    from lowvram.models.ltx2.configs import real_video_vae_config as shipped
 
     return shipped()
 
@@ -292,7 +292,7 @@ def _rolling_downsample_forward(module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Peak measurement with the tracked-bytes instrument (lowvram.plan.fakemem.LiveBytes, shared with the planner)
+# Peak measurement with the tracked-bytes instrument (lowvram.fakemem.LiveBytes, shared with the planner)
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def measure_vae_encode_peak_bytes(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lowvram.plan.fakemem import LiveBytes
+    from lowvram.fakemem import LiveBytes
 
     # nn.Module.to: ModelMixin.to warns about fp32-kept modules, which this VAE has none of
     vae = torch.nn.Module.to(build_video_vae_on_meta(config), dtype)

@@ -185,7 +185,7 @@ def test_8bit_optimizer_on_a_profile_without_bitsandbytes():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from lowvram.models.ltx2_checkpoint import save_tiny_checkpoint
+    from lowvram.models.ltx2 import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
@@ -194,7 +194,7 @@ PICKLE_MESSAGE = "{path} is a pickle checkpoint; lowvram loads safetensors only:
 
 
 def _open(path):
-    from lowvram.models.ltx2_checkpoint import load_components
+    from lowvram.models.ltx2 import load_components
 
     return load_components(path, components=("transformer",))
 
@@ -283,7 +283,7 @@ def test_truncated_safetensors_says_it_was_cut(tmp_path, tiny_checkpoint):
 
 
 def test_interrupted_download_folder(tmp_path, tiny):
-    from lowvram.models.ltx2_checkpoint import save_diffusers_folder
+    from lowvram.models.ltx2 import save_diffusers_folder
 
     folder = tmp_path / "LTX-2"
     save_diffusers_folder(tiny, folder)
@@ -300,7 +300,7 @@ def test_interrupted_download_folder(tmp_path, tiny):
 
 
 def test_missing_text_encoder_folder(tmp_path, tiny_checkpoint):
-    from lowvram.models.ltx2_checkpoint import load_components
+    from lowvram.models.ltx2 import load_components
 
     with pytest.raises(LowvramError) as err:
         load_components(tiny_checkpoint, tmp_path / "gemma-3", components=("text_encoder",))
@@ -464,7 +464,7 @@ def test_disk_full_while_writing_a_cache_leaves_nothing_half_written(tiny, tmp_p
 def test_read_only_output_folder_fails_before_any_work(tmp_path, monkeypatch):
     import lowvram.paths
     from lowvram.config import RunConfig
-    from lowvram.train.loop import run
+    from lowvram.train.run import run
 
     out = tmp_path / "run"
     out.mkdir()
@@ -491,21 +491,21 @@ def test_read_only_output_folder_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_out_of_memory_while_caching_is_one_line_and_keeps_nothing_half_written(tmp_path, monkeypatch):
-    import lowvram.train.loop as loop
     from lowvram.config import RunConfig
+    from lowvram.train import run as assembly
 
     def encode_out_of_memory(cfg, run_dir, backend, *, monitor, console=None, profile=None, validation=None):
         with monitor.phase("latent_cache"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB total)")
 
-    monkeypatch.setattr(loop, "cache_dataset", encode_out_of_memory)
+    monkeypatch.setattr(assembly, "cache_dataset", encode_out_of_memory)
     out = tmp_path / "run"
     cfg = RunConfig.model_validate(
         {"model": {"family": "tiny"}, "data": {"dataset_dir": str(tmp_path / "clips")},
          "output": {"output_dir": str(out)}}
     )  # fmt: skip
     with pytest.raises(LowvramError) as err:
-        loop.run(cfg)
+        assembly.run(cfg)
     assert one_line(err.value) == (
         "out of device memory in phase 'latent_cache' (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; "
         "23.69 GiB total)); lower data.resolution, data.frames or train.batch_size (or set memory.vae_tiling = "

@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from lowvram.config import apply_overrides
 from lowvram.demo import default_demo_config, is_demo
-from lowvram.train.loop import read_metrics, run_train
+from lowvram.train.loop import read_metrics
+from lowvram.train.run import run_train
 
 
 def _check_run_folder(out, steps: int) -> None:
@@ -78,7 +79,7 @@ def test_lowvram_train_without_config_runs_the_full_demo(tmp_path, cli):
 @pytest.mark.slow
 def test_training_from_an_official_layout_checkpoint_with_an_int8_base(tmp_path):
     from lowvram.demo import prepare_demo_dataset
-    from lowvram.models.ltx2_checkpoint import save_tiny_checkpoint
+    from lowvram.models.ltx2 import save_tiny_checkpoint
 
     threads = torch.get_num_threads()
     checkpoint = save_tiny_checkpoint(tmp_path / "model")

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from lowvram.config import RunConfig
 from lowvram.train.checkpoint import list_checkpoints
-from lowvram.train.loop import read_metrics, run_train
+from lowvram.train.loop import read_metrics
+from lowvram.train.run import run_train
 
 pytestmark = pytest.mark.distributed
 

@@ -5,8 +5,9 @@ import torch
 
 from lowvram.config import RunConfig
 from lowvram.errors import UsageError
+from lowvram.multi_gpu import check_distributed_supported
 from lowvram.train import distributed
-from lowvram.train.distributed import DistEnv, check_distributed_supported, rank_rows
+from lowvram.train.distributed import DistEnv, rank_rows
 
 
 def cfg(**sections) -> RunConfig:

@@ -96,7 +96,7 @@ def _child(cfg, log: Path, kill_at: int | None, only: str, pipe_fd: int) -> None
             _install_write_hooks(kill_at, pipe_fd, only)
         from rich.console import Console
 
-        from lowvram.train.loop import run
+        from lowvram.train.run import run
 
         code = run(cfg, console=Console(file=sys.stdout, width=200)).exit_code
     except BaseException:
@@ -200,7 +200,7 @@ def drive(out_dir: Path, min_kills: int = MIN_KILLS, seed: int = SEED) -> dict:
 
     torch.set_num_threads(1)
     t0 = time.monotonic()
-    import lowvram.train.loop  # noqa: F401  (imports paid once, before any fork)
+    import lowvram.train.run  # noqa: F401  (imports paid once, before any fork)
     from lowvram.models.ltx2 import build_tiny_components
 
     build_tiny_components(seed=0)  # imports diffusers' and transformers' classes, which forked runs then share

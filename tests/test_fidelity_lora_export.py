@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from lowvram.errors import UsageError
-from lowvram.models import ltx2, ltx2_checkpoint
-from lowvram.train import lora
+from lowvram.method import lora
+from lowvram.models import ltx2
+from lowvram.models.ltx2 import layout as ltx2_layout
 
 TOP_LEVEL_OFFICIAL = {
     "proj_in": "diffusion_model.patchify_proj",
@@ -45,7 +46,7 @@ def test_every_linear_of_the_real_transformer_exports_under_its_official_name():
     linears = _linears(t)
     assert len(linears) == 1370
     # The official key set, derived from the real class through the inverse of the load mapping.
-    official_keys = set(ltx2_checkpoint.diffusers_to_official("transformer", list(t.state_dict())))
+    official_keys = set(ltx2_layout.diffusers_to_official("transformer", list(t.state_dict())))
     names = lora.inject_lora(t, rank=4, targets=("*",))
     assert sorted(names) == sorted(linears)
     assert all(p.is_meta for p in t.parameters())
@@ -56,7 +57,7 @@ def test_every_linear_of_the_real_transformer_exports_under_its_official_name():
         key = f"model.{prefix}.weight"
         assert key in official_keys, module
         # The load map reads the official key back to this very module.
-        assert ltx2_checkpoint.official_to_diffusers("transformer", [key]) == {f"{module}.weight": key}
+        assert ltx2_layout.official_to_diffusers("transformer", [key]) == {f"{module}.weight": key}
     for module, prefix in TOP_LEVEL_OFFICIAL.items():
         assert exported[module] == prefix
     # diffusers' LoRA loader renames every exported key back to the module it came from.
@@ -111,13 +112,13 @@ def test_all_linear_lora_of_the_tiny_model_loads_in_diffusers_with_every_module_
 
 
 def test_a_target_the_export_cannot_name_is_refused_at_injection_before_any_adapter(monkeypatch):
-    real = ltx2_checkpoint._to_official
+    real = ltx2_layout._to_official
 
     def without_proj_out(component, key):
         # A module whose official name the load map would read as another module's: it cannot be exported.
         return real(component, "proj_in.weight") if key == "proj_out.weight" else real(component, key)
 
-    monkeypatch.setattr(ltx2_checkpoint, "_to_official", without_proj_out)
+    monkeypatch.setattr(ltx2_layout, "_to_official", without_proj_out)
     t = ltx2.build_tiny_components(seed=0).transformer
     with pytest.raises(UsageError, match=r"LoRA target 'proj_out' .*no official LTX-2 name.*lora.format"):
         lora.inject_lora(t, rank=2, targets=("proj_out", "to_q"))
@@ -128,20 +129,20 @@ def test_a_target_the_export_cannot_name_is_refused_at_injection_before_any_adap
 
 def test_the_run_refuses_an_unexportable_target_before_caching(monkeypatch, tmp_path):
     from lowvram.config import RunConfig
-    from lowvram.train import loop
+    from lowvram.train import run as assembly
 
-    real = ltx2_checkpoint._to_official
+    real = ltx2_layout._to_official
     monkeypatch.setattr(
-        ltx2_checkpoint,
+        ltx2_layout,
         "_to_official",
         lambda c, k: real(c, "proj_in.weight") if k == "proj_out.weight" else real(c, k),
     )
     cfg = RunConfig.model_validate({"lora": {"targets": ["proj_out"]}, "output": {"output_dir": str(tmp_path)}})
     with pytest.raises(UsageError, match="'proj_out'"):
-        loop.check_lora_targets(cfg)
+        assembly.check_lora_targets(cfg)
     cfg = RunConfig.model_validate({"lora": {"targets": ["*"]}, "output": {"output_dir": str(tmp_path)}})
-    monkeypatch.setattr(ltx2_checkpoint, "_to_official", real)
-    loop.check_lora_targets(cfg)  # every Linear of the tiny family: fine
+    monkeypatch.setattr(ltx2_layout, "_to_official", real)
+    assembly.check_lora_targets(cfg)  # every Linear of the tiny family: fine
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lowvram.method.objective import ObjectiveConfig, flow_loss, prepare_inputs
 from lowvram.models.ltx2 import TextEmbeddings
 from lowvram.train.distributed import DataParallel, DistEnv, rank_rows
-from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
 
 
 def _inputs(b=2, f=2, hw=2, s_a=3, conditioned=(True, False), audio_present=None, seed=0):

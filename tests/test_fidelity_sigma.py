@@ -9,7 +9,7 @@ RNG: the shift is the line through (1024, 0.95) and (4096, 2.05) with no cap.
 import pytest
 import torch
 
-from lowvram.train.objective import ObjectiveConfig, sample_sigmas
+from lowvram.method.objective import ObjectiveConfig, sample_sigmas
 
 
 def official_sigmas(batch: int, seq_len: int, g: torch.Generator, std=1.0, eps=1e-3, uniform_prob=0.1):
@@ -62,7 +62,7 @@ def test_sigma_is_finite_and_in_range_where_the_official_float32_arithmetic_brea
 
 
 def test_the_exact_guard_and_the_official_form_agree_where_both_are_accurate():
-    from lowvram.train.objective import EXACT_STRETCH_ABOVE_TOKENS, stretch_logit_normal, token_count_shift
+    from lowvram.method.objective import EXACT_STRETCH_ABOVE_TOKENS, stretch_logit_normal, token_count_shift
 
     assert 24576 <= EXACT_STRETCH_ABOVE_TOKENS < 30_000  # every real clip size takes the official arithmetic
 

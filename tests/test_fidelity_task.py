@@ -10,7 +10,7 @@ import torch
 
 from lowvram.config import RunConfig, config_to_toml, load_config
 from lowvram.errors import ConfigError
-from lowvram.train.objective import ObjectiveConfig, prepare_inputs
+from lowvram.method.objective import ObjectiveConfig, prepare_inputs
 
 
 def _p(train: dict) -> float:

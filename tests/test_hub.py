@@ -46,7 +46,7 @@ def tree(folder: Path) -> dict[str, Path]:
 def hub_cache(tmp_path_factory):
     """An HF cache holding the tiny model as the official single file, as a diffusers-layout repo, and a Gemma repo."""
     from lowvram.models import ltx2
-    from lowvram.models.ltx2_checkpoint import save_diffusers_folder, save_tiny_checkpoint
+    from lowvram.models.ltx2 import save_diffusers_folder, save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("hub")
     src = root / "src"
@@ -96,7 +96,7 @@ def test_the_file_is_chosen_by_repo_and_flavour():
 
 
 def test_official_single_file_resolves_offline_by_id_and_loads(hub_cache, offline):
-    from lowvram.models.ltx2_checkpoint import load_components
+    from lowvram.models.ltx2 import load_components
 
     cfg = tiny_cfg(hub_cache, checkpoint="Lightricks/LTX-2", text_encoder_path="google/gemma-tiny")
     resolved = hub.resolve_model_paths(cfg)
@@ -113,7 +113,7 @@ def test_revision_and_explicit_file_resolve_offline(hub_cache, offline):
 
 
 def test_diffusers_layout_repo_resolves_offline_to_its_snapshot(hub_cache, offline):
-    from lowvram.models.ltx2_checkpoint import load_components, open_checkpoint
+    from lowvram.models.ltx2 import load_components, open_checkpoint
 
     cfg = tiny_cfg(hub_cache, checkpoint="someone/ltx2-tiny-diffusers")
     folder = Path(hub.resolve_model_paths(cfg).model.checkpoint)
@@ -150,7 +150,8 @@ def test_plan_json_reports_the_download_and_fetches_nothing(hub_cache, tmp_path,
 @pytest.mark.slow
 def test_training_from_hub_ids_offline(hub_cache, tmp_path, offline):
     from lowvram.demo import prepare_demo_dataset
-    from lowvram.train.loop import read_metrics, run_train
+    from lowvram.train.loop import read_metrics
+    from lowvram.train.run import run_train
 
     cfg = apply_overrides(
         default_demo_config(tmp_path / "out"),
@@ -175,7 +176,7 @@ def test_train_dry_run_reports_the_download_and_fetches_nothing(hub_cache, tmp_p
     from rich.console import Console
 
     from lowvram.profiles import load_profile
-    from lowvram.train.loop import run
+    from lowvram.train.run import run
 
     cfg = apply_overrides(default_demo_config(tmp_path / "out"), {
         "model.checkpoint": "Lightricks/LTX-2", "model.flavour": "distilled", "model.cache_dir": str(hub_cache)})

@@ -14,7 +14,7 @@ from test_hub import COMMIT, add_to_cache  # tests/ is on sys.path (rootdir conf
 from lowvram import hub
 from lowvram.config import load_config
 from lowvram.errors import UsageError
-from lowvram.models.ltx2_checkpoint import run_model_version
+from lowvram.models.ltx2 import run_model_version
 
 
 def cfg_of(**model):
@@ -29,7 +29,7 @@ def checkpoint_need(cfg) -> hub.Needed:
 @pytest.fixture(scope="module")
 def cache_23(tmp_path_factory):
     """An HF cache holding a tiny LTX-2.3 checkpoint as Lightricks/LTX-2.3's distilled file."""
-    from lowvram.models.ltx2_checkpoint import save_tiny_checkpoint
+    from lowvram.models.ltx2 import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("hub23")
     single = save_tiny_checkpoint(root / "src", version="2.3")
@@ -89,7 +89,7 @@ def test_default_model_needs_stay_ltx_2_0():
 
 
 def test_family_repo_with_version_resolves_offline_from_the_release_repo(cache_23, monkeypatch):
-    from lowvram.models.ltx2_checkpoint import open_checkpoint
+    from lowvram.models.ltx2 import open_checkpoint
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = cfg_of(family="tiny", checkpoint="Lightricks/LTX-2", version="2.3", flavour="distilled",

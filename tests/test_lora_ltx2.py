@@ -6,8 +6,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lowvram.errors import UsageError
+from lowvram.method import lora
 from lowvram.models import ltx2
-from lowvram.train import lora
 
 ATTENTION = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
 

@@ -10,9 +10,9 @@ import torch
 
 from lowvram.config import load_config
 from lowvram.errors import ConfigError, UsageError
-from lowvram.train.modes import build_modes
-from lowvram.train.modes.scheduled_sampling import ScheduledSampling, rollout
-from lowvram.train.objective import FlowInputs, ObjectiveConfig, flow_loss
+from lowvram.method.modes import build_modes
+from lowvram.method.modes.scheduled_sampling import ScheduledSampling, rollout
+from lowvram.method.objective import FlowInputs, ObjectiveConfig, flow_loss
 
 
 def one_token_inputs(x0: float, noise: float, sigma: float, audio_x0: float = 0.0, audio_noise: float = 1.0,
@@ -162,7 +162,7 @@ def test_simpletuner_keys_map_to_the_section_and_say_how(tmp_path):
 
 
 def test_several_gpus_are_refused_in_one_line():
-    from lowvram.train.distributed import check_distributed_supported
+    from lowvram.multi_gpu import check_distributed_supported
 
     cfg, _ = load_config(None, {"scheduled_sampling.enabled": True})
     with pytest.raises(UsageError, match="scheduled_sampling.enabled = true does not run on 2 GPUs"):

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from lowvram.config import load_config
 from lowvram.errors import ConfigError, LowvramError
+from lowvram.method import lora
 from lowvram.models import ltx2, versions
-from lowvram.models import ltx2_checkpoint as ck
-from lowvram.train import lora
+from lowvram.models import ltx2 as ck
 
-CONFIGS = Path(ck.__file__).parent / "configs"
+CONFIGS = Path(ck.__file__).parent.parent / "configs"
 VERSIONS = ("2.0", "2.3", "2.5")
 
 
@@ -466,7 +466,7 @@ def test_the_demo_trains_each_release_end_to_end(tmp_path, version):
     """Caption -> Gemma 3/4 -> connectors -> text cache on disk; clips -> VAE -> latent cache; LoRA steps; export."""
     from lowvram.config import apply_overrides
     from lowvram.demo import default_demo_config
-    from lowvram.train.loop import run
+    from lowvram.train.run import run
 
     cfg = default_demo_config(str(tmp_path))
     cfg = apply_overrides(cfg, {"model.version": version, "train.max_train_steps": 2, "validation.enabled": False})

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from lowvram.errors import LowvramError
 from lowvram.models import ltx2
-from lowvram.models import ltx2_checkpoint as ck
+from lowvram.models import ltx2 as ck
 
 NAMES = ("transformer", "video_vae", "audio_vae", "vocoder", "connectors", "text_encoder")
 

@@ -10,7 +10,7 @@ import torch
 
 from lowvram.errors import LowvramError
 from lowvram.models import ltx2
-from lowvram.models import ltx2_checkpoint as ck
+from lowvram.models import ltx2 as ck
 from lowvram.profiles import load_profile
 from lowvram.quant import EXCLUDES, allocated_bytes, get_backend, quantize_model
 from lowvram.quant.stream import SafetensorsSource
@@ -185,7 +185,7 @@ def test_a_refused_precision_fails_before_the_checkpoint_is_opened(tiny, monkeyp
 
 
 def test_lora_injects_on_a_streamed_quantized_transformer(tiny):
-    from lowvram.train.lora import inject_lora, lora_layers
+    from lowvram.method.lora import inject_lora, lora_layers
 
     checkpoint, _ = tiny["single"]
     for precision in ("int8-quanto", "nf4-bnb"):

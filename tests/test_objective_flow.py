@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lowvram.train.objective import (
+from lowvram.method.objective import (
     ObjectiveConfig,
     flow_loss,
     masked_mse,

@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
+from lowvram.fakemem import LiveBytes, fake_mode
 from lowvram.plan.budget import StepMeasure, WeightGroup
-from lowvram.plan.fakemem import LiveBytes, fake_mode
 from lowvram.plan.measure import LoraSpec, MeasureCache, TrainShape, measure_transformer_step
 
 # The real LTX-2 block structure (video + audio self/cross attention, a/v cross attention, both FFs) at a width
@@ -172,9 +172,9 @@ def test_optimizer_state_bytes_match_a_real_optimizer_step(name, dtype):
 def test_fake_measurement_predicts_a_real_tiny_step_within_5_percent(checkpointing):
     """The instrument on fake tensors vs the same counting on a real CPU step of the tiny model (4 blocks)."""
     from lowvram.device import get_backend
+    from lowvram.fakemem import register_module_storages
     from lowvram.models.ltx2 import tiny_configs
     from lowvram.offload.harness import lora_step, tiny_batch, tiny_lora_transformer
-    from lowvram.plan.fakemem import register_module_storages
 
     b, f, h, w, a, length = 2, 3, 4, 4, 9, 32
     model = tiny_lora_transformer("fp32", num_layers=4, rank=4)

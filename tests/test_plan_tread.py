@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from lowvram.config import apply_overrides, load_config
+from lowvram.fakemem import LiveBytes, register_module_storages
 from lowvram.plan import Settings, budget_settings, plan_run
 from lowvram.plan.budget import StepMeasure, mixed_activation_points
-from lowvram.plan.fakemem import LiveBytes, register_module_storages
 from lowvram.plan.measure import LoraSpec, TrainShape, measure_transformer_step, resolve_tread_routes
 from lowvram.profiles import load_profile
 
@@ -39,8 +39,8 @@ def fake_step(checkpointing: bool, tread_ratio: float | None = None) -> StepMeas
 def real_step_peak(checkpointing: bool, routes: list, num_layers: int = 4) -> int:
     """Peak bytes of one real CPU training step of the tiny model through the trainer's TreadRouter."""
     from lowvram.device import get_backend
+    from lowvram.method.tread import TreadRouter
     from lowvram.offload.harness import lora_step, tiny_batch, tiny_lora_transformer
-    from lowvram.train.tread import TreadRouter
 
     model = tiny_lora_transformer("fp32", num_layers=num_layers, rank=4).train()  # the router only acts in training
     if checkpointing:

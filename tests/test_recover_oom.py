@@ -12,30 +12,28 @@ from dataclasses import replace
 import pytest
 import torch
 
-import lowvram.train.recover as recover
 from lowvram.config import RunConfig
 from lowvram.device_sim import SimBackend
+from lowvram.plan.replan import STEP_DOWN, plan_with_less_vram
 from lowvram.profiles import HardwareProfile, Supports
 from lowvram.train.batches import CachedBatches, CachedSample
 from lowvram.train.checkpoint import list_checkpoints, verify_checkpoint
-from lowvram.train.loop import decide_memory, fit, read_metrics
-from lowvram.train.recover import STEP_DOWN, fit_with_recovery, plan_with_less_vram
+from lowvram.train.loop import fit, read_metrics
+from lowvram.train.recover import fit_with_recovery
+from lowvram.train.run import decide_memory
 
 STEPS = 6
 DROP_AFTER_STEP = 3
 
 
-@pytest.fixture(autouse=True)
-def plan_outside_the_simulated_device(monkeypatch):
-    """Planning is host work: its fake-tensor measurement must not be charged to the simulated device it plans for
-    (a real GPU has no dispatch mode to step outside of). The wiring loop -> recover -> planner stays real."""
+def plan_outside_the_simulated_device(decision):
+    """The recovery's re-plan. Planning is host work: its fake-tensor measurement must not be charged to the
+    simulated device it plans for (a real GPU has no dispatch mode to step outside of). The wiring loop -> recover ->
+    planner stays real."""
     from torch.utils._python_dispatch import _disable_current_modes
 
-    def outside(decision):
-        with _disable_current_modes():
-            return plan_with_less_vram(decision)
-
-    monkeypatch.setattr(recover, "plan_with_less_vram", outside)
+    with _disable_current_modes():
+        return plan_with_less_vram(decision)
 
 
 def sim_profile() -> HardwareProfile:
@@ -154,7 +152,7 @@ def test_oom_mid_run_replans_with_the_planner_and_loses_no_step(first_plan, tmp_
     with sim.session():
         model, _ = fit_with_recovery(
             decision, tiny_transformer(), batches(), reload=tiny_transformer, run_dir=run_dir, backend=sim,
-            after_step=shrink_device, console=Console(file=log, width=300),
+            after_step=shrink_device, console=Console(file=log, width=300), replan=plan_outside_the_simulated_device,
         )  # fmt: skip
     out = log.getvalue()
     kept = f"out of memory in step {DROP_AFTER_STEP + 1}: step {DROP_AFTER_STEP} is kept; re-planned with less VRAM"

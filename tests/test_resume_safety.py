@@ -160,7 +160,7 @@ def config(run_dir: Path, dataset: Path, resume: str | None = None, start_over: 
 
 
 def train(cfg: RunConfig) -> tuple[object, str]:
-    from lowvram.train.loop import run
+    from lowvram.train.run import run
 
     out = io.StringIO()
     return run(cfg, console=Console(file=out, width=400)), out.getvalue()

@@ -68,7 +68,7 @@ def test_the_lock_is_released_when_the_run_ends(tmp_path):
 
 
 def test_a_training_into_a_held_folder_stops_before_any_work(holder):
-    from lowvram.train.loop import run
+    from lowvram.train.run import run
 
     run_dir, _ = holder
     cfg = RunConfig.model_validate({"model": {"family": "tiny"}, "data": {"dataset_dir": str(run_dir / "clips")},
@@ -89,7 +89,7 @@ def test_cli_second_train_into_a_held_folder_exits_1_in_one_line(holder, cli):
 
 
 def test_caching_into_a_held_folder_is_refused_but_a_dry_run_is_not(holder):
-    from lowvram.train.loop import run, run_cache
+    from lowvram.train.run import run, run_cache
 
     run_dir, _ = holder
     cfg = RunConfig.model_validate({"model": {"family": "tiny"}, "data": {"dataset_dir": str(run_dir / "clips")},

@@ -21,7 +21,7 @@ def _encode(te, ids, mask) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory):
     from lowvram.models import ltx2
-    from lowvram.models.ltx2_checkpoint import save_text_encoder
+    from lowvram.models.ltx2.checkpoint import save_text_encoder
 
     folder = tmp_path_factory.mktemp("gemma")
     save_text_encoder(ltx2.build_tiny_components(seed=0), folder)
@@ -39,7 +39,7 @@ def ids():
 @pytest.mark.parametrize("precision", ["fp32", "int8-quanto"])
 def test_disk_streamed_gemma_encodes_exactly_like_the_all_in_ram_one(precision, tiny_gemma, ids, tmp_path):
     from lowvram.data.fingerprint import module_fingerprint
-    from lowvram.models.ltx2_checkpoint import load_text_encoder, load_text_encoder_quantized
+    from lowvram.models.ltx2.checkpoint import load_text_encoder, load_text_encoder_quantized
 
     def load(progress_for=None):
         if precision == "fp32":  # unquantized: transformers loads it whole, the tier writes the layers after
@@ -163,7 +163,7 @@ def test_a_tiny_run_caches_text_from_the_disk_tier_and_telemetry_compares_every_
     from lowvram.config import apply_overrides
     from lowvram.demo import default_demo_config
     from lowvram.profiles import load_profile
-    from lowvram.train.loop import run_train
+    from lowvram.train.run import run_train
 
     applied = []
     original = TextDiskTier.apply

@@ -193,7 +193,8 @@ def test_a_training_run_mirrors_metrics_jsonl_into_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lowvram.train.loop import read_metrics, run_train
+    from lowvram.train.loop import read_metrics
+    from lowvram.train.run import run_train
 
     out = tmp_path / "out"
     cfg = apply_overrides(default_demo_config(out), {"train.max_train_steps": 3, "output.report_to": ["tensorboard"]})

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from lowvram.config import RunConfig, TreadRoute
+from lowvram.method.objective import ObjectiveConfig
+from lowvram.method.tread import TreadRouter
 from lowvram.train.batches import CachedBatches, CachedSample
 from lowvram.train.loop import TrainContext, fit, forward_loss, read_metrics
-from lowvram.train.objective import ObjectiveConfig
-from lowvram.train.tread import TreadRouter
 
 
 def tiny_transformer(seed: int = 0, lora: bool = True) -> torch.nn.Module:
+    from lowvram.method.lora import inject_lora
     from lowvram.models.ltx2 import build_component, tiny_configs
-    from lowvram.train.lora import inject_lora
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

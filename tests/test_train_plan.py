@@ -7,7 +7,7 @@ from lowvram.config import RunConfig
 from lowvram.errors import LowvramError
 from lowvram.plan.budget import PhaseBudget
 from lowvram.profiles import load_profile
-from lowvram.train.loop import decide_memory
+from lowvram.train.run import decide_memory
 
 GIB = 2**30
 
@@ -96,6 +96,6 @@ def test_the_tiny_demo_without_a_profile_needs_no_plan(planner):
 @pytest.mark.slow
 def test_demo_dry_run_with_a_profile_uses_the_real_planner(tmp_path):
     from lowvram.demo import default_demo_config
-    from lowvram.train.loop import run_train
+    from lowvram.train.run import run_train
 
     assert run_train(default_demo_config(tmp_path), profile=load_profile("3090"), dry_run=True) == 0

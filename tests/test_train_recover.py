@@ -140,7 +140,9 @@ def test_with_a_profile_the_planner_replans_for_less_vram_than_it_predicted(monk
     profile = load_profile("3090")
     cfg = config("x", blocks_to_swap=4, gradient_checkpointing=True)
     decision = MemoryDecision(cfg=cfg, fits=True, predicted_vram_bytes=20 * 2**30, profile=profile)
-    smaller = smaller_memory_decision(decision, num_blocks=48)
+    from lowvram.plan.replan import plan_with_less_vram
+
+    smaller = smaller_memory_decision(decision, num_blocks=48, replan=plan_with_less_vram)
     # The planner sees the same machine with less device memory: 95% of what the failed plan predicted, plus the
     # safety margin and the reserve it keeps back anyway.
     margin = cfg.memory.vram_safety_margin

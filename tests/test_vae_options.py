@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowvram.errors import UsageError
+from lowvram.fakemem import LiveBytes
 from lowvram.models.ltx2 import build_tiny_components, tiny_configs
-from lowvram.plan.fakemem import LiveBytes
 from lowvram.vae import (
     VaeOptions,
     encode_video,

@@ -88,26 +88,26 @@ def _demo(out, **overrides):
 
 
 def test_validation_every_n_steps_leaves_the_lora_bit_identical_and_never_loads_gemma_again(tmp_path, monkeypatch):
-    from lowvram.train import loop
+    from lowvram.train import loop, run
 
     threads = torch.get_num_threads()
     loads = []
-    real = loop.load_encoders
+    real = run.load_encoders
 
-    def recording(cfg, parts=loop.ENCODER_PARTS, profile=None):
+    def recording(cfg, parts=run.ENCODER_PARTS, profile=None):
         loads.append(tuple(parts))
         return real(cfg, parts, profile)
 
-    monkeypatch.setattr(loop, "load_encoders", recording)
+    monkeypatch.setattr(run, "load_encoders", recording)
     try:
-        assert loop.run_train(_demo(tmp_path / "plain")) == 0
+        assert run.run_train(_demo(tmp_path / "plain")) == 0
         loads.clear()
         with_validation = _demo(tmp_path / "val", **{
             "validation.enabled": True, "validation.every_n_steps": 2, "validation.resolution": "64x64",
             "validation.num_frames": 9, "validation.num_inference_steps": 2, "validation.guidance": 3.0,
             "validation.prompts": ["a red circle", "a blue square"], "validation.negative_prompt": "noise",
         })  # fmt: skip
-        assert loop.run_train(with_validation) == 0
+        assert run.run_train(with_validation) == 0
     finally:
         torch.set_num_threads(threads)
     plain = load_file(str(tmp_path / "plain" / "lora.safetensors"))
@@ -115,7 +115,7 @@ def test_validation_every_n_steps_leaves_the_lora_bit_identical_and_never_loads_
     assert plain.keys() == validated.keys()
     assert all(torch.equal(plain[k], validated[k]) for k in plain)
     # The text encoder is loaded once, in the text-cache phase; validation loads only the VAEs and the vocoder.
-    assert [p for p in loads if "text_encoder" in p] == [loop.TEXT_PARTS]
+    assert [p for p in loads if "text_encoder" in p] == [run.TEXT_PARTS]
     assert sorted(p.name for p in (tmp_path / "val" / "validation").iterdir()) == ["step-2", "step-4"]
     step = tmp_path / "val" / "validation" / "step-4"
     assert sorted(p.name for p in step.iterdir()) == ["00.json", "00.mp4", "01.json", "01.mp4"]

@@ -69,7 +69,7 @@ def write_checkpoint(path: Path, blocks: int) -> int:
 
 
 def ltx2_config(layers: int) -> dict:
-    from lowvram.models import ltx2_checkpoint as ck
+    from lowvram.models import ltx2 as ck
 
     return {**ck.family_configs("ltx-2.0")["transformer"], "num_layers": layers}
 
@@ -77,7 +77,7 @@ def ltx2_config(layers: int) -> dict:
 def use_ltx2_layers(layers: int) -> None:
     """Make the ltx-2.0 family's transformer `layers` deep in this process: the synthetic file holds only that many
     blocks of the real model (a benchmark-only patch; everything else is the real loading code)."""
-    from lowvram.models import ltx2_checkpoint as ck
+    from lowvram.models import ltx2 as ck
 
     real = ck.family_configs
 
@@ -94,7 +94,7 @@ def write_ltx2_checkpoint(path: Path, layers: int) -> int:
     """The LTX-2 transformer (real widths, `layers` blocks) as the official single file, written tensor by tensor."""
     import torch
 
-    from lowvram.models import ltx2_checkpoint as ck
+    from lowvram.models import ltx2 as ck
 
     skeleton = ck.build_on_meta("transformer", ltx2_config(layers))
     shapes = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
@@ -179,10 +179,10 @@ def child(mode: str, ckpt: Path, cache_dir: Path, precision: str, blocks: int, l
     backend = get_backend(precision)
     backend._quantize_whole(torch.nn.Linear(64, 64))  # import the quantization library before the baseline
     if layout == "ltx2":
-        from lowvram.models import ltx2, ltx2_checkpoint
+        from lowvram.models import ltx2
 
         use_ltx2_layers(blocks)
-        ltx2_checkpoint.build_on_meta("transformer")  # import diffusers' transformer before the baseline
+        ltx2.build_on_meta("transformer")  # import diffusers' transformer before the baseline
     else:
         Stack = build_stack(blocks)
     baseline = psutil.Process().memory_info().rss
@@ -192,7 +192,7 @@ def child(mode: str, ckpt: Path, cache_dir: Path, precision: str, blocks: int, l
     if layout == "ltx2":
         if mode == "naive":  # what training did before: bf16 load, then quantize in memory
             model = ltx2.load_components(ckpt, dtype=torch.bfloat16, components=("transformer",)).transformer
-            ltx2_checkpoint.quantize_loaded(model, "transformer", precision)
+            ltx2.quantize_loaded(model, "transformer", precision)
         else:
             parts = ltx2.load_components(
                 ckpt,

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 
 def build(seed: int, rank: int):
+    from lowvram.method.lora import inject_lora
     from lowvram.models.ltx2 import build_component, tiny_configs
-    from lowvram.train.lora import inject_lora
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -52,9 +52,9 @@ def samples(n: int, frames: int, h: int, w: int):
 def ours(model, data, args):
     """lowvram's loop: objective (logit-normal σ, first-frame conditioning, masked loss), clip, AdamW, schedule."""
     from lowvram.config import OptimSection
+    from lowvram.method.objective import ObjectiveConfig
     from lowvram.train.batches import CachedBatches
     from lowvram.train.loop import TrainContext, train
-    from lowvram.train.objective import ObjectiveConfig
     from lowvram.train.optim import build_lr_scheduler, build_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -69,7 +69,7 @@ def plan_config(args):
 
 def _build(args, backend):
     from lowvram.calibrate import random_lora_transformer
-    from lowvram.models.ltx2_checkpoint import real_transformer_config
+    from lowvram.models.ltx2 import real_transformer_config
     from lowvram.offload.harness import plan_batch, tiny_lora_transformer
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -14,8 +14,19 @@ from pathlib import Path
 
 import torch
 
-from lowvram.data.build import CachedItem
 from lowvram.errors import LowvramError
+
+
+@dataclass(frozen=True)
+class CachedItem:
+    """One cached training sample: where its latents and caption embedding live, and its bucket."""
+
+    latent_path: Path
+    text_path: Path
+    bucket: str  # "WxH@F" or "audio@T"
+    caption: str
+    dataset_id: str
+    repeats: int = 1
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lowvram.data.batches import CachedItem
 from lowvram.data.dataset import Item, Skipped, discover
 from lowvram.data.latent_cache import LatentEncoders, encode_items, entry_key, entry_state, latent_path, save_entry
 from lowvram.data.media import BadItem
@@ -24,18 +25,6 @@ from lowvram.fsutil import atomic_write_json, clean_stale_temp_files
 from lowvram.vae import VaeOptions
 
 INDEX_NAME = "index.json"
-
-
-@dataclass(frozen=True)
-class CachedItem:
-    """One cached training sample: where its latents and caption embedding live, and its bucket."""
-
-    latent_path: Path
-    text_path: Path
-    bucket: str  # "WxH@F" or "audio@T"
-    caption: str
-    dataset_id: str
-    repeats: int = 1
 
 
 @dataclass

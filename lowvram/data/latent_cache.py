@@ -179,13 +179,13 @@ def _fit_time(mel: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def _normalize_video(latents: torch.Tensor, vae) -> torch.Tensor:
-    from lowvram.models.ltx2 import normalize_video_latents
+    from lowvram.models.ltx2.forward import normalize_video_latents
 
     return normalize_video_latents(latents, vae)
 
 
 def _normalize_audio(latents: torch.Tensor, vae) -> torch.Tensor:
-    from lowvram.models.ltx2 import normalize_audio_latents, pack_audio_latents, unpack_audio_latents
+    from lowvram.models.ltx2.forward import normalize_audio_latents, pack_audio_latents, unpack_audio_latents
 
     packed = normalize_audio_latents(pack_audio_latents(latents[None]), vae)
     return unpack_audio_latents(packed, latents.shape[-1])[0]

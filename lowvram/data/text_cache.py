@@ -75,7 +75,7 @@ def build_text_cache(
 ) -> TextCacheResult:
     """Encode each unique caption once; reuse files whose key (caption + fingerprint) exists and loads."""
     if encode_text is None:
-        from lowvram.models.ltx2 import encode_text
+        from lowvram.models.ltx2.forward import encode_text
     fingerprint = fingerprint or text_fingerprint(components, max_length)
     clean_stale_temp_files(Path(cache_dir) / "text")
     unique = list(dict.fromkeys(captions))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+from lowvram.models.ltx2.forward import TextEmbeddings, transformer_forward
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def decode_video(video_vae, tokens: torch.Tensor, shape: SampleShape, options=No
     """Denoised video tokens -> frames `[F, H, W, 3]` uint8, decoded with the VAE options given (tiling etc.)."""
     import contextlib
 
-    from lowvram.models.ltx2 import denormalize_video_latents, unpack_video_latents
+    from lowvram.models.ltx2.forward import denormalize_video_latents, unpack_video_latents
 
     latents = unpack_video_latents(tokens, shape.latent_frames, shape.latent_height, shape.latent_width)
     latents = denormalize_video_latents(latents, video_vae).to(next(video_vae.parameters()).dtype)
@@ -153,7 +153,7 @@ def decode_video(video_vae, tokens: torch.Tensor, shape: SampleShape, options=No
 
 def decode_audio(audio_vae, vocoder, tokens: torch.Tensor) -> torch.Tensor:
     """Denoised audio tokens -> waveform `[channels, samples]` float in [-1, 1] (audio VAE decode, then vocoder)."""
-    from lowvram.models.ltx2 import denormalize_audio_latents, unpack_audio_latents
+    from lowvram.models.ltx2.forward import denormalize_audio_latents, unpack_audio_latents
 
     latents = denormalize_audio_latents(tokens, audio_vae)
     latents = unpack_audio_latents(latents, audio_vae.config.mel_bins // 4).to(next(audio_vae.parameters()).dtype)

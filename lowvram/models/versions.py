@@ -1,7 +1,7 @@
 """LTX-2 model versions (2.0, 2.3, 2.5) as data: names, config folders, forward semantics, detection from a checkpoint.
 
 The loop, the planner and the offload strategies never ask which version runs; what differs lives here and in the
-shipped configs. It does not load weights (ltx2_checkpoint.py does) or build modules (ltx2.py does).
+shipped configs. It does not load weights (ltx2/checkpoint.py does) or build modules (ltx2/build.py does).
 """
 
 from __future__ import annotations

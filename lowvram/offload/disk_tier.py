@@ -239,7 +239,7 @@ def checkpoint_extents(
     """Extents of swapped blocks inside a safetensors checkpoint: `keys[block]` lists (tensor key, offset in the
     block's flat buffer, dtype, shape). Refuses a tensor that is missing or stored in another dtype or shape (the
     disk tier reads the checkpoint directly only when it holds the training precision)."""
-    from lowvram.quant.stream import _DTYPES, read_header
+    from lowvram.quant.source import _DTYPES, read_header
 
     header, data_start = read_header(Path(path))
     out: dict[int, list[tuple[int, int, int]]] = {}

@@ -42,7 +42,7 @@ def tiny_lora_transformer(
             from lowvram.quant.exclude import LTX2_TRANSFORMER_EXCLUDE
 
             quantize_model(transformer, precision, LTX2_TRANSFORMER_EXCLUDE)
-        from lowvram.train.lora import inject_lora
+        from lowvram.method.lora import inject_lora
 
         inject_lora(transformer, rank=rank)
         for name, param in transformer.named_parameters():

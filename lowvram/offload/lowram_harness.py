@@ -378,7 +378,7 @@ def measure_text_run(folder: str, *, on_disk: bool, precision: str = "int8-quant
     its decoder layers streamed from the disk tier or all in RAM; anonymous RSS over the process baseline. Run it in
     a fresh process (`measure_in_subprocess(..., fn="measure_text_run")`)."""
     from lowvram.device import get_backend
-    from lowvram.models.ltx2_checkpoint import load_text_encoder_quantized
+    from lowvram.models.ltx2.checkpoint import load_text_encoder_quantized
     from lowvram.offload.text_disk_tier import TextDiskTier
 
     torch.set_num_threads(1)

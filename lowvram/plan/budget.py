@@ -346,7 +346,7 @@ class Tread:
 
 @dataclass(frozen=True)
 class Rollout:
-    """Scheduled sampling's no-grad forwards before each training forward (train/modes/scheduled_sampling.py)."""
+    """Scheduled sampling's no-grad forwards before each training forward (method/modes/scheduled_sampling.py)."""
 
     peak_bytes: int  # one rollout forward: the step's inputs, the rolled-out latents, one no-grad forward
     forwards_per_step: float  # expected per micro-batch: steps x P(any sample of the batch is rolled out)

@@ -135,7 +135,7 @@ def load_ram_components(
     The loader holds the transformer, then block swap copies each swapped block into its host master (pinned or
     pageable: one block's copy beside the loaded model at worst). A quantized load writes each disk-tier block to
     the tier's file as soon as it is read (offload/disk_tier.py `DiskTierLoader`), so those are never held together;
-    an unquantized load (train/loop.py refuses blocks on disk there) would hold them all.
+    an unquantized load (train/run.py refuses blocks on disk there) would hold them all.
     """
     on_disk = min(on_disk, blocks)
     held = whole_bytes - (on_disk * block_bytes if quantized else 0)

@@ -321,7 +321,7 @@ def vae_weights(configs: ModelConfigs) -> dict:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The adapter as lowvram.train.lora injects it (adapters take the base weights' dtype)."""
+    """The adapter as lowvram.method.lora injects it (adapters take the base weights' dtype)."""
 
     rank: int
     targets: tuple[str, ...]
@@ -337,7 +337,7 @@ def build_lora_transformer(transformer_config: dict, num_layers: int, lora: Lora
     """The real LTX-2 transformer on meta with the trainer's own LoRA injection: only the adapters require grad."""
     from diffusers import LTX2VideoTransformer3DModel
 
-    from lowvram.train.lora import inject_lora
+    from lowvram.method.lora import inject_lora
 
     with torch.device("meta"):
         model = LTX2VideoTransformer3DModel(**{**transformer_config, "num_layers": num_layers})
@@ -375,8 +375,8 @@ def measure_transformer_step(
     With `tread_ratio` block 0 runs under the trainer's own TreadRouter (a route 0..0 at that share), so its
     sections hold what a routed block does: the kept share of video tokens, with its gathered per-token inputs.
     """
+    from lowvram.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
     from lowvram.models.ltx2 import TextEmbeddings, text_embedding_widths, transformer_forward
-    from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
     model = build_lora_transformer(transformer_config, num_layers, lora, dtype)
@@ -461,7 +461,7 @@ def measure_transformer_step(
         if tread_ratio is not None:
             from types import SimpleNamespace
 
-            from lowvram.train.tread import TreadRouter
+            from lowvram.method.tread import TreadRouter
 
             # Registered after the marks: its token gather counts inside the block, its scatter after it. (A middle
             # routed block gets its input already gathered: counting the gather here is conservative by one hidden
@@ -536,7 +536,7 @@ def _tensors(kwargs: dict) -> list[torch.Tensor]:
 
 def resolve_tread_routes(routes: list, num_layers: int) -> tuple[tuple[int, int, float], ...]:
     """`(start, end, selection_ratio)` per route, resolved and checked exactly as the trainer's TreadRouter does."""
-    from lowvram.train.tread import resolve_routes
+    from lowvram.method.tread import resolve_routes
 
     return resolve_routes(routes, num_layers)
 
@@ -555,8 +555,8 @@ def measure_text_encode(
     Gemma 4 (LTX-2.5) is measured the same way: its 1- and 2-layer builds are sliding + global layers, whose
     activations differ little next to the kept hidden states and the logits.
     """
+    from lowvram.fakemem import LiveBytes, fake_mode, register_module_storages
     from lowvram.models.ltx2 import build_text_encoder
-    from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
     text_cfg = configs.text_encoder["text_config"]
@@ -567,8 +567,8 @@ def measure_text_encode(
     if vision_cfg and "num_hidden_layers" in vision_cfg:  # Gemma3's SigLIP tower; Gemma 4's embedder has no layers
         vision_cfg = {**vision_cfg, "num_hidden_layers": 1}
     for layers in (1, 2):
-        # The class models/ltx2.py calls (its LM head computes logits too); a text-only input never runs the vision
-        # tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
+        # The class models/ltx2/build.py builds (its LM head computes logits too); a text-only input never runs the
+        # vision tower, so one vision layer is built instead of 27 (parameters are not counted here anyway).
         # A config.json's layer_types (and Gemma 4's per-layer overrides of its global layers) list every layer:
         # rebuilt for the reduced depth, the last layer global as transformers requires.
         reduced = {k: v for k, v in text_cfg.items() if k not in ("layer_types", "per_layer_config")}
@@ -644,7 +644,7 @@ def measure_audio_vae_encode(
 ) -> dict:
     from diffusers import AutoencoderKLLTX2Audio
 
-    from lowvram.plan.fakemem import LiveBytes, fake_mode, register_module_storages
+    from lowvram.fakemem import LiveBytes, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
     with torch.device("meta"):

@@ -1,4 +1,4 @@
-"""What the training modes (train/modes/) cost the plan: scheduled sampling's no-grad rollout forwards.
+"""What the training modes (method/modes/) cost the plan: scheduled sampling's no-grad rollout forwards.
 
 Measured like the training step (measure.py): the real transformer on fake tensors at the run's shapes, running the
 trainer's own rollout. It only measures; budget.py adds the bytes and seconds.
@@ -25,10 +25,10 @@ def measure_rollout_forward(
     """Peak live bytes (parameters excluded) of one rollout step: the step's inputs, the rolled-out latents and one
     no-grad transformer forward. Its peak does not depend on depth (each block's activations die with it), so one
     block is measured."""
+    from lowvram.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
+    from lowvram.method.modes.scheduled_sampling import rollout
+    from lowvram.method.objective import FlowInputs
     from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
-    from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
-    from lowvram.train.modes.scheduled_sampling import rollout
-    from lowvram.train.objective import FlowInputs
 
     dtype = _dtype(compute_dtype)
     model = build_lora_transformer(transformer_config, 1, lora, dtype)

@@ -357,7 +357,7 @@ def check_plan_request(cfg: RunConfig, configs: ModelConfigs, gpus: int = 1) -> 
 
 
 def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: MeasureCache, gpus: int = 1) -> Measurements:
-    from lowvram.models.ltx2_checkpoint import run_model_version, text_encoder_plan_config
+    from lowvram.models.ltx2.checkpoint import run_model_version, text_encoder_plan_config
 
     configs = model_configs(cfg.model.family, run_model_version(cfg.model))
     user_text_encoder = text_encoder_plan_config(cfg.model, configs.version)  # exact sizes when the folder is given
@@ -687,7 +687,7 @@ def _disk_tier_candidates(
         if s.offload != "block_swap" or c.over_vram_bytes > 0 or c.over_ram_bytes <= 0 or s.blocks_on_disk:
             continue
         if s.precision in ("bf16", "fp32"):
-            continue  # the disk tier is written while quantizing on load (train/loop.py refuses it unquantized)
+            continue  # the disk tier is written while quantizing on load (train/run.py refuses it unquantized)
         k = min(s.blocks_to_swap, m.num_layers)
         d = host_ram.blocks_on_disk_needed(c.over_ram_bytes, m.block.bytes(s.precision, opts.compute_dtype), k)
         for n in sorted({min(k, d + extra) for extra in (0, 1, 2)} if d is not None else {k}):
@@ -748,7 +748,7 @@ def plan_run(
         check_backend_supported(cfg.model.precision, profile)
         check_backend_supported(cfg.model.text_encoder_precision, profile)
     if gpus > 1:
-        from lowvram.train.distributed import check_distributed_supported
+        from lowvram.multi_gpu import check_distributed_supported
 
         if choose:
             # FSDP2 shards a bf16 base with AdamW and no offload: the choice is among those only.

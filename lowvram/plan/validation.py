@@ -95,9 +95,9 @@ def measure_sampling(configs: ModelConfigs, vs: ValidationShape, lora: LoraSpec,
 
     Two blocks: without autograd each block's activations die before the next block runs, so depth adds nothing.
     """
+    from lowvram.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
     from lowvram.models.ltx2 import TextEmbeddings
     from lowvram.models.sampling import denoise
-    from lowvram.plan.fakemem import LiveBytes, attention_backend, fake_mode, register_module_storages
 
     dtype = _dtype(compute_dtype)
     model = build_lora_transformer(configs.transformer, 2, lora, dtype)
@@ -130,8 +130,8 @@ def measure_decode(configs: ModelConfigs, vs: ValidationShape, *, tiling: bool, 
     """Video decode (tiled or not) and audio decode + vocoder: weights and activation peaks, on fake tensors."""
     from diffusers import AutoencoderKLLTX2Audio
 
+    from lowvram.fakemem import LiveBytes, fake_mode
     from lowvram.models.sampling import decode_audio, decode_video
-    from lowvram.plan.fakemem import LiveBytes, fake_mode
     from lowvram.vae import VaeOptions, build_video_vae_on_meta
 
     dtype = _dtype(compute_dtype)

@@ -19,7 +19,7 @@ from lowvram.errors import LowvramError
 from lowvram.fsutil import clean_stale_temp_files, save_safetensors_atomic
 from lowvram.quant.backends import QuantBackend
 from lowvram.quant.precision import Precision
-from lowvram.quant.stream import QUANT_SEP, SafetensorsSource, crc32, expected_keys
+from lowvram.quant.source import QUANT_SEP, SafetensorsSource, crc32, expected_keys
 
 FORMAT_VERSION = 1
 METADATA_KEY = "lowvram_quant"

@@ -175,7 +175,7 @@ class DiskBatches:
         return self
 
     def __next__(self) -> LatentBatch:
-        from lowvram.models.ltx2 import pack_audio_latents, pack_video_latents
+        from lowvram.models.ltx2.forward import pack_audio_latents, pack_video_latents
 
         b = next(self._it)
         self._next = b.position + 1

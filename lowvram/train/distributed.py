@@ -9,7 +9,6 @@ so a run resumes with any number of processes. It does not choose memory setting
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from lowvram.errors import LowvramError, UsageError
+from lowvram.multi_gpu import check_distributed_supported
 from lowvram.train.batches import DiskBatches, LatentBatch  # light: loop.py imports torch and nothing heavy at the top
 
 LAUNCH_FILE = "launch.json"
@@ -71,76 +71,6 @@ def rank_dir(run_dir: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# What runs under FSDP2 (checked before any weight loads)
-
-# Measured on the tiny model, 2 gloo ranks, torch 2.13: torchao int8/fp8 fail inside fully_shard (their tensor
-# subclasses lack aten.split / new_zeros), bitsandbytes nf4 fails ("quant_state is required"), and quanto int8
-# shards but comes back as plain float shards: it trains with full-precision memory while claiming int8.
-_QUANT_REFUSAL = (
-    "model.precision {p} cannot be sharded by FSDP2 (torchao and bitsandbytes weights fail to shard, quanto's are "
-    "silently dequantized): use model.precision bf16 with --nproc, whose sharding divides the weights by the GPU count"
-)
-
-
-def check_distributed_supported(cfg, nproc: int) -> None:
-    """Refuse, in one line, what does not run under FSDP2 over `nproc` processes (GPUs). Call before weights load.
-
-    Used by `lowvram train --nproc N` (and under torchrun) and by `lowvram plan --gpus N`.
-    """
-    if nproc < 1:
-        raise UsageError(f"--nproc {nproc}: give 1 or more processes")
-    if nproc == 1:
-        return
-    many = f"{nproc} GPUs (--nproc/--gpus {nproc})"
-    if cfg.scheduled_sampling.enabled:
-        # Every rank would roll the whole batch out (the rollout runs before the rows are split).
-        raise UsageError(f"scheduled_sampling.enabled = true does not run on {many}: train it on one GPU")
-    if cfg.model.precision not in ("bf16", "fp32"):
-        raise UsageError(_QUANT_REFUSAL.format(p=cfg.model.precision))
-    m = cfg.memory
-    moved = [
-        name
-        for name, on in (
-            ("blocks_to_swap", (m.blocks_to_swap or 0) > 0),
-            ("ramtorch", bool(m.ramtorch)),
-            ("group_offload", bool(m.group_offload)),
-        )
-        if on
-    ]
-    if moved:
-        raise UsageError(
-            f"memory.{moved[0]} moves the weights FSDP2 shards: leave it unset with {many} "
-            f"(each GPU then holds 1/{nproc} of the base plus the blocks being computed)"
-        )
-    if cfg.optim.optimizer != "adamw":
-        # Both keep per-parameter state in layouts that do not understand sharded (DTensor) parameters.
-        raise UsageError(
-            f"optim.optimizer '{cfg.optim.optimizer}' does not run on FSDP2's sharded LoRA: use 'adamw' "
-            f"with {many} (its state is sharded too, 1/{nproc} per GPU)"
-        )
-    if cfg.optim.max_grad_norm <= 0:
-        raise UsageError(f"optim.max_grad_norm must be > 0 with {many} (the global norm is taken while clipping)")
-    if cfg.train.tread_routes:
-        raise UsageError(f"TREAD routes are not supported with {many}: remove train.tread_routes")
-    if cfg.validation.enabled:
-        raise UsageError(
-            f"validation clips are not rendered with {many}: set validation.enabled = false and "
-            f"render from the exported LoRA"
-        )
-    if cfg.train.batch_size < nproc:
-        raise UsageError(
-            f"train.batch_size {cfg.train.batch_size} is smaller than {many}: each GPU trains its "
-            f"share of a batch, so use a batch of at least {nproc}"
-        )
-
-
-def per_gpu_config(cfg, gpus: int):
-    """The run as one of `gpus` processes sees it: its share of each batch (what its activations are sized by)."""
-    share = -(-cfg.train.batch_size // gpus)
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": share})})
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Launching torchrun for the user
 
 
@@ -174,34 +104,12 @@ def launch(cfg, *, profile=None, nproc: int, force: bool = False, auto_recover: 
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
-        "lowvram.train.distributed",
+        "lowvram.train.worker",
         str(spec),
     ]
     return subprocess.run(cmd, check=False).returncode
 
 
-def main(argv: list[str]) -> int:
-    """Worker entry under torchrun: `python -m lowvram.train.distributed RUN_DIR/launch.json`."""
-    from lowvram.config import RunConfig
-    from lowvram.profiles import HardwareProfile
-    from lowvram.train.loop import run_train
-
-    env = current()
-    try:
-        spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-        cfg = RunConfig.model_validate(spec["config"])
-        profile = None if spec["profile"] is None else HardwareProfile.model_validate(spec["profile"])
-        return run_train(
-            cfg,
-            profile=profile,
-            force=spec["force"],
-            auto_recover=spec["auto_recover"],
-            nproc=1 if env is None else env.world_size,
-        )
-    except LowvramError as e:
-        where = "" if env is None or env.is_main else f" (rank {env.rank})"
-        print(f"lowvram: error{where}: {e}", file=sys.stderr)
-        return e.exit_code
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -355,7 +263,7 @@ def rank_share(video_pred, audio_pred, local: LocalRows, objective, world_size: 
     Summed over ranks and divided by `world_size` (what FSDP2 does to gradients), the shares' gradients are those of
     `flow_loss` on the whole batch: mean over all rows of (video_b + audio_loss_weight · audio_b).
     """
-    from lowvram.train.objective import LossParts, masked_mse_per_sample
+    from lowvram.method.objective import LossParts, masked_mse_per_sample
 
     inputs = local.inputs
     video = masked_mse_per_sample(video_pred, inputs.video_target, inputs.video_loss_mask)  # [rows]
@@ -414,7 +322,7 @@ class RankDiskBatches(DiskBatches):
 
     def __next__(self) -> LatentBatch:
         from lowvram.data.batches import epoch_plan, load_batch
-        from lowvram.models.ltx2 import pack_audio_latents, pack_video_latents
+        from lowvram.models.ltx2.forward import pack_audio_latents, pack_video_latents
 
         epoch, offset = divmod(self._next, self._per_epoch)
         if epoch not in self._plans:
@@ -550,6 +458,3 @@ def load_checkpoint(path, *, model: torch.nn.Module, optimizer: torch.optim.Opti
     with whole_lora(model, write_back=True):
         return checkpoint.load_checkpoint(path, model=model, optimizer=_OptimizerLoader(optimizer), **kwargs)
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,10 @@
 """The training recipe: cached batches -> forward -> loss -> backward -> clip -> optimizer -> schedule, told in order.
 
-Memory strategies (offload, quantization, checkpointing) are applied to the modules before the loop starts, by the
-plan; the loop never asks which one is active. It does not decode media, build models or choose memory settings:
-it calls data/, models/, plan/ and offload/ for those, each through one small function below.
+One step (`train_step`), the loop over steps (`train`), and `fit`: LoRA in, memory plan applied, optimizer and
+schedule built, resume, the loop with its metrics and checkpoints. Memory strategies (offload, quantization,
+checkpointing) are applied to the modules before the loop starts, as the decision says; the loop never asks which
+one is active. It loads no model, builds no cache, runs no planner and knows no demo: the run assembly
+(`train/run.py`) does those and calls `fit` (through `train/recover.py`, which recovers from out-of-memory).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,11 @@ import torch
 
 from lowvram.errors import LowvramError
 from lowvram.fsutil import atomic_write_text
-from lowvram.train.batches import BatchSource, DiskBatches, LatentBatch
-from lowvram.train.modes import build_modes
-from lowvram.train.objective import ObjectiveConfig, flow_loss, prepare_inputs
+from lowvram.method.modes import build_modes
+from lowvram.method.objective import ObjectiveConfig, flow_loss, prepare_inputs
+from lowvram.method.tread import TreadRouter
+from lowvram.train.batches import BatchSource, LatentBatch
 from lowvram.train.run_folder import LORA_FILE, METRICS_FILE
-from lowvram.train.tread import TreadRouter
 
 # --------------------------------------------------------------------------------------------------------------------
 # One step
@@ -58,7 +60,7 @@ class TrainContext:
     audio_channels: int | None = None
     video_channels: int | None = None
     data_parallel: Any = None  # distributed.DataParallel under torchrun: this rank's rows and the global loss
-    modes: tuple = ()  # train/modes/: each prepares the step's inputs (build_modes)
+    modes: tuple = ()  # method/modes/: each prepares the step's inputs (build_modes)
 
 
 @contextlib.contextmanager
@@ -74,7 +76,7 @@ def _inference(module: torch.nn.Module):
 
 def forward_loss(ctx: TrainContext, batch: LatentBatch):
     """Noise one batch, run the transformer, return the loss parts (total has grad)."""
-    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
+    from lowvram.models.ltx2.forward import TextEmbeddings, transformer_forward
 
     dev, dt = ctx.device, ctx.compute_dtype
     objective = ctx.objective
@@ -119,7 +121,7 @@ def forward_loss(ctx: TrainContext, batch: LatentBatch):
                 isolate_modalities=inp.isolate_modalities,
             )
 
-    for mode in ctx.modes:  # training modes (train/modes/): rolled-out inputs and the like
+    for mode in ctx.modes:  # training modes (method/modes/): rolled-out inputs and the like
         inputs = mode.prepare(inputs, predict, ctx.generator)
     if ctx.data_parallel is not None:
         # The whole batch was noised (same draws as one process); this rank runs only its rows through the model.
@@ -287,7 +289,7 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The run, top to bottom: decide memory -> load -> cache -> set up -> train -> export
+# Fitting: LoRA, memory plan, optimizer and schedule, resume, then the loop with its metrics and checkpoints
 
 
 @dataclass(frozen=True)
@@ -309,283 +311,6 @@ class MemoryDecision:
             return self.predicted_vram_bytes, self.predicted_ram_bytes
         budget = self.plan.phases.get(phase) if self.plan is not None else None
         return (budget.vram_peak_bytes, budget.ram_peak_bytes) if budget is not None else (None, None)
-
-
-@dataclass
-class RunResult:
-    exit_code: int
-    run_dir: Path | None = None
-    lora_path: Path | None = None
-    steps: list[StepResult] = field(default_factory=list)
-
-
-def run_train(
-    cfg,
-    *,
-    profile=None,
-    force: bool = False,
-    dry_run: bool = False,
-    auto_recover: bool = True,
-    nproc: int = 1,
-    host=None,
-) -> int:
-    """`lowvram train`: decide memory, load, cache, inject LoRA, train, export, print the memory summary.
-
-    `profile` is a HardwareProfile (None: the probed machine; the tiny demo needs none); `host` the host RAM to
-    budget against (plan.host.HostMemory; None: the profile's). Returns the exit code.
-    """
-    return run(
-        cfg, profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc, host=host
-    ).exit_code
-
-
-def run_cache(cfg, *, profile=None) -> int:
-    """`lowvram cache`: build the text and latent caches only, in their startup phases, and stop.
-
-    The caches are portable files: a machine whose GPU cannot hold Gemma3 or the VAE can train from caches built
-    elsewhere. Memory settings for caching (VAE options, text-encoder streaming) come from the plan for `profile`;
-    whether training would fit there does not matter here. Returns the exit code.
-    """
-    from lowvram.console import make_console
-    from lowvram.paths import writable_dir
-    from lowvram.train.run_folder import run_folder_lock
-
-    console = make_console()
-    run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
-    with run_folder_lock(run_dir, command="cache"):  # a training there would share its caches and memory.jsonl
-        return _run_cache(cfg, profile, run_dir, console)
-
-
-def _run_cache(cfg, profile, run_dir: Path, console) -> int:
-    from lowvram.device import get_backend
-    from lowvram.telemetry import MemoryMonitor
-
-    backend = get_backend("cpu" if cfg.model.family == "tiny" else "auto")
-    decision = decide_memory(cfg, profile, force=True, console=None, caching_only=True)
-    from lowvram.hub import resolve_model_paths
-
-    decision = replace(decision, cfg=resolve_model_paths(decision.cfg, console))
-    from lowvram.demo import is_demo, prepare_demo_dataset
-
-    if is_demo(decision.cfg):
-        prepare_demo_dataset(decision.cfg)
-    monitor = MemoryMonitor(run_dir, backend)
-    for phase in ("text_cache", "latent_cache"):
-        vram_bytes, ram_bytes = decision.predicted_peaks(phase)
-        monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
-    try:
-        batches = cache_dataset(decision.cfg, run_dir, backend, monitor=monitor, console=console,
-                                profile=decision.profile)  # fmt: skip
-    finally:
-        monitor.finish(console)
-    console.print(f"{len(batches.items)} cached items ready in {_cache_dir(decision.cfg, run_dir)}")
-    return 0
-
-
-def run(
-    cfg,
-    *,
-    profile=None,
-    force: bool = False,
-    dry_run: bool = False,
-    auto_recover: bool = True,
-    nproc: int = 1,
-    console=None,
-    host=None,
-) -> RunResult:
-    """The whole run, holding the run folder's lock; where it starts (resume or step 0) is decided first."""
-    from lowvram.console import make_console
-    from lowvram.paths import writable_dir
-    from lowvram.train import distributed
-    from lowvram.train.run_folder import choose_start, run_folder_lock
-
-    kwargs = dict(profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc, host=host)
-    if dry_run or distributed.current() is not None:
-        # A dry run writes nothing there; torchrun workers run under the lock their launcher holds.
-        return _run(cfg, console=console, **kwargs)
-    run_dir = writable_dir(cfg.output.output_dir, what="output_dir")
-    console = console or make_console()
-    with run_folder_lock(run_dir, command="train"):
-        start = choose_start(run_dir, cfg.checkpoint.resume, start_over=cfg.checkpoint.start_over,
-                             say=lambda text: _say(console, text))  # fmt: skip
-        # The decision is made once, before any work: the rest of the run (and torchrun's workers) get it as is.
-        if start.resume is not None:
-            check_resume_settings(start.resume, cfg)  # another rank or optimizer: refused before any work
-        chosen = {"resume": None if start.resume is None else str(start.resume), "start_over": False}
-        cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update=chosen)})
-        return _run(cfg, console=console, **kwargs)
-
-
-def _run(
-    cfg,
-    *,
-    profile=None,
-    force: bool = False,
-    dry_run: bool = False,
-    auto_recover: bool = True,
-    nproc: int = 1,
-    console=None,
-    host=None,
-) -> RunResult:
-    from lowvram.console import make_console
-    from lowvram.device import get_backend
-    from lowvram.fsutil import atomic_write_bytes
-    from lowvram.telemetry import MEMORY_FILE, MemoryMonitor
-    from lowvram.train import distributed
-    from lowvram.train.checkpoint import ResumeFailed
-    from lowvram.train.recover import fit_with_recovery
-    from lowvram.train.validation import ValidationJob, render_validation, validation_prompts
-
-    run_dir = Path(cfg.output.output_dir).expanduser()
-    env = distributed.current()
-    if nproc > 1 and env is None and not dry_run:
-        # `--nproc N`: the same run under torchrun; every worker comes back here with its rank set.
-        code = distributed.launch(cfg, profile=profile, nproc=nproc, force=force, auto_recover=auto_recover)
-        return RunResult(exit_code=code, run_dir=run_dir)
-    distributed.check_distributed_supported(cfg, 1 if env is None else env.world_size)
-    from lowvram.fsutil import clean_stale_temp_files
-    from lowvram.paths import writable_dir
-
-    writable_dir(run_dir, what="output_dir")  # a read-only output folder fails now, not after hours of caching
-    from lowvram import tracking
-
-    tracking.check_installed(cfg)  # a tracker asked for but not installed: refused before any work
-    from lowvram.hub import model_refs
-
-    model_refs(cfg)  # a malformed hub id or a flavour its repo lacks: refused before planning (no network)
-    if env is None and not dry_run:
-        clean_stale_temp_files(run_dir)  # what a killed run left (checkpoints/ and the caches clean their own)
-    # The tiny family is the CPU demo and test model; the real model goes to the accelerator when there is one.
-    device_name = "cpu" if cfg.model.family == "tiny" else "auto"
-    backend = get_backend(device_name) if env is None else distributed.start(device_name)
-    # Only rank 0 talks; the others log to their own folder.
-    console = console or make_console(quiet=not distributed.is_main())
-    if cfg.model.family == "tiny":
-        # The tiny model's matmuls are a few hundred FLOPs: intra-op threads only add overhead, and on a loaded
-        # 2-core machine they thrash (measured 0.2 s/step on one thread, several seconds on two).
-        torch.set_num_threads(1)
-
-    # Under FSDP2 the plan is per GPU (sharded weights, gathered blocks) and keeps the weights' offload off.
-    gpus = nproc if env is None else env.world_size
-    decision = decide_memory(cfg, profile, force=force, console=console, gpus=gpus, host=host)
-    cfg = decision.cfg
-    from lowvram.demo import is_demo, prepare_demo_dataset
-
-    if is_demo(cfg) and not dry_run:
-        with distributed.main_first():
-            prepare_demo_dataset(cfg)
-    from lowvram.hub import download_estimate, resolve_model_paths
-
-    if dry_run:
-        for line in download_estimate(cfg).lines():  # hub ids: what the run would fetch; nothing is downloaded
-            _say(console, line)
-        return RunResult(exit_code=0 if decision.fits else 1, run_dir=run_dir)
-    check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
-    # Validation prompts are read now (a missing prompts file fails before caching) and encoded with the captions.
-    job = ValidationJob(validation_prompts(cfg), cfg.validation.negative_prompt) if cfg.validation.enabled else None
-
-    with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
-        cfg = resolve_model_paths(cfg, console)
-    decision = replace(decision, cfg=cfg)
-
-    # Files each start rewrites (the phases' memory.jsonl, the trackers' run.json): a resume that fails puts them back.
-    rewritten = (distributed.rank_dir(run_dir) / MEMORY_FILE, run_dir / tracking.RUN_FILE)
-    previous = {f: f.read_bytes() for f in rewritten if cfg.checkpoint.resume and f.is_file()}
-    monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
-    # telemetry phase <- plan phase (the transformer's load is the plan's `load`)
-    for phase, planned in (("text_cache",) * 2, ("latent_cache",) * 2, ("load_transformer", "load"),
-                           ("train",) * 2, ("export",) * 2):  # fmt: skip
-        vram_bytes, ram_bytes = decision.predicted_peaks(planned)
-        monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
-    mirror = tracking.RunMirror(run_dir, [])  # trackers follow the run folder; the loop only says "a step ended"
-    try:
-        with distributed.main_first():  # rank 0 writes the caches; the others then find them ready
-            batches = cache_dataset(cfg, run_dir, backend, monitor=monitor, console=console, profile=decision.profile,
-                                    validation=job)  # fmt: skip
-        if distributed.is_main():
-            mirror = tracking.start(cfg, run_dir, plan=decision.plan, total_steps=resolve_total_steps(cfg, batches),
-                                    metrics_dir=distributed.rank_dir(run_dir), console=console)  # fmt: skip
-        # Validation decodes with the VAEs and the vocoder (never Gemma3: its prompts are cached): loaded on the host
-        # when first needed.
-        validation_parts = _Lazy(lambda: load_encoders(cfg, VAE_PARTS)) if job is not None else None
-        compute_dtype, autocast_dtype = _precision(cfg, backend)
-        rendered: set[int] = set()
-
-        def render(step: int) -> list[Path]:
-            vram_bytes, ram_bytes = decision.predicted_peaks("validation")
-            monitor.set_prediction("validation", vram_bytes=vram_bytes, ram_bytes=ram_bytes)
-            with monitor.phase("validation"):
-                paths = render_validation(cfg, job, validation_parts.get(), holder["transformer"],
-                                          run_dir / "validation" / f"step-{step}", backend=backend,
-                                          dtype=compute_dtype, autocast_dtype=autocast_dtype)  # fmt: skip
-            rendered.add(step)
-            return paths
-
-        with monitor.phase("load_transformer"), distributed.in_turn():
-            transformer = load_transformer(cfg, decision.profile)
-            if env is not None:
-                # FSDP2: each rank adds the LoRA and sends its shard to its GPU before the next rank loads, so the
-                # host holds one whole transformer at a time, not one per process (fit() then finds it ready).
-                torch.manual_seed(cfg.train.seed)
-                inject_lora(transformer, cfg)
-                distributed.shard_transformer(transformer, backend)
-        holder = {"transformer": transformer}  # validation renders with whichever transformer is training
-        validate = None
-        if validation_parts is not None:
-
-            def validate(step: int) -> None:
-                paths = render(step)
-                _say(console, f"validation: {len(paths)} clip(s) written to {paths[0].parent}")
-
-        with monitor.phase("train"):
-            transformer, result = fit_with_recovery(
-                decision,
-                transformer,
-                batches,
-                reload=lambda: load_transformer(cfg, decision.profile),
-                run_dir=run_dir,
-                backend=backend,
-                console=console,
-                auto_recover=auto_recover and env is None,
-                validate=validate,
-                on_new_transformer=lambda t: holder.update(transformer=t),
-                after_step=mirror.sync,
-            )
-        with monitor.phase("export"):
-            with distributed.whole_lora(transformer) as writer:
-                lora_path = export_lora(transformer, run_dir / LORA_FILE, cfg) if writer else None
-            distributed.barrier()
-        console.print(f"LoRA written to {lora_path}")
-        if len(result) >= 20:
-            first, last = (sum(r.loss for r in part) / len(part) for part in (result[:10], result[-10:]))
-            console.print(f"mean loss: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
-        if validation_parts is not None:
-            holder["transformer"] = transformer
-            logged = read_metrics(distributed.rank_dir(run_dir))
-            final = logged[-1]["step"] if logged else 0
-            if final not in rendered:
-                paths = render(final)
-                console.print(f"validation: {len(paths)} clip(s) written to {paths[0].parent}")
-    except ResumeFailed:
-        # A resume that did not resume leaves the run's memory.jsonl and run.json as they were.
-        monitor.run_dir = None
-        for path, content in previous.items():
-            atomic_write_bytes(path, content)
-        raise
-    except torch.OutOfMemoryError as e:
-        # Out of memory outside a training step (caching, loading, placing the model): one line, not a traceback.
-        phase = monitor.phases[-1].name if monitor.phases else "startup"
-        detail = (str(e).splitlines() or ["out of memory"])[0][:200]
-        raise LowvramError(
-            f"out of device memory in phase '{phase}' ({detail}); lower data.resolution, data.frames or "
-            "train.batch_size (or set memory.vae_tiling = true for caching) and rerun: caches and checkpoints are kept"
-        ) from None
-    finally:
-        monitor.finish(console)
-        mirror.close()  # after the last phase and the final clip are written
-        if env is not None:
-            distributed.stop()
-    return RunResult(exit_code=0, run_dir=run_dir, lora_path=lora_path, steps=result)
 
 
 def fit(
@@ -856,228 +581,21 @@ def _say(console, text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Seams to the other rooms of the house: models (load, LoRA), data (caches), plan (4b) and offload (strategies)
-
-
-ENCODER_PARTS = ("video_vae", "audio_vae", "vocoder", "connectors", "text_encoder", "tokenizer")
-TEXT_PARTS = ("text_encoder", "tokenizer", "connectors")
-VAE_PARTS = ("video_vae", "audio_vae", "vocoder")
-
-
-def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None, progress_for=None):
-    """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer.
-
-    `parts` picks a subset, so startup phasing loads the text side and the VAEs one after the other. A quantized
-    text encoder is quantized while it is read (host RAM near the quantized size) and cached quantized.
-    """
-    from lowvram.models import ltx2
-
-    if cfg.model.checkpoint is None:
-        if cfg.model.family != "tiny":
-            raise LowvramError("model.checkpoint is not set: give the official LTX-2 .safetensors file or a hub id "
-                               "such as Lightricks/LTX-2 (--checkpoint)")
-        loaded = ltx2.build_tiny_components(seed=0, version=cfg.model.version)
-        for name in ("transformer", *(n for n in ENCODER_PARTS if n not in parts)):
-            setattr(loaded, name, None)
-        if "text_encoder" in parts:
-            _quantize_in_memory(loaded.text_encoder, "text_encoder", cfg.model.text_encoder_precision)
-        return loaded
-    text_encoder_path = cfg.model.text_encoder_path if "text_encoder" in parts else None
-    return ltx2.load_components(
-        cfg.model.checkpoint, text_encoder_path, version=cfg.model.version, dtype=_weights_dtype(cfg), components=parts,
-        text_encoder_precision=cfg.model.text_encoder_precision, quant_cache_dir=_quant_cache_dir(cfg),
-        profile=profile, progress_for=progress_for,
-    )  # fmt: skip
-
-
-class _Lazy:
-    """A value built on first use (validation's encoders: most runs never validate before the end)."""
-
-    def __init__(self, build: Callable[[], Any]):
-        self._build, self._value = build, None
-
-    def get(self) -> Any:
-        if self._value is None:
-            self._value = self._build()
-        return self._value
-
-
-def load_transformer(cfg, profile=None) -> torch.nn.Module:
-    """The transformer alone, in the configured precision (loaded after the encoders are gone).
-
-    A quantized precision is applied while the checkpoint is read, layer by layer, so host RAM peaks near the
-    quantized size instead of bf16 + quantized (the seed's 34 GB); later runs load the quantized cache.
-    """
-    from lowvram.models import ltx2
-
-    if cfg.model.checkpoint is None:
-        transformer = ltx2.build_tiny_components(seed=0, version=cfg.model.version).transformer
-        _quantize_in_memory(transformer, "transformer", cfg.model.precision)
-        return transformer
-    writer = {}
-
-    def disk_tier(component, skeleton):
-        # Blocks of the disk tier go to its file as they load, so the whole transformer is never in host RAM
-        from lowvram.offload.disk_tier import DiskTierLoader, disk_block_indices
-
-        memory = cfg.memory
-        blocks = disk_block_indices(len(skeleton.transformer_blocks), memory.blocks_to_swap, memory.blocks_on_disk)
-        folder = memory.disk_tier_dir or Path(cfg.output.output_dir) / "cache"
-        writer["loader"] = DiskTierLoader(skeleton, Path(folder).expanduser(), blocks, "transformer_blocks")
-        return writer["loader"].progress
-
-    on_disk = (cfg.memory.blocks_on_disk or 0) > 0 and (cfg.memory.blocks_to_swap or 0) > 0
-    transformer = ltx2.load_components(
-        cfg.model.checkpoint, None, version=cfg.model.version, dtype=_weights_dtype(cfg), components=("transformer",),
-        precision=cfg.model.precision, quant_cache_dir=_quant_cache_dir(cfg), profile=profile,
-        progress_for=disk_tier if on_disk else None,
-    ).transformer  # fmt: skip
-    if "loader" in writer:
-        transformer._lowvram_disk_tier_blocks = writer["loader"].finish()
-    elif on_disk:
-        from lowvram.errors import UsageError
-
-        raise UsageError(
-            f"memory.blocks_on_disk needs a quantized model.precision (the loader writes the disk tier while it "
-            f"quantizes); '{cfg.model.precision}' loads whole: set memory.blocks_on_disk = 0"
-        )
-    return transformer
-
-
-def _weights_dtype(cfg) -> torch.dtype:
-    return torch.float32 if cfg.model.family == "tiny" or cfg.model.precision == "fp32" else torch.bfloat16
-
-
-def _quant_cache_dir(cfg) -> Path:
-    return Path(cfg.model.quantized_cache_dir or Path(cfg.output.output_dir) / "quant-cache").expanduser()
-
-
-def _quantize_in_memory(module: torch.nn.Module, component: str, precision: str) -> None:
-    """The tiny family is built in memory: quantize it in place, with the same exclude lists as a streamed load."""
-    from lowvram.models.ltx2_checkpoint import quantize_loaded
-    from lowvram.quant import parse_precision
-
-    if parse_precision(precision).quantized:
-        quantize_loaded(module, component, precision)
-
-
-def _cache_dir(cfg, run_dir: Path) -> Path:
-    return Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else run_dir / "cache"
-
-
-def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, profile=None,
-                  validation=None) -> BatchSource:  # fmt: skip
-    """Fill the text and latent caches (data/) in startup phases and return the resumable batch stream over them.
-
-    Phase `text_cache`: Gemma3 + connectors on the device (their Linear weights streamed from host RAM with
-    `memory.ramtorch_text_encoder`), every caption encoded, freed. Phase `latent_cache`: the VAEs, every clip encoded,
-    freed. With `memory.offload_during_startup` (the default) each phase frees its models before the next loads,
-    so the startup peak is the larger phase, not the sum; the transformer loads only afterwards.
-    """
-    from types import SimpleNamespace
-
-    from torch import nn
-
-    from lowvram.data.build import cache_latents, cache_text, start_caching
-    from lowvram.data.dataset import data_config_from_run
-    from lowvram.offload import apply_weight_streaming
-    from lowvram.offload.phases import Phase, offload_during_startup
-    from lowvram.vae import VaeOptions
-
-    m = cfg.memory
-    vae_options = VaeOptions(
-        tiling=bool(m.vae_tiling),
-        slicing=bool(m.vae_slicing),
-        batch_size=m.vae_batch_size,
-        patch_conv=bool(m.vae_patch_conv),
-        temporal_roll=bool(m.vae_temporal_roll),
-    )
-    cache_dir = _cache_dir(cfg, run_dir)
-    if cfg.model.checkpoint is not None:
-        from lowvram.models.ltx2_checkpoint import open_checkpoint
-
-        # Header only: a wrong, pickle or other-version checkpoint fails before any work.
-        open_checkpoint(cfg.model.checkpoint, version=cfg.model.version)
-    job = start_caching(data_config_from_run(cfg), strict=cfg.data.strict)  # finds bad files before any model loads
-    tokenizers = []
-    text_tier = None
-    if m.text_encoder_on_disk:  # Gemma's decoder layers read from the disk tier's file while encoding
-        from lowvram.offload.text_disk_tier import TextDiskTier
-
-        text_tier = TextDiskTier(m.disk_tier_dir or Path(cfg.output.output_dir) / "cache")
-
-    def load_text() -> nn.Module:
-        try:
-            parts = load_encoders(cfg, TEXT_PARTS, profile, progress_for=text_tier and text_tier.progress_for)
-            if text_tier is not None:
-                text_tier.apply(parts.text_encoder, backend)
-        except BaseException:
-            if text_tier is not None:
-                text_tier.abort()
-            raise
-        tokenizers.append(parts.tokenizer)
-        if m.ramtorch_text_encoder and backend.is_accelerator:
-            apply_weight_streaming(parts.text_encoder, backend)
-        return nn.ModuleDict({"text_encoder": parts.text_encoder, "connectors": parts.connectors})
-
-    def encode_text(text: nn.Module) -> None:
-        parts = SimpleNamespace(text_encoder=text["text_encoder"], connectors=text["connectors"],
-                                tokenizer=tokenizers[-1])  # fmt: skip
-        try:
-            cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
-            if validation is not None:  # encoded now, with the captions: Gemma3 is never loaded again for validation
-                from lowvram.data.text_cache import build_text_cache
-
-                texts = [*validation.prompts, validation.negative_prompt]
-                done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
-                validation.text_paths.update(done.paths)
-        finally:
-            if text_tier is not None:
-                text_tier.release()  # the file goes; the encoder (placeholders in its layers) is freed next
-
-    def load_vaes() -> nn.Module:
-        parts = load_encoders(cfg, VAE_PARTS)
-        return nn.ModuleDict({"video_vae": parts.video_vae, "audio_vae": parts.audio_vae})
-
-    def encode_latents(vaes: nn.Module):
-        parts = SimpleNamespace(video_vae=vaes["video_vae"], audio_vae=vaes["audio_vae"])
-        return cache_latents(job, parts, cache_dir, vae_options=vae_options, audio=cfg.data.audio,
-                             strict=cfg.data.strict)  # fmt: skip
-
-    results = offload_during_startup(
-        [Phase("text_cache", load_text, encode_text), Phase("latent_cache", load_vaes, encode_latents)],
-        backend,
-        monitor=monitor,
-        phased=m.offload_during_startup is not False,
-    )
-    summary = results[-1].result
-    _say(console, summary.format())
-    return DiskBatches(summary.items, cfg.train.batch_size, seed=cfg.train.seed, fps=cfg.data.fps)
+# Seams to LoRA (method/lora.py) and the offload strategies (offload/), applied to the modules before the loop
 
 
 def inject_lora(transformer: torch.nn.Module, cfg) -> None:
     """Add trainable LoRA adapters to the configured targets; audio-only modules are left out in video mode."""
-    from lowvram.train import lora
+    from lowvram.method import lora
 
     if lora.lora_layers(transformer):
         return  # already added (a sharded run adds it while loading, before FSDP2 shards the module)
     lora.inject_lora(transformer, cfg.lora, include_audio=cfg.train.mode != "video")
 
 
-def check_lora_targets(cfg) -> None:
-    """Refuse in one line, before anything is cached or loaded, LoRA targets that select no module or have no name
-    in the configured export format (checked on the family's transformer built on meta: no memory)."""
-    from lowvram.models import ltx2
-    from lowvram.train import lora
-
-    skeleton = ltx2.build_on_meta("transformer", family=cfg.model.family)
-    spec = lora.as_spec(cfg.lora, include_audio=cfg.train.mode != "video")
-    lora.export_names(lora.target_modules(skeleton, spec), spec.lora_format)
-
-
 def export_lora(transformer: torch.nn.Module, path: Path, cfg) -> Path:
     """Write the user-facing LoRA (`diffusion_model.*` keys, alpha folded into B) atomically."""
-    from lowvram.train import lora
+    from lowvram.method import lora
 
     return lora.export_lora(transformer, path, cfg.lora)
 
@@ -1096,47 +614,3 @@ def apply_memory_plan(transformer: torch.nn.Module, decision: MemoryDecision, ba
     applied = offload.apply_memory_plan(transformer, memory, backend, prewritten=prewritten)
     backend.place_module(transformer)
     return applied
-
-
-def decide_memory(
-    cfg, profile, *, force: bool, console=None, gpus: int = 1, caching_only: bool = False, host=None
-) -> MemoryDecision:
-    """Settings the config leaves None are chosen by the planner for `profile` (None: the probed machine) and the
-    run's real shapes; stated settings are evaluated as given. A run that would not fit is refused with what it
-    lacks, unless `force` (or `caching_only`: only the caching phases' settings are wanted).
-    """
-    if cfg.model.family == "tiny" and profile is None:
-        # The CPU demo: nothing to plan (checkpointing stays on, as everywhere).
-        _say(console, "tiny model on CPU without --profile: no memory plan needed")
-        return MemoryDecision(cfg=cfg, fits=True)
-    from lowvram.config import apply_overrides
-    from lowvram.plan import plan_run
-
-    if profile is None:
-        from lowvram.hardware import probe
-
-        _, profile = probe(measure_bandwidth=False)
-    # choose=False: precisions and optimizer stay the config's; memory settings left None are chosen.
-    plan = plan_run(cfg, profile, choose=False, gpus=gpus, host=host)  # gpus > 1: FSDP2, budgeted per GPU
-    if console is not None:
-        plan.render(console)
-    if not plan.fits:
-        if not force:
-            raise LowvramError(
-                f"{plan.reason or 'the run does not fit'} (profile '{profile.name}'; --force tries anyway)"
-            )
-        if not caching_only:
-            _say(console, "[yellow]--force: training although the plan says it will not fit[/yellow]")
-    chosen = {k: v for k, v in plan.settings.items() if k.startswith(("memory.", "validation."))}
-    cache_phases = [plan.phases[n] for n in ("text_cache", "latent_cache") if n in plan.phases]
-    train_phase = plan.phases.get("train")
-    return MemoryDecision(
-        cfg=apply_overrides(cfg, chosen),
-        fits=plan.fits,
-        predicted_vram_bytes=train_phase.vram_peak_bytes if train_phase else None,
-        predicted_ram_bytes=train_phase.ram_peak_bytes if train_phase else None,
-        predicted_cache_vram_bytes=max((p.vram_peak_bytes for p in cache_phases), default=None),
-        predicted_cache_ram_bytes=max((p.ram_peak_bytes for p in cache_phases), default=None),
-        plan=plan,
-        profile=profile,
-    )

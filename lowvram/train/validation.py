@@ -132,14 +132,14 @@ def optimizer_off_device(optimizer, backend) -> Iterator[None]:
 
 def _text(path: Path):
     from lowvram.data.text_cache import load_text_embedding
-    from lowvram.models.ltx2 import TextEmbeddings
+    from lowvram.models.ltx2.forward import TextEmbeddings
 
     t = load_text_embedding(path)
     return TextEmbeddings(video=t["video"][None], audio=t["audio"][None], mask=t["mask"][None].long())
 
 
 def _on_device(text, backend, dtype):
-    from lowvram.models.ltx2 import TextEmbeddings
+    from lowvram.models.ltx2.forward import TextEmbeddings
 
     return TextEmbeddings(video=backend.to_device(text.video.to(dtype)), audio=backend.to_device(text.audio.to(dtype)),
                           mask=backend.to_device(text.mask))  # fmt: skip

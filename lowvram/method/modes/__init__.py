@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from lowvram.train.objective import FlowInputs
+from lowvram.method.objective import FlowInputs
 
 # `predict(inputs, inference=False)` -> (video, audio) velocity predictions of the transformer being trained, under
 # the run's autocast; `inference=True` runs it as at sampling time (eval mode: no LoRA dropout).
@@ -29,7 +29,7 @@ def build_modes(cfg) -> tuple[TrainingMode, ...]:
     modes: list[TrainingMode] = []
     ss = cfg.scheduled_sampling
     if ss.enabled:
-        from lowvram.train.modes.scheduled_sampling import ScheduledSampling
+        from lowvram.method.modes.scheduled_sampling import ScheduledSampling
 
         modes.append(ScheduledSampling(probability=ss.probability, steps=ss.steps, sigma_step=ss.sigma_step))
     return tuple(modes)

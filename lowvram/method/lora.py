@@ -153,7 +153,7 @@ def export_names(module_names: list[str], lora_format: str = "comfy") -> dict[st
         raise UsageError(f"unknown LoRA format {lora_format!r}: use one of {', '.join(LORA_FORMATS)}")
     if lora_format == "diffusers":
         return {n: "transformer." + n for n in module_names}
-    from lowvram.models.ltx2_checkpoint import official_module_names
+    from lowvram.models.ltx2.layout import official_module_names
 
     official, unmapped = official_module_names("transformer", list(module_names))
     if unmapped:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowvram.train.objective import FlowInputs
+from lowvram.method.objective import FlowInputs
 
 
 @dataclass(frozen=True)

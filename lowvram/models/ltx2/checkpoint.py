@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,26 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lowvram.errors import LowvramError
-from lowvram.models import ltx2, versions
+from lowvram.models import versions
+from lowvram.models.ltx2.build import (
+    LTX2Components,
+    build_component,
+    build_on_meta,
+    build_tiny_components,
+    text_encoder_classes,
+)
+from lowvram.models.ltx2.configs import CHECKPOINT_COMPONENTS, canonical_family, family_configs, family_version
+from lowvram.models.ltx2.layout import (
+    _official_owner,
+    diffusers_to_official,
+    official_to_diffusers,
+)
 
 if TYPE_CHECKING:
     from lowvram.profiles import HardwareProfile
     from lowvram.quant.stream import LoadResult
 
-FAMILIES = ("ltx-2.0", "ltx-2.3", "ltx-2.5", "tiny")
-FAMILY_ALIASES = {"ltx2": "ltx-2.0", "ltx-2": "ltx-2.0"}
 VERSION_METADATA_KEY = versions.VERSION_METADATA_KEY
-CHECKPOINT_COMPONENTS = ("transformer", "video_vae", "audio_vae", "vocoder", "connectors")
 # Diffusers folder layout (LTX2Pipeline's component names).
 DIFFUSERS_SUBFOLDERS = {
     "transformer": "transformer",
@@ -40,288 +49,6 @@ DIFFUSERS_SUBFOLDERS = {
 }
 FAMILY_METADATA_KEY = "lowvram_family"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_CONFIG_DIR = Path(__file__).parent / "configs"
-_TRANSFORMER_PREFIX = "model.diffusion_model."
-_CONNECTOR_STARTS = ("video_embeddings_connector", "audio_embeddings_connector", "text_embedding_projection")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Configs and meta builds
-
-
-def canonical_family(family: str) -> str:
-    """The config's `ltx2` (and `ltx-2`) name the real model; its version comes separately (default 2.0)."""
-    return FAMILY_ALIASES.get(family, family)
-
-
-def family_version(family: str) -> str | None:
-    """The version a family name carries ("ltx-2.3" -> "2.3"); None for "tiny" and for the bare `ltx2`."""
-    family = canonical_family(family)
-    if family.startswith("ltx-") and family != "ltx-2.0":
-        return versions.check_version(family[len("ltx-") :])
-    return None
-
-
-def family_configs(family: str, version: str | None = None) -> dict[str, dict[str, Any]]:
-    """Constructor kwargs of every component: a real family ("ltx-2.0", "ltx-2.3", "ltx-2.5" from the shipped
-    JSON; `version` picks it for "ltx-2.0"/"ltx2") or "tiny" at `version` (default 2.0)."""
-    family = canonical_family(family)
-    if family == "tiny":
-        return ltx2.tiny_configs(version or versions.DEFAULT_VERSION)
-    if family not in FAMILIES:
-        raise LowvramError(f"unknown LTX-2 model family {family!r}: use one of {', '.join(FAMILIES)}")
-    version = version or family_version(family) or versions.DEFAULT_VERSION
-    folder = _CONFIG_DIR / versions.model_version(version).config_dir
-    out = {}
-    for name in (*CHECKPOINT_COMPONENTS, "text_encoder"):
-        cfg = json.loads((folder / f"{name}.json").read_text())
-        out[name] = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return out
-
-
-def real_transformer_config() -> dict[str, Any]:
-    return family_configs("ltx-2.0")["transformer"]
-
-
-def real_video_vae_config() -> dict[str, Any]:
-    return family_configs("ltx-2.0")["video_vae"]
-
-
-def real_audio_vae_config() -> dict[str, Any]:
-    return family_configs("ltx-2.0")["audio_vae"]
-
-
-def real_vocoder_config() -> dict[str, Any]:
-    return family_configs("ltx-2.0")["vocoder"]
-
-
-def real_connectors_config() -> dict[str, Any]:
-    return family_configs("ltx-2.0")["connectors"]
-
-
-def real_text_encoder_config() -> dict[str, Any]:
-    return family_configs("ltx-2.0")["text_encoder"]
-
-
-def build_on_meta(
-    component: str, config: dict[str, Any] | None = None, family: str = "ltx-2.0", version: str | None = None
-):
-    """The real class on the meta device (no memory): for planning and as the skeleton a load fills."""
-    config = config if config is not None else family_configs(family, version)[component]
-    with torch.device("meta"):
-        module = ltx2.build_component(component, config)
-    return module
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Official key layout <-> diffusers names. Forward maps are diffusers' own converters where they exist (so a real
-# checkpoint is read exactly as diffusers reads it); connectors and vocoder follow diffusers' conversion script.
-
-
-def official_to_diffusers(component: str, official_keys: list[str]) -> dict[str, str]:
-    """{diffusers key: official key} for the official keys that belong to `component` (others are left out)."""
-    from diffusers.loaders import single_file_utils as sfu
-
-    mine = [k for k in official_keys if _official_owner(k) == component]
-    if component in ("transformer", "video_vae", "audio_vae"):
-        convert = {
-            "transformer": sfu.convert_ltx2_transformer_to_diffusers,
-            "video_vae": sfu.convert_ltx2_vae_to_diffusers,
-            "audio_vae": sfu.convert_ltx2_audio_vae_to_diffusers,
-        }[component]
-        # The converters only rename and drop keys, so running them on {key: key} maps names without reading a byte.
-        mapped = convert({k: k for k in mine})
-        if component == "transformer":
-            # 0.42.1's single-file converter predates LTX-2.3; its conversion script adds these two renames
-            # (LTX_2_3_TRANSFORMER_KEYS_RENAME_DICT). 2.0 has no such keys, so one map serves every version.
-            mapped = {
-                k.replace("audio_prompt_adaln_single.", "audio_prompt_adaln.").replace(
-                    "prompt_adaln_single.", "prompt_adaln."
-                ): v
-                for k, v in mapped.items()
-            }
-        if component == "video_vae":
-            # LTX-2.3/2.5's decoder has a fourth up block: official up_blocks.7 (its upsampler) and .8 (its resnets),
-            # as LTX_2_3_VIDEO_VAE_RENAME_DICT in diffusers' conversion script; 0.42.1's converter stops at .6.
-            mapped = {
-                re.sub(
-                    r"^decoder\.up_blocks\.8\.",
-                    "decoder.up_blocks.3.",
-                    re.sub(r"^decoder\.up_blocks\.7\.", "decoder.up_blocks.3.upsamplers.0.", k),
-                ): v
-                for k, v in mapped.items()
-            }
-            # diffusers' conversion script (newer than 0.42.1's single-file converter) also renames the decoder's
-            # timestep conditioning, present in VAEs built with timestep_conditioning=True.
-            mapped = {
-                k.replace("last_time_embedder", "time_embedder").replace(
-                    "last_scale_shift_table", "scale_shift_table"
-                ): v
-                for k, v in mapped.items()
-            }
-        return mapped
-    renames = _CONNECTOR_RENAMES if component == "connectors" else _VOCODER_RENAMES
-    strip = _TRANSFORMER_PREFIX if component == "connectors" else "vocoder."
-    out = {}
-    for key in mine:
-        new = key[len(strip) :] if key.startswith(strip) else key
-        for old, repl in renames:
-            new = re.sub(old, repl, new)
-        out[new] = key
-    return out
-
-
-# Regex renames, official -> diffusers: diffusers scripts/convert_ltx2_to_diffusers.py LTX_2_0_* and LTX_2_3_*
-# dicts in one table (no key of one version holds another's names, so the union serves all three).
-_CONNECTOR_RENAMES = (
-    (r"connectors\.", ""),
-    (r"video_embeddings_connector", "video_connector"),
-    (r"audio_embeddings_connector", "audio_connector"),
-    (r"transformer_1d_blocks", "transformer_blocks"),
-    (r"text_embedding_projection\.aggregate_embed", "text_proj_in"),
-    # LTX-2.3/2.5 per-modality projections
-    (r"text_embedding_projection\.video_aggregate_embed", "video_text_proj_in"),
-    (r"text_embedding_projection\.audio_aggregate_embed", "audio_text_proj_in"),
-    (r"q_norm", "norm_q"),
-    (r"k_norm", "norm_k"),
-)
-_VOCODER_RENAMES = (
-    # "ups" only as a whole name: 2.3's anti-aliased activations hold `upsample` buffers (the script renames
-    # ".ups." in weight/bias keys only, for that clash).
-    (r"(^|\.)ups\.", r"\1upsamplers."),
-    (r"resblocks", "resnets"),
-    (r"conv_pre", "conv_in"),
-    (r"conv_post", "conv_out"),
-    # LTX-2.3/2.5 (LTX2VocoderWithBWE): LTX_2_3_VOCODER_RENAME_DICT
-    (r"act_post", "act_out"),
-    (r"downsample\.lowpass", "downsample"),
-)
-
-
-def _official_owner(key: str) -> str | None:
-    if key.startswith(_TRANSFORMER_PREFIX):
-        rest = key[len(_TRANSFORMER_PREFIX) :]
-        return "connectors" if rest.startswith(_CONNECTOR_STARTS) else "transformer"
-    if key.startswith(_CONNECTOR_STARTS):
-        return "connectors"
-    for prefix, name in (("vae.", "video_vae"), ("audio_vae.", "audio_vae"), ("vocoder.", "vocoder")):
-        if key.startswith(prefix):
-            return name
-    return None
-
-
-def diffusers_to_official(component: str, diffusers_keys: list[str]) -> dict[str, str]:
-    """{official key: diffusers key}: the inverse of the maps above, checked by running the forward map on it."""
-    out = {_to_official(component, k): k for k in diffusers_keys}
-    back = official_to_diffusers(component, list(out))
-    if {v: k for k, v in back.items()} != out:
-        bad = sorted(set(out) ^ set(back.values()))[:3]
-        raise AssertionError(f"official key layout for {component} does not round-trip: {bad}")
-    return out
-
-
-def official_module_names(component: str, module_names: list[str]) -> tuple[dict[str, str], list[str]]:
-    """({module path: official module path}, [paths with no official name]) for modules that own a `.weight`.
-
-    Derived from the parameter layout above (a module is named as its weight is), and kept only where diffusers'
-    own converter reads the official weight key back to this module's weight: whatever that layout learns (a new
-    model version's keys) LoRA export follows without a list of its own.
-    """
-    official = {name: _to_official(component, f"{name}.weight") for name in module_names}
-    back = {v: k for k, v in official_to_diffusers(component, list(official.values())).items()}
-    mapped, unmapped = {}, []
-    for name, key in official.items():
-        if back.get(key) == f"{name}.weight":
-            mapped[name] = key.removesuffix(".weight")
-        else:
-            unmapped.append(name)
-    return mapped, unmapped
-
-
-def _to_official(component: str, key: str) -> str:
-    if component == "transformer":
-        for new, old in (("time_embed.", "adaln_single."), ("audio_time_embed.", "audio_adaln_single.")):
-            if key.startswith(new):
-                key = old + key[len(new) :]
-        for new, old in (("proj_in.", "patchify_proj."), ("audio_proj_in.", "audio_patchify_proj.")):
-            if key.startswith(new):
-                key = old + key[len(new) :]
-        for new, old in (
-            ("prompt_adaln.", "prompt_adaln_single."),  # LTX-2.3/2.5 prompt AdaLN
-            ("audio_prompt_adaln.", "audio_prompt_adaln_single."),
-        ):
-            if key.startswith(new):
-                key = old + key[len(new) :]
-        for new, old in (
-            ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
-            ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
-            ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
-            ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
-            ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
-            ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
-            ("norm_q", "q_norm"),
-            ("norm_k", "k_norm"),
-        ):
-            key = key.replace(new, old)
-        return _TRANSFORMER_PREFIX + key
-    if component == "connectors":
-        for new, old in (
-            ("text_proj_in.", "aggregate_embed."),
-            ("video_text_proj_in.", "video_aggregate_embed."),
-            ("audio_text_proj_in.", "audio_aggregate_embed."),
-        ):
-            if key.startswith(new):
-                return "text_embedding_projection." + old + key[len(new) :]
-        for new, old in (
-            ("video_connector", "video_embeddings_connector"),
-            ("audio_connector", "audio_embeddings_connector"),
-            ("transformer_blocks", "transformer_1d_blocks"),
-            ("norm_q", "q_norm"),
-            ("norm_k", "k_norm"),
-        ):
-            key = key.replace(new, old)
-        return _TRANSFORMER_PREFIX + key
-    if component == "vocoder":
-        for new, old in (
-            ("upsamplers", "ups"),
-            ("resnets", "resblocks"),
-            ("conv_in", "conv_pre"),
-            ("conv_out", "conv_post"),
-            ("act_out", "act_post"),
-            ("downsample.", "downsample.lowpass."),
-        ):
-            key = key.replace(new, old)
-        return "vocoder." + key
-    stats = {
-        "latents_mean": "per_channel_statistics.mean-of-means",
-        "latents_std": "per_channel_statistics.std-of-means",
-    }
-    if component == "audio_vae":
-        return "audio_vae." + stats.get(key, key)
-    if component == "video_vae":
-        return "vae." + stats.get(key, _video_vae_block_to_official(key))
-    raise ValueError(component)
-
-
-def _video_vae_block_to_official(key: str) -> str:
-    # The official VAE numbers resnet groups and up/downsamplers as one flat list of blocks.
-    m = re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key)
-    if m:
-        return f"encoder.down_blocks.{2 * int(m[1]) + 1}.{m[2]}"
-    m = re.match(r"encoder\.down_blocks\.(\d+)\.(.*)", key)
-    if m:
-        return f"encoder.down_blocks.{2 * int(m[1])}.{m[2]}".replace(".resnets.", ".res_blocks.")
-    if key.startswith("encoder.mid_block."):
-        return key.replace("encoder.mid_block.", "encoder.down_blocks.8.").replace(".resnets.", ".res_blocks.")
-    if key.startswith("decoder.mid_block."):
-        return key.replace("decoder.mid_block.", "decoder.up_blocks.0.").replace(".resnets.", ".res_blocks.")
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key)
-    if m:
-        return f"decoder.up_blocks.{2 * int(m[1]) + 1}.{m[2]}"
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.(.*)", key)
-    if m:
-        return f"decoder.up_blocks.{2 * int(m[1]) + 2}.{m[2]}".replace(".resnets.", ".res_blocks.")
-    return key
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -626,7 +353,7 @@ def text_encoder_plan_config(model: Any, version: str) -> dict[str, Any] | None:
     if not (folder / "config.json").is_file():
         return None
     check_text_encoder_version(folder, version)
-    config_cls, _ = ltx2.text_encoder_classes(text_encoder_model_type(folder))
+    config_cls, _ = text_encoder_classes(text_encoder_model_type(folder))
     try:
         return config_cls.from_pretrained(str(folder), local_files_only=True).to_dict()
     except (OSError, ValueError) as e:
@@ -637,7 +364,7 @@ def load_text_encoder(folder: str | Path, dtype: torch.dtype):
     """Gemma3 / Gemma 4 unified (by its config.json model_type) from a local folder (safetensors only, no remote
     code, nothing missing)."""
     folder = _gemma_folder(Path(folder), "text_encoder")
-    _, model_cls = ltx2.text_encoder_classes(text_encoder_model_type(folder))
+    _, model_cls = text_encoder_classes(text_encoder_model_type(folder))
     try:
         model, info = model_cls.from_pretrained(
             str(folder),
@@ -697,7 +424,7 @@ def load_components(
     quant_cache_dir: str | Path | None = None,
     profile: HardwareProfile | None = None,
     progress_for=None,
-) -> ltx2.LTX2Components:
+) -> LTX2Components:
     """Every requested component from a checkpoint (+ a Gemma3 folder); the rest of the fields are None.
 
     `text_encoder` defaults to the checkpoint folder itself for diffusers folders (text_encoder/, tokenizer/).
@@ -744,7 +471,7 @@ def load_components(
             loaded["text_encoder"] = load_text_encoder(folder, dtype).to(device)
         if "tokenizer" in components:
             loaded["tokenizer"] = load_tokenizer(folder)
-    return ltx2.LTX2Components(**loaded, quant_loads=results)
+    return LTX2Components(**loaded, quant_loads=results)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -757,7 +484,7 @@ class ComponentSource:
     row slices (`get_rows`) so a row-wise backend never holds a whole unquantized weight."""
 
     def __init__(self, source: CheckpointSource, component: str, wanted: set[str]):
-        from lowvram.quant.stream import SafetensorsSource
+        from lowvram.quant.source import SafetensorsSource
 
         self.refs = {k: r for k, r in source.tensors[component].items() if k in wanted}
         self.raw = source.raw.get(component, {})
@@ -818,7 +545,7 @@ def load_component_quantized(
     if component not in source.tensors:
         raise LowvramError(f"{source.path} has no {component} weights")
     config = source.configs[component]
-    skeleton = build_empty(lambda: ltx2.build_component(component, config))
+    skeleton = build_empty(lambda: build_component(component, config))
     check_keys(component, skeleton, source.tensors[component], source.path)
     wanted = set(skeleton.state_dict(keep_vars=True))
     progress = progress_for(component, skeleton) if progress_for is not None else None
@@ -872,7 +599,7 @@ def load_text_encoder_quantized(
         what = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors weights"
         raise LowvramError(f"{folder} has {what}; lowvram loads Gemma3 from safetensors only")
     model_type = text_encoder_model_type(folder)
-    config_cls, model_cls = ltx2.text_encoder_classes(model_type)
+    config_cls, model_cls = text_encoder_classes(model_type)
     try:
         config = config_cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -915,7 +642,7 @@ def quantize_loaded(module: torch.nn.Module, component: str, precision) -> list[
 
 
 def save_single_file(
-    components: ltx2.LTX2Components, path: str | Path, family: str, version: str | None = None
+    components: LTX2Components, path: str | Path, family: str, version: str | None = None
 ) -> None:
     """Write the five checkpoint components in the official combined layout (atomically), tagged with `family`
     (and `version`, when given, under `lowvram_model_version`)."""
@@ -936,7 +663,7 @@ def save_single_file(
     save_safetensors_atomic(tensors, path, metadata=metadata)
 
 
-def save_diffusers_folder(components: ltx2.LTX2Components, folder: str | Path) -> None:
+def save_diffusers_folder(components: LTX2Components, folder: str | Path) -> None:
     """Write every present component as a diffusers-format folder (config.json + safetensors per subfolder)."""
     from lowvram.fsutil import atomic_write_json, save_safetensors_atomic
 
@@ -954,7 +681,7 @@ def save_diffusers_folder(components: ltx2.LTX2Components, folder: str | Path) -
     save_text_encoder(components, folder)
 
 
-def save_text_encoder(components: ltx2.LTX2Components, folder: str | Path) -> None:
+def save_text_encoder(components: LTX2Components, folder: str | Path) -> None:
     """Gemma3 + tokenizer as text_encoder/ and tokenizer/ under `folder` (transformers' own safetensors format)."""
     folder = Path(folder)
     if components.text_encoder is not None:
@@ -969,7 +696,7 @@ def save_tiny_checkpoint(folder: str | Path, seed: int = 0, version: str | None 
     `version` builds that release's tiny model and names it in the file (the 2.0 file is left unnamed, as before,
     so its version is read from its keys)."""
     folder = Path(folder)
-    comps = ltx2.build_tiny_components(seed=seed, version=version or versions.DEFAULT_VERSION)
+    comps = build_tiny_components(seed=seed, version=version or versions.DEFAULT_VERSION)
     path = folder / ("ltx-2-tiny.safetensors" if version is None else f"ltx-{version}-tiny.safetensors")
     save_single_file(comps, path, family="tiny", version=version)
     save_text_encoder(comps, folder / "gemma")
