@@ -181,3 +181,27 @@ def test_a_tiny_run_caches_text_from_the_disk_tier_and_telemetry_compares_every_
               if p["type"] == "phase"}  # fmt: skip
     for name in ("text_cache", "latent_cache", "load_transformer", "train", "export"):
         assert phases[name]["predicted_ram_bytes"], name
+
+
+def test_rollout_copies_of_disk_tier_blocks_are_timed_at_the_disk_rate(cache_dir):
+    """Scheduled sampling's no-grad forwards read the swapped blocks again: the ones on disk at the disk's rate, in
+    the step's copy time as in its wall time."""
+    from lowvram.plan.budget import GB
+
+    def plan(on_disk: int):
+        fixed = {"model.precision": "fp8-torchao", "memory.blocks_to_swap": 30, "memory.blocks_on_disk": on_disk}
+        return _plan(cache_dir, 32, **fixed, **{"scheduled_sampling.enabled": True})
+
+    pinned, disk = plan(0), plan(20)
+    block = pinned.phases["train"].ram["swapped blocks (pinned)"] // 30
+    k = disk.measured["rollout_forwards_per_step"]
+    assert k > 0
+    from lowvram.profiles import load_profile
+
+    p = load_profile("4070")
+    per_byte = 1 / (min(p.h2d_pinned_gbps, p.disk_read_gbps) * GB) - 1 / (p.h2d_pinned_gbps * GB)
+    # each disk block: its forward, its backward and k rollout forwards, each one block's bytes
+    expected = 20 * block * (2 + k) * per_byte
+    got = disk.step.transfer_seconds - pinned.step.transfer_seconds
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert any("from the disk tier (20)" in note for note in disk.step.notes)

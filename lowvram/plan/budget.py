@@ -873,7 +873,8 @@ def step_time(
         compute += k * (f.get("head", 0) / flops_rate + sum(fwds))
         rollout_copies = k * fwd_bytes * streamed
         streamed_bytes += round(rollout_copies)
-        transfer += rollout_copies / bw
+        # the disk tier's blocks come at the disk's rate in a rollout forward too
+        transfer += k * fwd_bytes * (on_disk / disk_bw + (streamed - on_disk) / bw)
         notes.append(
             f"scheduled sampling: {k:.2f} no-grad forwards expected per step, {k * no_grad_forward:.2f} s of the step"
         )
@@ -882,4 +883,9 @@ def step_time(
             f"per streamed block: copy {fwd_bytes / bw * 1e3:.0f} ms vs compute {fwd * 1e3:.0f} ms forward, "
             f"copy {bwd_bytes / bw * 1e3:.0f} ms vs compute {(bwd + recompute) * 1e3:.0f} ms backward"
         )
+        if on_disk:
+            notes.append(
+                f"per block from the disk tier ({on_disk}): read + copy {fwd_bytes / disk_bw * 1e3:.0f} ms forward, "
+                f"{bwd_bytes / disk_bw * 1e3:.0f} ms backward (the disk reads {profile.disk_read_gbps:g} GB/s)"
+            )
     return StepTime(total, compute, transfer, dequant, streamed_bytes, tuple(notes))
