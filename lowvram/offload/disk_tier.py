@@ -416,6 +416,10 @@ class StagedBlockSwap(BlockSwap):
     _next_staging: int = 0
     staged_reads: int = 0
     staged_misses: int = 0  # loads whose block had not been read ahead (the step waited for the read)
+    # slot -> block whose prefetch found its read still in flight: the copy is issued in that block's pre-hook, so
+    # the host thread never waits on a read while the block before it is being queued
+    _deferred: dict[int, int] = field(default_factory=dict)
+    deferred_copies: int = 0
     disk_file: WeightFile | None = None
     owns_disk_file: bool = False
 
@@ -479,8 +483,10 @@ class StagedBlockSwap(BlockSwap):
         if not self._order:
             return
         upcoming = self._upcoming()
+        waiting = set(self._deferred.values())
         for stage in self.staging:  # a read-ahead the step did not follow: its buffer is free again
-            if stage.index is not None and stage.index not in upcoming and stage.ready.is_set():
+            if stage.index is not None and stage.index not in upcoming and stage.index not in waiting \
+                    and stage.ready.is_set():  # fmt: skip
                 stage.index = None
         pending = {s.index for s in self.staging if s.index is not None}
         for index in upcoming:
@@ -520,6 +526,24 @@ class StagedBlockSwap(BlockSwap):
             ahead = next((k for k in range(n) if self._order[(self._pos + k) % n] == index), None)
             if ahead is not None:
                 self._pos = (self._pos + ahead + 1) % n
+        self._deferred.pop(slot, None)
+        self._slot_block[slot] = index
+        self._tick += 1
+        self._slot_used[slot] = self._tick
+        ready = next((s for s in self.staging if s.index == index and s.ready.is_set()), None)
+        if exclude is not None and ready is None and any(s.index == index for s in self.staging):
+            # a prefetch whose read is still in flight: copy it when the block is about to run
+            self._deferred[slot] = index
+            self._slot_ready[slot] = None
+            self.deferred_copies += 1
+            self._read_ahead()
+            return slot
+        self._copy_staged(index, slot)
+        self._read_ahead()
+        return slot
+
+    def _copy_staged(self, index: int, slot: int) -> None:
+        """Wait for block `index`'s read and copy it from its staging buffer into `slot` (on the copy stream)."""
         stage = self._take(index)
         backend = self.backend
         block = self._blocks[index]
@@ -538,11 +562,14 @@ class StagedBlockSwap(BlockSwap):
             self._slot_ready[slot] = event
             stage.copied = event
         stage.index = None  # free for the next read once `copied` has completed
-        self._slot_block[slot] = index
-        self._tick += 1
-        self._slot_used[slot] = self._tick
-        self._read_ahead()
-        return slot
+
+    def _before_block(self, index: int) -> None:
+        slot = self._slot_of(index)
+        if slot is not None and self._deferred.get(slot) == index:
+            del self._deferred[slot]
+            self._copy_staged(index, slot)
+            self._read_ahead()
+        super()._before_block(index)
 
     def _prefetch_first(self) -> None:
         if not _in_backward() and self._recording:
