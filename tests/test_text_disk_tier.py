@@ -205,3 +205,16 @@ def test_rollout_copies_of_disk_tier_blocks_are_timed_at_the_disk_rate(cache_dir
     got = disk.step.transfer_seconds - pinned.step.transfer_seconds
     assert got == pytest.approx(expected, rel=1e-6)
     assert any("from the disk tier (20)" in note for note in disk.step.notes)
+
+
+def test_ltx_2_5s_gemma_4_streams_from_the_disk_tier_exactly_too(ids, tmp_path):
+    from lowvram.models import ltx2
+
+    te = ltx2.build_tiny_components(seed=0, version="2.5").text_encoder.eval().requires_grad_(False)
+    expected = _encode(te, *ids)
+    swap = apply_text_disk_tier(te, get_backend("sim"), tmp_path)
+    try:
+        assert len(swap.sources) == len(te.model.language_model.layers) and swap.disk_bytes > 0
+        assert torch.equal(_encode(te, *ids), expected) and torch.equal(_encode(te, *ids), expected)
+    finally:
+        release_text_disk_tier(swap)
