@@ -164,6 +164,9 @@ class MemorySection(Section):
         None, description="stream frozen Linear weights from pinned RAM: true, a share 0-1, or a glob of modules"
     )
     ramtorch_text_encoder: bool | None = Field(None, description="stream the text encoder's Linear weights too")
+    text_encoder_on_disk: bool | None = Field(
+        None, description="while caching text, stream Gemma's decoder layers from the disk tier (memory.disk_tier_dir)"
+    )
     blocks_to_swap: int | None = Field(None, ge=0, description="block swap: transformer blocks kept on the host")
     block_swap_device: Literal["cpu"] = Field("cpu", description="where swapped blocks live")
     swap_tier: Literal["pinned", "pageable"] | None = Field(
@@ -185,6 +188,15 @@ class MemorySection(Section):
     vae_patch_conv: bool | None = Field(None, description="temporal chunking of the VAE's causal Conv3d (exact)")
     vae_temporal_roll: bool | None = Field(None, description="roll a causal cache through the VAE frame-group-wise")
     vae_batch_size: int = Field(1, ge=1, description="clips per VAE encode call")
+
+    @model_validator(mode="after")
+    def _one_text_encoder_placement(self):
+        if self.text_encoder_on_disk and self.ramtorch_text_encoder:
+            raise ValueError(
+                "memory.text_encoder_on_disk and memory.ramtorch_text_encoder both stream the text encoder: "
+                "set one of them to false"
+            )
+        return self
 
 
 class LoraSection(Section):

@@ -34,16 +34,26 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     if config is not None:
         h.update(json.dumps(_jsonable(dict(config) if hasattr(config, "keys") else config.to_dict()),
                             sort_keys=True, default=str).encode())  # fmt: skip
+    # Weights that live elsewhere (the text disk tier's layers hold placeholders) left their samples behind.
+    stored = getattr(module, FINGERPRINT_SAMPLES_ATTR, None) or {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.device.type != "meta" and t.numel():
-            try:
-                flat = t.detach().reshape(-1)
-                sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.float32)
-                h.update(sample.numpy().tobytes())
-            except (RuntimeError, TypeError, NotImplementedError):
-                pass  # quantized tensor subclasses: name, shape and config still key the entry
+        h.update(stored[name] if name in stored else tensor_sample(name, t))
     return h.hexdigest()[:24]
+
+
+FINGERPRINT_SAMPLES_ATTR = "_lowvram_fingerprint_samples"
+
+
+def tensor_sample(name: str, t: torch.Tensor) -> bytes:
+    """What `module_fingerprint` hashes for one tensor: name, shape, dtype and ~1024 evenly strided values."""
+    out = f"{name}:{tuple(t.shape)}:{t.dtype}".encode()
+    if t.device.type != "meta" and t.numel():
+        try:
+            flat = t.detach().reshape(-1)
+            out += flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.float32).numpy().tobytes()
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # quantized tensor subclasses: name, shape and config still key the entry
+    return out
 
 
 def _jsonable(obj):

@@ -307,11 +307,14 @@ class DiskTierLoader:
     placeholders, so host RAM holds one block of them at most. `apply_staged_block_swap(prewritten=...)` adopts them.
     """
 
-    def __init__(self, model: nn.Module, folder: str | os.PathLike, blocks: Sequence[int], blocks_attr: str):
+    def __init__(
+        self, model: nn.Module, folder: str | os.PathLike, blocks: Sequence[int], blocks_attr: str,
+        name: str = "transformer",
+    ):  # fmt: skip
         self.model = model
-        self.blocks_attr = blocks_attr
+        self.blocks_attr = blocks_attr  # may be dotted (the text encoder's `model.language_model.layers`)
         self.pending = sorted(blocks)
-        self.writer = _AppendWriter(disk_tier_path(folder))
+        self.writer = _AppendWriter(disk_tier_path(folder, name))
         self.extents: dict[int, list[tuple[int, int, int]]] = {}
         self.nbytes: dict[int, int] = {}
         self.layout: dict[int, list[tuple[int, list[int]]]] = {}
@@ -331,7 +334,7 @@ class DiskTierLoader:
         self._current = block if block in self.pending else None
 
     def _write(self, index: int) -> None:
-        block = getattr(self.model, self.blocks_attr)[index]
+        block = self.model.get_submodule(self.blocks_attr)[index]
         params = frozen_parameters(block, prefix=f"{self.blocks_attr}.{index}")
         leaves = [leaf_tensors(mod._parameters[name].detach()) for mod, name, _ in params]
         offsets, total = _layout(leaves)
@@ -413,6 +416,10 @@ class StagedBlockSwap(BlockSwap):
     _next_staging: int = 0
     staged_reads: int = 0
     staged_misses: int = 0  # loads whose block had not been read ahead (the step waited for the read)
+    # slot -> block whose prefetch found its read still in flight: the copy is issued in that block's pre-hook, so
+    # the host thread never waits on a read while the block before it is being queued
+    _deferred: dict[int, int] = field(default_factory=dict)
+    deferred_copies: int = 0
     disk_file: WeightFile | None = None
     owns_disk_file: bool = False
 
@@ -476,8 +483,10 @@ class StagedBlockSwap(BlockSwap):
         if not self._order:
             return
         upcoming = self._upcoming()
+        waiting = set(self._deferred.values())
         for stage in self.staging:  # a read-ahead the step did not follow: its buffer is free again
-            if stage.index is not None and stage.index not in upcoming and stage.ready.is_set():
+            if stage.index is not None and stage.index not in upcoming and stage.index not in waiting \
+                    and stage.ready.is_set():  # fmt: skip
                 stage.index = None
         pending = {s.index for s in self.staging if s.index is not None}
         for index in upcoming:
@@ -517,6 +526,24 @@ class StagedBlockSwap(BlockSwap):
             ahead = next((k for k in range(n) if self._order[(self._pos + k) % n] == index), None)
             if ahead is not None:
                 self._pos = (self._pos + ahead + 1) % n
+        self._deferred.pop(slot, None)
+        self._slot_block[slot] = index
+        self._tick += 1
+        self._slot_used[slot] = self._tick
+        ready = next((s for s in self.staging if s.index == index and s.ready.is_set()), None)
+        if exclude is not None and ready is None and any(s.index == index for s in self.staging):
+            # a prefetch whose read is still in flight: copy it when the block is about to run
+            self._deferred[slot] = index
+            self._slot_ready[slot] = None
+            self.deferred_copies += 1
+            self._read_ahead()
+            return slot
+        self._copy_staged(index, slot)
+        self._read_ahead()
+        return slot
+
+    def _copy_staged(self, index: int, slot: int) -> None:
+        """Wait for block `index`'s read and copy it from its staging buffer into `slot` (on the copy stream)."""
         stage = self._take(index)
         backend = self.backend
         block = self._blocks[index]
@@ -535,11 +562,14 @@ class StagedBlockSwap(BlockSwap):
             self._slot_ready[slot] = event
             stage.copied = event
         stage.index = None  # free for the next read once `copied` has completed
-        self._slot_block[slot] = index
-        self._tick += 1
-        self._slot_used[slot] = self._tick
-        self._read_ahead()
-        return slot
+
+    def _before_block(self, index: int) -> None:
+        slot = self._slot_of(index)
+        if slot is not None and self._deferred.get(slot) == index:
+            del self._deferred[slot]
+            self._copy_staged(index, slot)
+            self._read_ahead()
+        super()._before_block(index)
 
     def _prefetch_first(self) -> None:
         if not _in_backward() and self._recording:
@@ -605,6 +635,8 @@ def apply_staged_block_swap(
     ring_slots: int = 2,
     staging_slots: int = 2,
     blocks_attr: str = "transformer_blocks",
+    inference: bool = False,
+    file_name: str = "transformer",
 ) -> StagedBlockSwap:
     """Block swap with `blocks_on_disk` of the swapped blocks read from a file and the others' masters in `tier` RAM
     (pinned: as `apply_block_swap`; pageable: copied through the pinned staging ring).
@@ -613,8 +645,19 @@ def apply_staged_block_swap(
     each weight; the module's swapped weights may then be on the meta device: they are never read) or, without one,
     are written block by block to a file in `disk_dir` and freed from RAM. Refusals (no checkpointing, a folder
     without room, a changed or mismatched file) are one line, raised before the module is changed.
+
+    `inference`: a frozen module that only runs forward (the text encoder while captions are cached): no
+    checkpointing is needed, since with no parameter requiring grad autograd keeps no reference to the weights, so
+    each block's weights may leave the moment it has run. A block with a trainable parameter is refused.
     """
-    blocks = swappable_blocks(transformer, blocks_attr)
+    if inference:
+        blocks = getattr(transformer, blocks_attr, None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise UsageError(f"{type(transformer).__name__} has no '{blocks_attr}' ModuleList to stream")
+        if any(p.requires_grad for p in blocks.parameters()):
+            raise UsageError(f"streaming '{blocks_attr}' for inference needs frozen weights: one requires grad")
+    else:
+        blocks = swappable_blocks(transformer, blocks_attr)
     if tier not in ("pinned", "pageable"):
         raise UsageError(f"memory.swap_tier '{tier}' is unknown: use 'pinned' or 'pageable'")
     if not 0 <= blocks_on_disk <= blocks_to_swap:
@@ -660,12 +703,15 @@ def apply_staged_block_swap(
             keys[index] = rows
         disk_file = WeightFile.open(checkpoint, checkpoint_extents(checkpoint, keys), expected_identity)
     elif on_disk:
-        writer = DiskTierWriter(disk_tier_path(disk_dir), {i: plans[i][3] for i in on_disk})
+        writer = DiskTierWriter(disk_tier_path(disk_dir, file_name), {i: plans[i][3] for i in on_disk})
 
     swap = StagedBlockSwap(backend=backend, blocks=blocks, swapped=swapped, ring_slots=min(ring_slots, len(swapped)))
     swap._copy_stream = backend.new_stream() if backend.supports_streams else None
     swap._disk_stream = backend.new_stream() if backend.supports_streams else None
-    swap._root_checkpointing = lambda: getattr(transformer, "is_gradient_checkpointing", False)
+    # inference: nothing is kept for backward, which is what checkpointing guarantees in training
+    swap._root_checkpointing = (
+        (lambda: True) if inference else (lambda: getattr(transformer, "is_gradient_checkpointing", False))
+    )
     pageable = _PageableSource()
     try:
         for index in swapped:

@@ -7,6 +7,7 @@ Test and benchmark scaffolding only: the trainer never imports it.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -296,15 +297,14 @@ def measure_run(
     return out
 
 
-def measure_in_subprocess(folder: str, timeout: float = 600, **kwargs) -> dict:
-    """`measure_run` in a fresh Python process (its own RSS), with glibc returning freed memory at once."""
-    import os
+def measure_in_subprocess(folder: str, timeout: float = 600, fn: str = "measure_run", **kwargs) -> dict:
+    """`measure_run` (or `fn`) in a fresh Python process (its own RSS), with glibc returning freed memory at once."""
     import subprocess
     import sys
 
     code = (
-        "import json, sys; from lowvram.offload.lowram_harness import measure_run; "
-        f"print(json.dumps(measure_run({folder!r}, **json.loads(sys.argv[1]))))"
+        f"import json, sys; from lowvram.offload.lowram_harness import {fn}; "
+        f"print(json.dumps({fn}({folder!r}, **json.loads(sys.argv[1]))))"
     )
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
     root = str(Path(__file__).resolve().parents[2])  # this checkout's lowvram, not whichever one is installed
@@ -315,3 +315,109 @@ def measure_in_subprocess(folder: str, timeout: float = 600, **kwargs) -> dict:
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "measure_run failed")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The text encoder streamed from the disk tier while captions are cached (offload/text_disk_tier.py)
+
+
+def gemma_config(layers: int = 12, hidden: int = 512, intermediate: int = 2048) -> dict:
+    """A Gemma3 config (the tiny family's, widened) whose decoder layers dominate its weights."""
+    from lowvram.models.ltx2 import tiny_configs
+
+    base = tiny_configs()["text_encoder"]
+    wide = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers}
+    text = {**base["text_config"], **wide, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128}
+    return {**base, "text_config": text}
+
+
+def write_gemma(folder: Path, config: dict, seed: int = 0) -> Path:
+    """The Gemma3 of `config` saved as transformers writes it (safetensors, bf16: half the file)."""
+    from lowvram.models.ltx2 import build_text_encoder
+
+    with torch.device("meta"):
+        model = build_text_encoder(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)  # random weights, without transformers' slow init
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.zero_()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def predicted_text_anon_bytes(config: dict, precision: str, tokens: int, on_disk: bool = True) -> int:
+    """The planner's text-cache phase for this Gemma on the simulated device (device memory is host RAM too): its
+    host components past the process, plus its device components past the reserve (plan/budget.py)."""
+    from lowvram.models.ltx2 import tiny_configs
+    from lowvram.plan.budget import Measurements, Settings, TextLayers, WeightGroup, text_disk_tier_bytes
+    from lowvram.plan.measure import ModelConfigs, measure_text_encode, text_encoder_layer_weights
+    from lowvram.plan.measure import text_encoder_weights as te_weights
+
+    configs = ModelConfigs("lowram-gemma", {}, config, tiny_configs()["connectors"], {}, {})
+    te = WeightGroup(**te_weights(configs))
+    layers = text_encoder_layer_weights(configs)
+    m = Measurements.__new__(Measurements)  # only the text encoder's fields are read
+    object.__setattr__(m, "text_encoder", te)
+    object.__setattr__(m, "connectors", WeightGroup({}, 0, 0))
+    object.__setattr__(m, "text_layers", TextLayers(layers["layers"], WeightGroup(**layers["all"]),
+                                                    WeightGroup(**layers["largest"])))  # fmt: skip
+    s = Settings(text_encoder_precision=precision, text_encoder_on_disk=on_disk)
+    device, ram, _ = text_disk_tier_bytes(m, s, "fp32")
+    staging = 2 * 2 * te.largest_param  # budget(): the loader's largest tensor, read and converted
+    acts = measure_text_encode(configs, tokens, compute_dtype="fp32")["gemma_peak_bytes"]
+    return sum(ram.values()) + staging + sum(device.values()) + acts
+
+
+def measure_text_run(folder: str, *, on_disk: bool, precision: str = "int8-quanto", tokens: int = 32,
+                     out: str | None = None) -> dict:  # fmt: skip
+    """Load the Gemma in `folder`/gemma (quantized while read) and encode one batch twice on the simulated device,
+    its decoder layers streamed from the disk tier or all in RAM; anonymous RSS over the process baseline. Run it in
+    a fresh process (`measure_in_subprocess(..., fn="measure_text_run")`)."""
+    from lowvram.device import get_backend
+    from lowvram.models.ltx2.checkpoint import load_text_encoder_quantized
+    from lowvram.offload.text_disk_tier import TextDiskTier
+
+    torch.set_num_threads(1)
+    gemma = Path(folder) / "gemma"
+    ids = torch.randint(3, 256, (2, tokens), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, : tokens // 4] = 0
+
+    def encode(te) -> torch.Tensor:
+        return torch.stack(te(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, -1)
+
+    warm, _ = load_text_encoder_quantized(gemma, precision, dtype=torch.float32)  # imports, kernels: the baseline
+    encode(warm)
+    del warm
+    sim = get_backend("sim", disk_gbps=3.5)
+    baseline = rss_anon_bytes()
+    tier = TextDiskTier(Path(folder) / f"disk-{os.getpid()}") if on_disk else None
+    with AnonPeak() as load_peak:
+        te, _ = load_text_encoder_quantized(gemma, precision, dtype=torch.float32,
+                                            progress_for=tier.progress_for if tier else None)  # fmt: skip
+        if tier is not None:
+            tier.apply(te, sim)
+        sim.place_module(te)
+    with AnonPeak() as encode_peak:
+        first = encode(te)
+        second = encode(te)
+    result = {
+        "peak_anon_bytes": max(load_peak.peak, encode_peak.peak) - baseline,
+        "load_peak_anon_bytes": load_peak.peak - baseline,
+        "encode_peak_anon_bytes": encode_peak.peak - baseline,
+        "second_equals_first": bool(torch.equal(first, second)),
+        "staged_misses": tier.swap.staged_misses if tier else 0,
+        "staged_reads": tier.swap.staged_reads if tier else 0,
+    }
+    if tier is not None:
+        tier.release()
+        result["disk_tier_files_left"] = len(list(tier.folder.iterdir()))
+    if out is not None:
+        from safetensors.torch import save_file
+
+        save_file({"hidden_states": second.contiguous()}, out)
+    return result

@@ -52,6 +52,7 @@ class Settings:
     activation_offload: bool = False
     offload_during_startup: bool = True
     ramtorch_text_encoder: bool = False
+    text_encoder_on_disk: bool = False  # Gemma's decoder layers streamed from the disk tier while caching text
     vae_tiling: bool = False
     vae_slicing: bool = False
     vae_patch_conv: bool = False
@@ -68,6 +69,7 @@ class Settings:
             "model.text_encoder_precision": self.text_encoder_precision,
             "memory.ramtorch": ramtorch,
             "memory.ramtorch_text_encoder": self.ramtorch_text_encoder,
+            "memory.text_encoder_on_disk": self.text_encoder_on_disk,
             "memory.blocks_to_swap": self.blocks_to_swap if self.offload == "block_swap" else 0,
             "memory.swap_tier": self.swap_tier if self.offload == "block_swap" else "pinned",
             "memory.blocks_on_disk": self.blocks_on_disk if self.offload == "block_swap" else 0,
@@ -352,6 +354,15 @@ class Rollout:
 
 
 # The train phase's component for the rollout: only what its forward needs above the training step's own peak.
+@dataclass(frozen=True)
+class TextLayers:
+    """The text encoder's decoder layers: how many, all of them together, and the largest (a ring slot's size)."""
+
+    count: int
+    all: WeightGroup
+    largest: WeightGroup
+
+
 ROLLOUT_LABEL = "scheduled sampling rollout (no-grad forward) above the step's peak"
 
 
@@ -401,6 +412,7 @@ class Measurements:
     model_version: str = "2.0"  # the LTX-2 release measured (lowvram.models.versions)
     rollout: Rollout | None = None  # scheduled sampling (scheduled_sampling.enabled)
     crepa: Crepa | None = None  # CREPA (crepa.enabled)
+    text_layers: TextLayers | None = None  # the text encoder's decoder layers (memory.text_encoder_on_disk)
 
     def block_steps(self, checkpointing: bool) -> list[StepMeasure]:
         """Each block's measured step (they differ only under TREAD routes)."""
@@ -609,6 +621,24 @@ def text_encoder_bytes(m: Measurements, s: Settings, dtype: str) -> tuple[int, i
     return te_linear + te_other + conn, 0
 
 
+def text_disk_tier_bytes(
+    m: Measurements, s: Settings, dtype: str
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(device, host RAM, disk) of Gemma3 + connectors with the decoder layers streamed from the disk tier."""
+    if m.text_layers is None:
+        raise ValueError("memory.text_encoder_on_disk needs the text encoder's layer measurements")
+    p = s.text_encoder_precision
+    whole = m.text_encoder.bytes(p, dtype)
+    tl = m.text_layers
+    device, ram, disk = host.text_disk_tier_components(
+        tl.count, tl.all.bytes(p, dtype), tl.largest.bytes(p, dtype), whole, quantized=p not in ("bf16", "fp32")
+    )
+    device["connectors"] = m.connectors.bytes("bf16" if dtype == "bf16" else "fp32", dtype)
+    if p not in ("bf16", "fp32"):  # a weight-only quantized Linear dequantizes its weight for the matmul
+        device["dequantized text encoder weight (transient)"] = m.text_encoder.largest_linear_bytes(dtype)
+    return device, ram, disk
+
+
 def vae_bytes(m: Measurements, dtype: str) -> int:
     return (m.video_vae_params + m.audio_vae_params) * _itemsize(dtype)
 
@@ -647,20 +677,22 @@ def budget(
     def resident_except(name: str) -> dict[str, int]:
         return {k: v for k, v in others_resident.items() if not k.lower().startswith(name)}
 
+    text_vram = {"text encoder + connectors": te_device}
+    text_ram = {"streamed text encoder Linears (pinned)": te_host} if te_host else {}
+    text_disk: dict[str, int] = {}
+    if s.text_encoder_on_disk:
+        text_vram, text_ram, text_disk = text_disk_tier_bytes(m, s, dtype)
     text = PhaseBudget(
         "text_cache",
         vram={
             "reserve": reserve,
-            "text encoder + connectors": te_device,
+            **text_vram,
             "text encode activations": m.text_encode_peak_bytes,
             **resident_except("text"),
         },
-        ram={
-            **process,
-            "loading staging": staging,
-            **({"streamed text encoder Linears (pinned)": te_host} if te_host else {}),
-        },
+        ram={**process, "loading staging": staging, **text_ram},
         disk_bytes_per_item=m.text_item_bytes,
+        disk=text_disk,
     )
     option = vae_option_name(s)
     # Slicing changes how many clips encode at once, not one clip's peak: the measurement is per clip.
@@ -875,7 +907,8 @@ def step_time(
         compute += k * (f.get("head", 0) / flops_rate + sum(fwds))
         rollout_copies = k * fwd_bytes * streamed
         streamed_bytes += round(rollout_copies)
-        transfer += rollout_copies / bw
+        # the disk tier's blocks come at the disk's rate in a rollout forward too
+        transfer += k * fwd_bytes * (on_disk / disk_bw + (streamed - on_disk) / bw)
         notes.append(
             f"scheduled sampling: {k:.2f} no-grad forwards expected per step, {k * no_grad_forward:.2f} s of the step"
         )
@@ -887,4 +920,9 @@ def step_time(
             f"per streamed block: copy {fwd_bytes / bw * 1e3:.0f} ms vs compute {fwd * 1e3:.0f} ms forward, "
             f"copy {bwd_bytes / bw * 1e3:.0f} ms vs compute {(bwd + recompute) * 1e3:.0f} ms backward"
         )
+        if on_disk:
+            notes.append(
+                f"per block from the disk tier ({on_disk}): read + copy {fwd_bytes / disk_bw * 1e3:.0f} ms forward, "
+                f"{bwd_bytes / disk_bw * 1e3:.0f} ms backward (the disk reads {profile.disk_read_gbps:g} GB/s)"
+            )
     return StepTime(total, compute, transfer, dequant, streamed_bytes, tuple(notes))

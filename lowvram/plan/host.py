@@ -159,6 +159,32 @@ def blocks_on_disk_needed(over_ram_bytes: int, block_bytes: int, blocks: int) ->
     return need if need <= blocks else None
 
 
+def text_disk_tier_components(
+    layers: int, layers_bytes: int, largest_layer_bytes: int, whole_bytes: int, quantized: bool = True
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(device, host RAM, disk) of the text encoder with its `layers` decoder layers (`layers_bytes` together) in the
+    disk tier while captions are cached (offload/text_disk_tier.py).
+
+    The device holds the encoder outside its layers and a ring of two layer slots. Host RAM holds the pinned
+    staging ring and, while loading, the encoder outside its layers (until it moves to the device) and the one layer
+    being written to the file: a quantized load writes each layer as it reads it; an unquantized one (transformers'
+    from_pretrained) holds the whole encoder first and writes the layers afterwards.
+    """
+    outside = whole_bytes - layers_bytes
+    device = {"text encoder outside its layers": outside, "text encoder layer ring (2 slots)": 2 * largest_layer_bytes}
+    loaded = (
+        {"text encoder outside its layers while loading": outside}
+        if quantized
+        else {"text encoder loaded whole (unquantized: its layers go to disk after)": whole_bytes}
+    )
+    ram = {
+        **loaded,
+        "text encoder layer being written to the disk tier": largest_layer_bytes,
+        f"text encoder staging ring ({STAGING_SLOTS} layers, pinned)": STAGING_SLOTS * largest_layer_bytes,
+    }
+    return device, ram, {f"text encoder layers ({layers}, disk)": layers_bytes}
+
+
 def export_ram_components(lora_bytes: int) -> dict[str, int]:
     """Host RAM of writing the LoRA: its tensors brought to the host, and the file's serialized copy."""
     return {"LoRA tensors on the host": lora_bytes, "serialized LoRA file": lora_bytes}

@@ -288,6 +288,32 @@ def text_encoder_weights(configs: ModelConfigs) -> dict:
     return _linear_groups(model, GEMMA3_EXCLUDE, lambda n: True)
 
 
+def text_encoder_layer_weights(configs: ModelConfigs) -> dict:
+    """The text encoder's decoder layers (what `memory.text_encoder_on_disk` streams): their count, all of them
+    together and the largest one (the ring's slot), split like `text_encoder_weights`."""
+    from lowvram.models.ltx2 import build_text_encoder
+    from lowvram.models.text_layers import decoder_layers
+    from lowvram.quant.exclude import GEMMA3_EXCLUDE
+
+    with torch.device("meta"):
+        model = build_text_encoder(configs.text_encoder)
+    name, layers = decoder_layers(model)
+    per_layer = [_linear_groups(model, GEMMA3_EXCLUDE, lambda n, i=i: n.startswith(f"{name}.{i}.")) for i in
+                 range(len(layers))]  # fmt: skip
+    largest = max(per_layer, key=lambda g: g["other_params"] + sum(_shape_params(k) * c for k, c in
+                                                                   g["linear_shapes"].items()))  # fmt: skip
+    return {
+        "layers": len(layers),
+        "all": _linear_groups(model, GEMMA3_EXCLUDE, lambda n: n.startswith(f"{name}.")),
+        "largest": largest,
+    }
+
+
+def _shape_params(key: str) -> int:
+    out_features, in_features = key.split("x")
+    return int(out_features) * int(in_features)
+
+
 def connectors_weights(configs: ModelConfigs) -> dict:
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 

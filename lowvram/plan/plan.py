@@ -27,6 +27,7 @@ from lowvram.plan.budget import (
     Settings,
     StepMeasure,
     StepTime,
+    TextLayers,
     Tread,
     WeightGroup,
     budget,
@@ -45,6 +46,7 @@ from lowvram.plan.measure import (
     measure_video_vae_encode,
     model_configs,
     resolve_tread_routes,
+    text_encoder_layer_weights,
     text_encoder_weights,
     train_shape,
     transformer_nonleaf_params,
@@ -405,6 +407,7 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
     te_key = {"family": configs.family, "text_encoder": configs.text_encoder, "connectors": configs.connectors}
     te = cache.get("text-encoder-weights", te_key, lambda: text_encoder_weights(configs))
     conn = cache.get("connectors-weights", te_key, lambda: connectors_weights(configs))
+    te_layers = cache.get("text-encoder-layers", te_key, lambda: text_encoder_layer_weights(configs))
     text = cache.get(
         "text-encode",
         {**te_key, "tokens": shape.text_tokens, "dtype": dtype},
@@ -474,6 +477,9 @@ def collect_measurements(cfg: RunConfig, profile: HardwareProfile, cache: Measur
         model_version=configs.version,
         rollout=rollout_cost(cfg, configs, shape, lora, dtype, attention, cache),
         crepa=crepa,
+        text_layers=TextLayers(
+            te_layers["layers"], WeightGroup(**te_layers["all"]), WeightGroup(**te_layers["largest"])
+        ),
     )
 
 
@@ -515,6 +521,7 @@ def _fixed_settings(cfg: RunConfig) -> dict[str, Any]:
         "activation_offload",
         "offload_during_startup",
         "ramtorch_text_encoder",
+        "text_encoder_on_disk",
         "vae_tiling",
         "vae_slicing",
         "vae_patch_conv",
@@ -923,14 +930,14 @@ def _host_summary(
     text = [
         _evaluate(
             m,
-            replace(chosen.settings, text_encoder_precision=p, ramtorch_text_encoder=st),
+            replace(chosen.settings, text_encoder_precision=p, ramtorch_text_encoder=st, text_encoder_on_disk=dk),
             profile,
             opts,
             margin,
             ("text_cache",),
         )
         for p in te
-        for st in ([fixed["ramtorch_text_encoder"]] if "ramtorch_text_encoder" in fixed else [False, True])
+        for st, dk in text_encoder_placements(fixed)
     ]
     text_need = min((need(c, ("text_cache",)) for c in text if vram_fits(c, ("text_cache",))), default=None)
     latent_need = need(chosen, ("latent_cache",))
@@ -998,14 +1005,14 @@ def _complete(
     te_precisions = [cfg.model.text_encoder_precision]
     if choose and cfg.model.family != "tiny":
         te_precisions = [p for p in ("bf16", "int8-torchao", "int8-quanto", "nf4-bnb") if _supported(p, profile)]
-    streams = [fixed["ramtorch_text_encoder"]] if "ramtorch_text_encoder" in fixed else [False, True]
-    text_options = [(p, st) for p in te_precisions for st in streams]
-    text_options.sort(key=lambda o: (QUALITY.get(o[0], 9), o[1]))
+    placements = text_encoder_placements(fixed)
+    text_options = [(p, st, dk) for p in te_precisions for st, dk in placements]
+    # best quality first, then the least machinery: on the device, streamed from pinned RAM, streamed from disk
+    text_options.sort(key=lambda o: (QUALITY.get(o[0], 9), placements.index(o[1:])))
     best = None
-    for p, st in text_options:
-        c = _evaluate(
-            m, replace(s, text_encoder_precision=p, ramtorch_text_encoder=st), profile, opts, margin, ("text_cache",)
-        )
+    for p, st, dk in text_options:
+        trial = replace(s, text_encoder_precision=p, ramtorch_text_encoder=st, text_encoder_on_disk=dk)
+        c = _evaluate(m, trial, profile, opts, margin, ("text_cache",))
         if c.fits:
             s = c.settings
             break
@@ -1033,6 +1040,16 @@ def _complete(
     else:
         s = trial  # none fits: report the last (most frugal) option's shortfall
     return _evaluate(m, s, profile, opts, margin)
+
+
+def text_encoder_placements(fixed: dict[str, Any]) -> list[tuple[bool, bool]]:
+    """(ramtorch_text_encoder, text_encoder_on_disk) options for text caching, least machinery first, as the config
+    allows: Gemma on the device, its Linears streamed from pinned RAM, its decoder layers streamed from disk."""
+    options = [(False, False), (True, False), (False, True)]
+    for i, key in enumerate(("ramtorch_text_encoder", "text_encoder_on_disk")):
+        if key in fixed:
+            options = [o for o in options if o[i] == fixed[key]]
+    return options
 
 
 def _quality_words(precision: str) -> str:

@@ -217,8 +217,10 @@ def _run(
     rewritten = (distributed.rank_dir(run_dir) / MEMORY_FILE, run_dir / tracking.RUN_FILE)
     previous = {f: f.read_bytes() for f in rewritten if cfg.checkpoint.resume and f.is_file()}
     monitor = MemoryMonitor(distributed.rank_dir(run_dir), backend)
-    for phase in ("text_cache", "latent_cache", "train"):
-        vram_bytes, ram_bytes = decision.predicted_peaks(phase)
+    # telemetry phase <- plan phase (the transformer's load is the plan's `load`)
+    for phase, planned in (("text_cache",) * 2, ("latent_cache",) * 2, ("load_transformer", "load"),
+                           ("train",) * 2, ("export",) * 2):  # fmt: skip
+        vram_bytes, ram_bytes = decision.predicted_peaks(planned)
         monitor.set_prediction(phase, vram_bytes=vram_bytes, ram_bytes=ram_bytes)
     mirror = tracking.RunMirror(run_dir, [])  # trackers follow the run folder; the loop only says "a step ended"
     try:
@@ -321,7 +323,7 @@ TEXT_PARTS = ("text_encoder", "tokenizer", "connectors")
 VAE_PARTS = ("video_vae", "audio_vae", "vocoder")
 
 
-def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
+def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None, progress_for=None):
     """What caching (and validation) needs: VAEs, vocoder, connectors, text encoder, tokenizer; no transformer.
 
     `parts` picks a subset, so startup phasing loads the text side and the VAEs one after the other. A quantized
@@ -343,7 +345,7 @@ def load_encoders(cfg, parts: tuple[str, ...] = ENCODER_PARTS, profile=None):
     return ltx2.load_components(
         cfg.model.checkpoint, text_encoder_path, version=cfg.model.version, dtype=_weights_dtype(cfg), components=parts,
         text_encoder_precision=cfg.model.text_encoder_precision, quant_cache_dir=_quant_cache_dir(cfg),
-        profile=profile,
+        profile=profile, progress_for=progress_for,
     )  # fmt: skip
 
 
@@ -462,9 +464,21 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
 
         pick_from_dataset(validation.inputs, job.items, data, cfg)
     tokenizers = []
+    text_tier = None
+    if m.text_encoder_on_disk:  # Gemma's decoder layers read from the disk tier's file while encoding
+        from lowvram.offload.text_disk_tier import TextDiskTier
+
+        text_tier = TextDiskTier(m.disk_tier_dir or Path(cfg.output.output_dir) / "cache")
 
     def load_text() -> nn.Module:
-        parts = load_encoders(cfg, TEXT_PARTS, profile)
+        try:
+            parts = load_encoders(cfg, TEXT_PARTS, profile, progress_for=text_tier and text_tier.progress_for)
+            if text_tier is not None:
+                text_tier.apply(parts.text_encoder, backend)
+        except BaseException:
+            if text_tier is not None:
+                text_tier.abort()
+            raise
         tokenizers.append(parts.tokenizer)
         if m.ramtorch_text_encoder and backend.is_accelerator:
             apply_weight_streaming(parts.text_encoder, backend)
@@ -473,13 +487,17 @@ def cache_dataset(cfg, run_dir: Path, backend, *, monitor=None, console=None, pr
     def encode_text(text: nn.Module) -> None:
         parts = SimpleNamespace(text_encoder=text["text_encoder"], connectors=text["connectors"],
                                 tokenizer=tokenizers[-1])  # fmt: skip
-        cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
-        if validation is not None:  # encoded now, with the captions: Gemma3 is never loaded again for validation
-            from lowvram.data.text_cache import build_text_cache
+        try:
+            cache_text(job, parts, cache_dir, max_text_tokens=cfg.data.max_text_tokens)
+            if validation is not None:  # encoded now, with the captions: Gemma3 is never loaded again for validation
+                from lowvram.data.text_cache import build_text_cache
 
-            texts = [*validation.prompts, validation.negative_prompt]
-            done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
-            validation.text_paths.update(done.paths)
+                texts = [*validation.prompts, validation.negative_prompt]
+                done = build_text_cache(texts, parts, cache_dir, max_length=cfg.data.max_text_tokens)
+                validation.text_paths.update(done.paths)
+        finally:
+            if text_tier is not None:
+                text_tier.release()  # the file goes; the encoder (placeholders in its layers) is freed next
 
     if cfg.crepa.enabled:  # the DINOv2 folder / hub-cache entry is checked before any model loads
         from lowvram.data.crepa_features import CrepaFeatureEncoder, feature_dim, load_encoder

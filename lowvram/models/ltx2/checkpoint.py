@@ -464,7 +464,7 @@ def load_components(
         check_text_encoder_version(folder, source.version)
         if "text_encoder" in quant:
             te, results["text_encoder"] = load_text_encoder_quantized(
-                folder, quant["text_encoder"], dtype=dtype, cache_dir=quant_cache_dir
+                folder, quant["text_encoder"], dtype=dtype, cache_dir=quant_cache_dir, progress_for=progress_for
             )
             loaded["text_encoder"] = te.to(device)
         elif "text_encoder" in components:
@@ -583,7 +583,7 @@ def gemma_key(key: str) -> str:
 
 
 def load_text_encoder_quantized(
-    folder: str | Path, precision, *, dtype: torch.dtype, cache_dir: str | Path | None = None
+    folder: str | Path, precision, *, dtype: torch.dtype, cache_dir: str | Path | None = None, progress_for=None
 ) -> tuple[torch.nn.Module, LoadResult]:
     """Gemma3 (or LTX-2.5's Gemma 4 unified, by config.json's model_type: same Linear names, same tied head) from a
     local folder, built on meta and quantized while read (GEMMA3_EXCLUDE;
@@ -620,6 +620,7 @@ def load_text_encoder_quantized(
         key_map=gemma_key,
         cache_dir=cache_dir,
         strict=False,
+        progress=progress_for("text_encoder", skeleton) if progress_for is not None else None,
     )
     prepare_for_peft(skeleton)
     return skeleton.eval().requires_grad_(False), result
