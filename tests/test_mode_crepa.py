@@ -256,6 +256,7 @@ def test_latent_entries_hold_dinov2_features_of_the_frames_on_the_latent_grid(di
     assert abs(item.latent_path.stat().st_size - predicted) <= 1024
 
 
+@pytest.mark.bad_input
 def test_a_missing_encoder_is_one_line_and_no_pickle_is_read(tmp_path):
     from lowvram.data.crepa_features import feature_dim, load_encoder
     from lowvram.errors import LowvramError
@@ -283,6 +284,7 @@ def test_config_defaults_are_simpletuners_and_the_mode_is_built_only_when_enable
     assert c.encoder == "facebook/dinov2-giant" and build_modes(cfg) == ()
 
 
+@pytest.mark.bad_input
 def test_bad_values_and_impossible_combinations_are_refused_in_one_line(tmp_path, dino_dir):
     path = tmp_path / "run.toml"
     path.write_text("[crepa]\nenabled = true\nadjacent_distance = -1\n")

@@ -58,6 +58,7 @@ def test_a_clean_first_frame_stays_clean_and_only_the_noised_target_token_counts
     assert flow_loss(pred, torch.zeros(1, 1, 1), out, ObjectiveConfig(mode="video")).total.item() == pytest.approx(0.25)
 
 
+@pytest.mark.bad_input
 def test_control_latents_that_cannot_match_the_clip_are_refused_in_one_line():
     inputs = two_token_inputs(1.0, 3.0, 0.5)
     with pytest.raises(LowvramError, match="do not match the clip's 2x1x1"):
@@ -136,6 +137,7 @@ def test_config_defaults_and_mode_built_only_when_enabled():
         ({"ic_lora.reference_downscale": 2}, "multiples of 64 .* got 832x480"),
     ],
 )  # fmt: skip
+@pytest.mark.bad_input
 def test_impossible_combinations_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_config(None, {"ic_lora.enabled": True, **overrides})

@@ -67,6 +67,7 @@ def test_disk_streamed_gemma_encodes_exactly_like_the_all_in_ram_one(precision, 
     assert list((tmp_path / "tier").iterdir()) == []  # the layers' file is deleted with the phase
 
 
+@pytest.mark.bad_input
 def test_the_text_tier_refuses_an_encoder_without_decoder_layers_and_trainable_layers(tmp_path):
     from torch import nn
 
@@ -146,6 +147,7 @@ def test_4070_with_16_gib_caches_text_with_int8_gemma_streamed_from_disk(cache_d
     assert roomy.settings["memory.text_encoder_on_disk"] is False
 
 
+@pytest.mark.bad_input
 def test_a_config_that_puts_gemma_on_disk_and_streams_it_from_ram_is_refused_in_one_line():
     from lowvram.config import RunConfig
     from lowvram.errors import ConfigError

@@ -177,6 +177,7 @@ def _bad(tmp_path, **overrides):
     return str(e.value)
 
 
+@pytest.mark.bad_input
 def test_each_bad_adapter_input_is_one_line(tmp_path):
     good = _write_adapter(tmp_path / "good.safetensors")
     folder = tmp_path / "folder"
@@ -222,6 +223,7 @@ def test_a_block_index_past_the_models_depth_is_another_model(tmp_path):
     assert "does not have" in _bad(tmp_path, **{"validation.adapters": [{"path": str(file)}]})
 
 
+@pytest.mark.bad_input
 def test_a_missing_adapter_stops_the_run_before_caching(tmp_path):
     from lowvram.demo import default_demo_config
     from lowvram.train import run as loop

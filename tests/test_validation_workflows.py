@@ -298,12 +298,14 @@ def test_i2v_and_s2v_under_block_swap_stay_within_5_percent_of_the_predicted_pea
         ({"validation.enabled": False, "validation.reference_image": "a.png"}, "validation.enabled is false"),
     ],
 )
+@pytest.mark.bad_input
 def test_conflicting_reference_settings_are_refused_when_the_config_loads(overrides, message):
     with pytest.raises(ConfigError) as err:
         _cfg(**overrides)
     assert message in one_line(err.value) and err.value.exit_code == 2
 
 
+@pytest.mark.bad_input
 def test_unreadable_references_and_unknown_datasets_are_refused_in_one_line(tmp_path):
     from lowvram.train.validation_inputs import read_inputs
 
@@ -324,6 +326,7 @@ def test_unreadable_references_and_unknown_datasets_are_refused_in_one_line(tmp_
         assert message in one_line(err.value) and err.value.exit_code == 2, overrides
 
 
+@pytest.mark.bad_input
 def test_a_run_refuses_a_bad_reference_before_any_caching(tmp_path):
     from lowvram.train import run
 
