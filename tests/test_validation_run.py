@@ -94,9 +94,9 @@ def test_validation_every_n_steps_leaves_the_lora_bit_identical_and_never_loads_
     loads = []
     real = run.load_encoders
 
-    def recording(cfg, parts=run.ENCODER_PARTS, profile=None):
+    def recording(cfg, parts=run.ENCODER_PARTS, profile=None, **kwargs):
         loads.append(tuple(parts))
-        return real(cfg, parts, profile)
+        return real(cfg, parts, profile, **kwargs)
 
     monkeypatch.setattr(run, "load_encoders", recording)
     try:
