@@ -130,6 +130,22 @@ class BlockSwap:
     def host_bytes(self) -> int:
         return sum(b.host.numel() for b in self._blocks.values())
 
+    def _arm(self, transformer: nn.Module) -> None:
+        """Allocate the device ring (slots the size of the largest swapped block) and hook the swapped blocks and the
+        root module, once every block's host master is in place (`apply_block_swap` and the disk tier's staged swap)."""
+        slot_bytes = max((b.nbytes for b in self._blocks.values()), default=0)
+        for _ in range(self.ring_slots if self.swapped else 0):
+            self._slots.append(self.backend.empty((slot_bytes,), torch.uint8))
+            self._slot_block.append(None)
+            self._slot_ready.append(None)
+            self._slot_free.append(self.backend.new_event())
+            self._slot_used.append(0)
+        for index in self.swapped:
+            block = self.blocks[index]
+            self._handles.append(block.register_forward_pre_hook(lambda m, a, i=index: self._before_block(i)))
+            self._handles.append(block.register_forward_hook(lambda m, a, o, i=index: self._after_block(i)))
+        self._handles.append(transformer.register_forward_pre_hook(lambda m, a: self._prefetch_first()))
+
     # -- binding ---------------------------------------------------------------------------------------------------
     def _bind(self, index: int, slot: int) -> None:
         flat = self._slots[slot]
@@ -295,16 +311,5 @@ def apply_block_swap(
             )
             set_contents(param, stand_in)
         swap._blocks[index] = _SwappedBlock(index=index, entries=entries, host=host, nbytes=total)
-    slot_bytes = max((b.nbytes for b in swap._blocks.values()), default=0)
-    for _ in range(swap.ring_slots if swapped else 0):
-        swap._slots.append(backend.empty((slot_bytes,), torch.uint8))
-        swap._slot_block.append(None)
-        swap._slot_ready.append(None)
-        swap._slot_free.append(backend.new_event())
-        swap._slot_used.append(0)
-    for index in swapped:
-        block = blocks[index]
-        swap._handles.append(block.register_forward_pre_hook(lambda m, a, i=index: swap._before_block(i)))
-        swap._handles.append(block.register_forward_hook(lambda m, a, o, i=index: swap._after_block(i)))
-    swap._handles.append(transformer.register_forward_pre_hook(lambda m, a: swap._prefetch_first()))
+    swap._arm(transformer)
     return swap

@@ -770,23 +770,12 @@ def apply_staged_block_swap(
     swap.owns_disk_file = swap.owns_disk_file or prewritten is not None
     for index in staged:
         swap.sources[index] = disk_file if index in on_disk else pageable
-    slot_bytes = max((b.nbytes for b in swap._blocks.values()), default=0)
-    for _ in range(swap.ring_slots if swapped else 0):
-        swap._slots.append(backend.empty((slot_bytes,), torch.uint8))
-        swap._slot_block.append(None)
-        swap._slot_ready.append(None)
-        swap._slot_free.append(backend.new_event())
-        swap._slot_used.append(0)
     staging_bytes = max((swap._blocks[i].nbytes for i in staged), default=0)
     for _ in range(staging_slots if staged else 0):
         swap.staging.append(_Staging(buffer=backend.empty_pinned((staging_bytes,), torch.uint8)))
     if staged:
         swap._start_worker()
-    for index in swapped:
-        block = blocks[index]
-        swap._handles.append(block.register_forward_pre_hook(lambda m, a, i=index: swap._before_block(i)))
-        swap._handles.append(block.register_forward_hook(lambda m, a, o, i=index: swap._after_block(i)))
-    swap._handles.append(transformer.register_forward_pre_hook(lambda m, a: swap._prefetch_first()))
+    swap._arm(transformer)
     return swap
 
 
