@@ -31,7 +31,7 @@ def _cfg():
     )  # fmt: skip
 
 
-def _text(cfg, seed):
+def tiny_text(cfg, seed):
     from lowvram.models.ltx2 import TextEmbeddings
 
     g = torch.Generator().manual_seed(seed)
@@ -40,8 +40,25 @@ def _text(cfg, seed):
                           mask=torch.ones(1, n, dtype=torch.int64))  # fmt: skip
 
 
-def measured_and_predicted(cache_dir, *, offload_optimizer: bool, tiling: bool = False):
+def trained_setup_on_sim(cfg, settings, num_layers: int):
+    """A tiny LoRA transformer under `settings`' offload on the simulated device, its AdamW state as a step leaves
+    it (on the device), and the tiny VAEs: what a validation render finds mid-training."""
     from lowvram.models.ltx2 import build_tiny_components
+
+    transformer = tiny_lora_transformer("fp32", num_layers=num_layers, rank=cfg.lora.rank)
+    parts = build_tiny_components(seed=0)
+    sim = get_backend("sim")
+    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
+    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
+    lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    optimizer = torch.optim.AdamW(lora)
+    for p in lora:  # AdamW's state as a step leaves it, on the device
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": sim.to_device(torch.zeros_like(p)),
+                              "exp_avg_sq": sim.to_device(torch.zeros_like(p))}  # fmt: skip
+    return transformer, parts, sim, optimizer
+
+
+def measured_and_predicted(cache_dir, *, offload_optimizer: bool, tiling: bool = False):
     from lowvram.plan import Settings
     from lowvram.plan.plan import predict_validation_peak
     from lowvram.plan.validation import validation_peak_bytes
@@ -54,17 +71,8 @@ def measured_and_predicted(cache_dir, *, offload_optimizer: bool, tiling: bool =
                                      offload_optimizer=offload_optimizer, vae_tiling=tiling)  # fmt: skip
     predicted = validation_peak_bytes(budget)
 
-    transformer = tiny_lora_transformer("fp32", num_layers=BLOCKS, rank=cfg.lora.rank)
-    parts = build_tiny_components(seed=0)
-    sim = get_backend("sim")
-    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
-    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
-    lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
-    optimizer = torch.optim.AdamW(lora)
-    for p in lora:  # AdamW's state as a step leaves it, on the device
-        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": sim.to_device(torch.zeros_like(p)),
-                              "exp_avg_sq": sim.to_device(torch.zeros_like(p))}  # fmt: skip
-    text, negative = _text(cfg, 1), _text(cfg, 2)
+    transformer, parts, sim, optimizer = trained_setup_on_sim(cfg, settings, BLOCKS)
+    text, negative = tiny_text(cfg, 1), tiny_text(cfg, 2)
     shape = sample_shape_for(cfg, transformer, parts)
     with optimizer_off_device(optimizer, sim) if offload_optimizer else torch.no_grad():
         with sim.session():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -237,10 +236,9 @@ def test_plan_prices_the_reference_tokens_and_the_reference_encode(tmp_path):
 
 @pytest.mark.parametrize("workflow", ["i2v", "s2v"])
 def test_i2v_and_s2v_under_block_swap_stay_within_5_percent_of_the_predicted_peak(tmp_path, workflow):
-    from lowvram.device import get_backend
-    from lowvram.models.ltx2 import TextEmbeddings, build_tiny_components
-    from lowvram.offload import apply_memory_plan
-    from lowvram.offload.harness import tiny_lora_transformer, tiny_plan_config
+    from test_validation_sim import tiny_text, trained_setup_on_sim  # tests/ is on sys.path (rootdir conftest)
+
+    from lowvram.offload.harness import tiny_plan_config
     from lowvram.plan import Settings
     from lowvram.plan.plan import predict_validation_peak
     from lowvram.plan.validation import validation_peak_bytes
@@ -254,20 +252,8 @@ def test_i2v_and_s2v_under_block_swap_stay_within_5_percent_of_the_predicted_pea
     settings = Settings(precision="fp32", offload="block_swap", blocks_to_swap=3)
     predicted = validation_peak_bytes(predict_validation_peak(cfg, load_profile("cpu"), settings, num_layers=6,
                                                               cache_dir=tmp_path))  # fmt: skip
-    transformer = tiny_lora_transformer("fp32", num_layers=6, rank=cfg.lora.rank)
-    parts = build_tiny_components(seed=0)
-    sim = get_backend("sim")
-    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
-    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
-    lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
-    optimizer = torch.optim.AdamW(lora)
-    for p in lora:  # AdamW's state as a step leaves it, on the device
-        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": sim.to_device(torch.zeros_like(p)),
-                              "exp_avg_sq": sim.to_device(torch.zeros_like(p))}  # fmt: skip
-    g = torch.Generator().manual_seed(3)
-    n = cfg.data.max_text_tokens
-    text = TextEmbeddings(video=torch.randn(1, n, 16, generator=g), audio=torch.randn(1, n, 16, generator=g),
-                          mask=torch.ones(1, n, dtype=torch.int64))  # fmt: skip
+    transformer, parts, sim, _optimizer = trained_setup_on_sim(cfg, settings, 6)  # its state stays on the device
+    text = tiny_text(cfg, 3)
     shape = sample_shape_for(cfg, transformer, parts)
     refs = {"first_frame": torch.randn(1, shape.latent_height * shape.latent_width, shape.video_channels)} \
         if workflow == "i2v" else {"audio_clean": torch.randn(1, shape.audio_tokens, shape.audio_channels)}  # fmt: skip
