@@ -189,31 +189,18 @@ SIM_CASES = {  # (strategy as the offload harness names it, blocks, streamed sha
 def _simulated_ic_step_peak(cfg, settings, blocks: int) -> int:
     """A real IC-LoRA training step (the mode's `prepare`, forward, the objective's loss, backward) of the tiny
     model on the simulated device, at the target shape the planner derives from `cfg` plus its control latents."""
-    from types import SimpleNamespace
-
     from lowvram.device import get_backend
-    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
-    from lowvram.offload import apply_memory_plan
-    from lowvram.offload.harness import plan_batch, tiny_lora_transformer
+    from lowvram.models.ltx2 import transformer_forward
+    from lowvram.offload.harness import flow_inputs_on, planned_model_on
 
-    transformer = tiny_lora_transformer("fp32", num_layers=blocks, rank=cfg.lora.rank)
     sim = get_backend("sim")
-    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
-    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
-    batch = plan_batch(transformer, cfg)  # the target grid (the planner's shape less the reference tokens)
+    # the target grid (the planner's shape less the reference tokens)
+    transformer, batch = planned_model_on(sim, cfg, settings, num_layers=blocks)
     with sim.session():
         sim.reset_counters()
-        d = sim.to_device
-        b, s_v, s_a = batch.video.shape[0], batch.video.shape[1], batch.audio.shape[1]
-        text = TextEmbeddings(video=d(batch.text_video), audio=d(batch.text_audio), mask=d(batch.mask))
-        inputs = FlowInputs(
-            video_noisy=d(batch.video), audio_noisy=d(batch.audio), video_target=d(batch.target_video),
-            audio_target=d(batch.target_audio), video_sigma=d(batch.sigma), audio_sigma=d(batch.sigma),
-            video_token_sigma=d(batch.sigma.view(b, 1).expand(b, s_v).contiguous()),
-            video_loss_mask=d(torch.ones(b, s_v)), audio_loss_mask=d(torch.ones(b, s_a)),
-            latent_frames=batch.frames, latent_height=batch.height, latent_width=batch.width,
-            isolate_modalities=False, train_video=True, train_audio=True,
-            reference_video=d(torch.randn(b, s_v, batch.video.shape[2])),
+        b, s_v = batch.video.shape[:2]
+        text, inputs = flow_inputs_on(
+            sim, batch, reference_video=sim.to_device(torch.randn(b, s_v, batch.video.shape[2])),
             reference_grid=(batch.frames, batch.height, batch.width),
         )  # fmt: skip
         inputs = InContextControl().prepare(inputs, None, torch.Generator())

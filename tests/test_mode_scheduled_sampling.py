@@ -268,31 +268,16 @@ def _tiny_rollout_config():
 
 def _simulated_rollout_peak(cfg, settings, blocks: int) -> int:
     """A real rollout step (the trainer's `rollout`, one no-grad forward) of the tiny model on the simulated device."""
-    from types import SimpleNamespace
-
     from lowvram.device import get_backend
-    from lowvram.models.ltx2 import TextEmbeddings, transformer_forward
-    from lowvram.offload import apply_memory_plan
-    from lowvram.offload.harness import plan_batch, tiny_lora_transformer
+    from lowvram.models.ltx2 import transformer_forward
+    from lowvram.offload.harness import flow_inputs_on, planned_model_on
 
-    transformer = tiny_lora_transformer("fp32", num_layers=blocks, rank=cfg.lora.rank)
     sim = get_backend("sim")
-    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
-    apply_memory_plan(transformer, SimpleNamespace(**memory), sim)
-    batch = plan_batch(transformer, cfg)
+    transformer, batch = planned_model_on(sim, cfg, settings, num_layers=blocks)
     with sim.session():
         sim.reset_counters()
-        d = sim.to_device
-        b, s_v, s_a = batch.video.shape[0], batch.video.shape[1], batch.audio.shape[1]
-        text = TextEmbeddings(video=d(batch.text_video), audio=d(batch.text_audio), mask=d(batch.mask))
-        inputs = FlowInputs(
-            video_noisy=d(batch.video), audio_noisy=d(batch.audio), video_target=d(batch.target_video),
-            audio_target=d(batch.target_audio), video_sigma=d(batch.sigma), audio_sigma=d(batch.sigma),
-            video_token_sigma=d(batch.sigma.view(b, 1).expand(b, s_v).contiguous()),
-            video_loss_mask=d(torch.ones(b, s_v)), audio_loss_mask=d(torch.ones(b, s_a)),
-            latent_frames=batch.frames, latent_height=batch.height, latent_width=batch.width,
-            isolate_modalities=False, train_video=True, train_audio=True,
-        )  # fmt: skip
+        b = batch.video.shape[0]
+        text, inputs = flow_inputs_on(sim, batch)
 
         def predict(inp, *, inference=False):
             return transformer_forward(

@@ -220,6 +220,39 @@ def plan_batch(transformer: nn.Module, cfg, *, seed: int = 1) -> TinyBatch:
     )
 
 
+def planned_model_on(backend: Backend, cfg, settings, *, num_layers: int):
+    """The tiny LoRA transformer of `num_layers` blocks under `settings`' memory strategy on `backend`, and a batch
+    at the shape the planner derives from `cfg` (what the modes' plan-vs-simulated-device checks run)."""
+    from types import SimpleNamespace
+
+    from lowvram.offload import apply_memory_plan
+
+    transformer = tiny_lora_transformer("fp32", num_layers=num_layers, rank=cfg.lora.rank)
+    memory = {k.split(".", 1)[1]: v for k, v in settings.dotted().items() if k.startswith("memory.")}
+    apply_memory_plan(transformer, SimpleNamespace(**memory), backend)
+    return transformer, plan_batch(transformer, cfg)
+
+
+def flow_inputs_on(backend: Backend, batch: TinyBatch, **extra):
+    """`batch` on the device as the objective hands it to a mode: (TextEmbeddings, FlowInputs), every token noised
+    at the batch's sigma and in the loss; `extra` sets further FlowInputs fields (e.g. IC-LoRA's reference)."""
+    from lowvram.method.objective import FlowInputs
+    from lowvram.models.ltx2.forward import TextEmbeddings
+
+    d = backend.to_device
+    b, s_v, s_a = batch.video.shape[0], batch.video.shape[1], batch.audio.shape[1]
+    text = TextEmbeddings(video=d(batch.text_video), audio=d(batch.text_audio), mask=d(batch.mask))
+    inputs = FlowInputs(
+        video_noisy=d(batch.video), audio_noisy=d(batch.audio), video_target=d(batch.target_video),
+        audio_target=d(batch.target_audio), video_sigma=d(batch.sigma), audio_sigma=d(batch.sigma),
+        video_token_sigma=d(batch.sigma.view(b, 1).expand(b, s_v).contiguous()),
+        video_loss_mask=d(torch.ones(b, s_v)), audio_loss_mask=d(torch.ones(b, s_a)),
+        latent_frames=batch.frames, latent_height=batch.height, latent_width=batch.width,
+        isolate_modalities=False, train_video=True, train_audio=True, **extra,
+    )  # fmt: skip
+    return text, inputs
+
+
 def plan_settings(name: str, precision: str, *, checkpointing: bool, num_blocks: int, share: float = 1.0):
     """The planner's `Settings` for a strategy named as in STRATEGIES (plus `streaming` with a partial `share`)."""
     from lowvram.plan.budget import Settings
