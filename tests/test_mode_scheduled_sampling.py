@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_checkpoint_resume import tiny_samples, tiny_transformer  # tests/ is on sys.path (rootdir conftest)
 
 from lowvram.config import load_config
 from lowvram.errors import ConfigError, UsageError
@@ -173,33 +174,10 @@ def test_several_gpus_are_refused_in_one_line():
 # In the loop
 
 
-def _tiny_transformer() -> torch.nn.Module:
-    from lowvram.models.ltx2 import build_component, tiny_configs
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_component("transformer", tiny_configs()["transformer"]).eval().requires_grad_(False)
-
-
 def _batches():
-    from lowvram.train.batches import CachedBatches, CachedSample
+    from lowvram.train.batches import CachedBatches
 
-    g = torch.Generator().manual_seed(123)
-    samples = [
-        CachedSample(
-            video=torch.randn(12, 8, generator=g),
-            audio=torch.randn(5, 4, generator=g),
-            text_video=torch.randn(8, 16, generator=g),
-            text_audio=torch.randn(8, 16, generator=g),
-            text_mask=torch.ones(8, dtype=torch.long),
-            latent_frames=3,
-            latent_height=2,
-            latent_width=2,
-            fps=25.0,
-        )  # fmt: skip
-        for _ in range(3)
-    ]
-    return CachedBatches(samples, batch_size=2, seed=7)
+    return CachedBatches(tiny_samples(3), batch_size=2, seed=7)
 
 
 def _config(run_dir, resume=None, probability=1.0):
@@ -225,22 +203,22 @@ def _lora(model):
 def test_the_loop_rolls_out_before_each_step_and_resume_stays_bit_identical(tmp_path):
     from lowvram.train.loop import fit
 
-    straight = _tiny_transformer()
+    straight = tiny_transformer()
     calls = []
     straight.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
     fit(_config(tmp_path / "a"), straight, _batches(), run_dir=tmp_path / "a")
     # probability 1: two no-grad rollout calls, then the training forward, per step
     assert calls == [False, False, True] * 4
 
-    first = _tiny_transformer()
+    first = tiny_transformer()
     fit(_config(tmp_path / "b"), first, _batches(), run_dir=tmp_path / "b", stop_after=2)
     torch.manual_seed(999)
-    resumed = _tiny_transformer()
+    resumed = tiny_transformer()
     fit(_config(tmp_path / "b", resume="latest"), resumed, _batches(), run_dir=tmp_path / "b")
     a, b = _lora(straight), _lora(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    plain = _tiny_transformer()
+    plain = tiny_transformer()
     cfg = _config(tmp_path / "c").model_copy(deep=True)
     cfg.scheduled_sampling.enabled = False
     fit(cfg, plain, _batches(), run_dir=tmp_path / "c")
