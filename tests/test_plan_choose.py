@@ -28,7 +28,11 @@ def ltx2(batch: int = 1, **overrides):
 @pytest.mark.parametrize("name", builtin_profile_names())
 def test_every_builtin_profile_fits_batch_1_or_says_exactly_what_it_lacks(name, cache_dir):
     profile = load_profile(name)
-    plan = plan_run(ltx2(1), profile, choose=True, cache_dir=cache_dir)
+    assert_fits_or_says_what_it_lacks(plan_run(ltx2(1), profile, choose=True, cache_dir=cache_dir))
+
+
+def assert_fits_or_says_what_it_lacks(plan) -> None:
+    """Every phase within the usable VRAM and host RAM with a step time, or one line naming the GiB missing."""
     if plan.fits:
         for phase in plan.phases.values():
             assert phase.vram_peak_bytes - phase.vram["reserve"] <= plan.vram_usable_bytes
