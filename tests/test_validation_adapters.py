@@ -24,11 +24,9 @@ ADAPTED = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn1.to_v",
 
 
 def _tiny_cfg(**overrides):
-    base = {"model.family": "tiny", "data.resolution": "64x64", "data.frames": 9, "data.max_text_tokens": 8,
-            "train.mixed_precision": "fp32", "validation.enabled": True, "validation.resolution": "64x64",
-            "validation.num_frames": 9}  # fmt: skip
-    cfg, _ = load_config(None, {**base, **overrides})
-    return cfg
+    from test_validation_run import _tiny_plan_cfg  # tests/ is on sys.path (rootdir conftest)
+
+    return _tiny_plan_cfg(**{"validation.num_frames": 9, **overrides})
 
 
 def _write_adapter(path, *, rank=2, seed=0, alpha_on=None, names=ADAPTED, fmt="comfy", bad_shape=False):
