@@ -42,24 +42,14 @@ class RunResult:
     steps: list[StepResult] = field(default_factory=list)
 
 
-def run_train(
-    cfg,
-    *,
-    profile=None,
-    force: bool = False,
-    dry_run: bool = False,
-    auto_recover: bool = True,
-    nproc: int = 1,
-    host=None,
-) -> int:
+def run_train(cfg, **options) -> int:
     """`lowvram train`: decide memory, load, cache, inject LoRA, train, export, print the memory summary.
 
-    `profile` is a HardwareProfile (None: the probed machine; the tiny demo needs none); `host` the host RAM to
-    budget against (plan.host.HostMemory; None: the profile's). Returns the exit code.
+    `options` are `_run`'s: `profile` a HardwareProfile (None: the probed machine; the tiny demo needs none), `force`,
+    `dry_run`, `auto_recover`, `nproc`, and `host` the host RAM to budget against (plan.host.HostMemory; None: the
+    profile's). Returns the exit code.
     """
-    return run(
-        cfg, profile=profile, force=force, dry_run=dry_run, auto_recover=auto_recover, nproc=nproc, host=host
-    ).exit_code
+    return run(cfg, **options).exit_code
 
 
 def run_cache(cfg, *, profile=None) -> int:
