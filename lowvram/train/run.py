@@ -190,13 +190,12 @@ def _run(
     check_lora_targets(cfg)  # before hours of caching: a target that selects nothing or cannot be exported
     # Validation prompts are read now (a missing prompts file fails before caching) and encoded with the captions.
     job = ValidationJob(validation_prompts(cfg), cfg.validation.negative_prompt) if cfg.validation.enabled else None
-    if job is not None:  # I2V / S2V files and dataset names: checked (and a reference image read) before caching
+    if job is not None:  # before caching: I2V / S2V files and dataset names checked (a reference image read), and
+        # adapter files found and checked against this model (headers only)
+        from lowvram.models.adapter_files import adapter_sets
         from lowvram.train.validation_inputs import read_inputs
 
         job.inputs = read_inputs(cfg)
-    if job is not None:  # adapter files found and checked against this model (headers only) before caching
-        from lowvram.models.adapter_files import adapter_sets
-
         job.adapter_sets = adapter_sets(cfg)
 
     with distributed.main_first():  # hub ids -> files in the HF cache (fetched once, resumable; offline: cache only)
